@@ -1,0 +1,126 @@
+"""`distillery` command line. Every subcommand and option is described by --help."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, runner
+from .errors import DistilleryError
+
+RUN_EPILOG = """\
+overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:
+  distillery run configs/demo.yaml data.synthetic.users=300 run_dir=/tmp/small
+  distillery run configs/amazon.yaml --stages prepare \\
+      data.interactions=../shared/data/amazon14_office_products_lcrec/interactions.parquet \\
+      data.items=../shared/data/amazon14_office_products_lcrec/items.parquet run_dir=/tmp/office
+Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.
+"""
+
+
+def _add_run_args(p: argparse.ArgumentParser, positional_config: bool) -> None:
+    if positional_config:
+        p.add_argument("config", help="run config YAML (see configs/)")
+    else:
+        p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. data.synthetic.users=500 run_dir=/tmp/run")
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated stages to run, in pipeline order: {','.join(runner.STAGES)} "
+                        f"(default: every available stage; available now: {','.join(runner.AVAILABLE)})")
+    p.add_argument("--force", action="store_true",
+                   help="redo the stages even when their manifest matches the config and inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery",
+        description="Distil a large text model into a small multi-task e-commerce student on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"distillery {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run pipeline stages into run_dir", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run pipeline stages of CONFIG into its run_dir.")
+    _add_run_args(run, positional_config=True)
+
+    gen = sub.add_parser("generate-data", help="write the synthetic shop (items, impressions, reviews)",
+                         description="Write items.parquet, interactions.parquet and reviews.parquet in the "
+                                     "native input contract. Deterministic for a given seed.")
+    gen.add_argument("out", help="output folder")
+    gen.add_argument("--users", type=int, default=1500, help="number of users (default 1500)")
+    gen.add_argument("--items", type=int, default=600, help="catalogue size, at least 36 (default 600)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--sessions-per-user", type=float, default=12.0, help="mean impressions per user (default 12)")
+    gen.add_argument("--slots", type=int, default=8, help="items shown per impression (default 8)")
+    gen.add_argument("--query-rate", type=float, default=0.4, help="share of sessions that are searches (default 0.4)")
+    gen.add_argument("--review-rate", type=float, default=0.3, help="share of clicks that get a review (default 0.3)")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    stages = runner.parse_stages(args.stages)
+    runner.run(cfg, stages, force=args.force)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pydantic import ValidationError
+
+    from .config import SyntheticConfig
+    from .data import synthetic
+    from .prepare import write_tables
+
+    try:
+        cfg = SyntheticConfig(users=args.users, items=args.items, seed=args.seed, slots=args.slots,
+                              sessions_per_user=args.sessions_per_user, query_rate=args.query_rate,
+                              review_rate=args.review_rate)
+    except ValidationError as err:
+        raise DistilleryError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+    tables = synthetic.generate(cfg)
+    paths = write_tables(tables, args.out)
+    for name, path in paths.items():
+        print(f"{path}: {tables[name].num_rows} rows")
+    return 0
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may come before or after options."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(build_parser(), argv)
+    try:
+        return {"run": cmd_run, "generate-data": cmd_generate}[args.command](args)
+    except DistilleryError as err:
+        print(f"distillery: error: {err}", file=sys.stderr)
+        return 2
+
+
+def job_main(stages: str | None, argv: list[str] | None = None) -> int:
+    """Entry point of the thin scripts in jobs/: `--config CONFIG [key=value ...] [--force]`."""
+    parser = argparse.ArgumentParser(description=f"Ray job: distillery stages {stages or 'all'}", epilog=RUN_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_args(parser, positional_config=False)
+    args = _parse(parser, argv)
+    if stages is not None and args.stages is None:
+        args.stages = stages
+    try:
+        return cmd_run(args)
+    except DistilleryError as err:
+        print(f"distillery: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

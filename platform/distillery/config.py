@@ -1,0 +1,265 @@
+"""The run config: one typed object, validated on load, defaults in one place.
+
+`load_config("configs/demo.yaml", ["data.synthetic.users=500"])` reads YAML, applies `key.sub=value`
+overrides (values parsed as YAML scalars/lists), and validates. Unknown keys and wrong types raise
+`ConfigError` naming the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SyntheticConfig(_Section):
+    """Parameters of the embedded generator (`distillery generate-data`)."""
+
+    users: int = Field(1500, ge=10, description="number of users")
+    items: int = Field(600, ge=40, description="catalogue size")
+    seed: int = Field(0, description="generator seed; same seed, same data")
+    sessions_per_user: float = Field(12.0, gt=1, description="mean sessions (impressions) per user")
+    slots: int = Field(8, ge=2, le=50, description="items shown per impression")
+    query_rate: float = Field(0.4, ge=0, le=1, description="fraction of sessions that start with a search")
+    review_rate: float = Field(0.3, ge=0, le=1, description="fraction of clicks that get a review")
+
+
+class DataConfig(_Section):
+    format: Literal["synthetic", "native", "lcrec", "amazon", "mind"] = Field(
+        "synthetic",
+        description="input schema: synthetic (generated), native contract, LC-Rec json, "
+        "Amazon reviews JSON lines (2014/2018/2023), or MIND tsv",
+    )
+    reader: Literal["auto", "parquet", "json", "csv", "hf"] = Field(
+        "auto",
+        description="how native/amazon sources are read: by file extension (auto), or a Hugging Face "
+        "dataset (hub id or save_to_disk folder, optional ?name=CONFIG&split=SPLIT)",
+    )
+    items: Optional[str] = Field(None, description="item catalogue path or URI")
+    interactions: Optional[str] = Field(None, description="interaction / click log path or URI")
+    reviews: Optional[str] = Field(None, description="reviews path or URI (optional)")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    max_reject_fraction: float = Field(0.05, ge=0, le=1, description="fail when more rows of a table are rejected")
+    rating_range: tuple[float, float] = Field((1.0, 5.0), description="valid [min, max] review rating")
+    user_buckets: int = Field(16, ge=1, le=4096, description="hash buckets of users for per-user Ray Data work")
+    show_rejects: int = Field(5, ge=0, description="rejected rows printed per run")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.format != "synthetic":
+            for key in ("interactions", "items"):
+                if not getattr(self, key):
+                    raise ValueError(
+                        f"data.{key} is required for data.format={self.format}: pass data.{key}=PATH"
+                    )
+        if self.reader == "hf" and self.format not in ("native", "amazon"):
+            raise ValueError("data.reader=hf works with data.format=native or amazon")
+        lo, hi = self.rating_range
+        if lo >= hi:
+            raise ValueError(f"data.rating_range must be [min, max] with min < max, got {list(self.rating_range)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- tasks
+class _TaskBase(_Section):
+    enabled: bool = True
+    weight: float = Field(1.0, ge=0, description="loss weight w_t")
+    temperature: float = Field(2.0, gt=0, description="distillation temperature T_t")
+    alpha: float = Field(0.5, ge=0, le=1, description="soft/hard mix a_t (0 = hard labels only)")
+
+    # Fields that shape the loss, not the examples: changing them must not re-run `prepare`.
+    LOSS_FIELDS: ClassVar[tuple[str, ...]] = ("weight", "temperature", "alpha")
+
+
+class RecommendationTask(_TaskBase):
+    max_history: int = Field(50, ge=1, description="most recent items kept per history")
+
+
+class CtrTask(_TaskBase):
+    max_history: int = Field(20, ge=1, description="most recent clicked items kept per history")
+    negative_ratio: int = Field(
+        4, ge=1, description="sampled negatives per positive when the log has no real impressions"
+    )
+    popularity_alpha: float = Field(
+        0.75, ge=0, le=2, description="negatives are sampled with probability ~ count**alpha"
+    )
+
+
+class IntentTask(_TaskBase):
+    category_level: int = Field(2, ge=1, description="category path depth used as the intent label")
+    min_class_count: int = Field(10, ge=1, description="classes with fewer texts merge into 'other'")
+    sources: list[Literal["queries", "item_titles", "review_titles"]] = Field(
+        default_factory=lambda: ["queries", "item_titles", "review_titles"],
+        description="where intent texts come from (each used when the data has it)",
+    )
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntentTask":
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
+        if not self.sources:
+            raise ValueError("sources must name at least one of queries, item_titles, review_titles")
+        return self
+
+
+class TasksConfig(_Section):
+    recommendation: RecommendationTask = RecommendationTask()
+    ctr: CtrTask = CtrTask()
+    intent: IntentTask = IntentTask()
+
+    def enabled(self) -> list[str]:
+        return [name for name in TASK_NAMES if getattr(self, name).enabled]
+
+
+TASK_NAMES = ("recommendation", "ctr", "intent")
+
+
+# ------------------------------------------------------------------------ later pipeline stages
+class TeacherConfig(_Section):
+    model: str = Field("all-MiniLM-L6-v2", description="HF encoder folder, or the bundled all-MiniLM-L6-v2")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    max_length: int = Field(64, ge=8, le=4096)
+
+
+class StudentConfig(_Section):
+    dim: int = Field(64, ge=4, description="shared embedding width")
+    layers: int = Field(1, ge=0, le=4)
+
+
+class DistillConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class CompressConfig(_Section):
+    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5])
+    max_relative_drop: float = Field(0.01, ge=0, le=1)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+
+
+class RunConfig(_Section):
+    """Everything one run needs. Field defaults are the only defaults."""
+
+    run_dir: str = Field("runs/demo", description="where stages write their outputs (path or URI)")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    tasks: TasksConfig = TasksConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    tune: TuneConfig = TuneConfig()
+    compress: CompressConfig = CompressConfig()
+    serve: ServeConfig = ServeConfig()
+
+
+# ---------------------------------------------------------------------------------- load / dump
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (["a", "b"], 3). Values are YAML, so `true`, `[1, 2]` and `null` work."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not key.sub=value (e.g. data.synthetic.users=500)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p != "__root__")
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(RunConfig, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
+            lines.append(f"  {key}: unknown key{extra}")
+        elif e["type"] == "value_error":
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (configs/ has demo.yaml and amazon.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+        source = str(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of canonical JSON: equal configs hash equal whatever their key order."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

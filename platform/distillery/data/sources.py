@@ -1,0 +1,303 @@
+"""Readers and adapters: any supported input -> Ray Datasets in the native contract.
+
+`load_sources(data_cfg)` returns {"items", "interactions", "reviews"?} as lazy Ray Datasets whose
+rows follow DESIGN.md's input contract plus `_source` (the file a row came from, for error
+messages). Adapters only rename and reshape fields; they never drop rows. A line that cannot be
+parsed becomes a row with `_parse_error` set, which validation turns into a reject.
+
+Formats:
+  native   Parquet / JSON lines / CSV / TSV (or a Hugging Face dataset with reader=hf)
+  lcrec    LC-Rec `*.inter.json` ({user: [item, ...]}) + `*.item.json` ({item: {title, ...}})
+  amazon   Amazon reviews JSON lines (SNAP 2014, 2018 and 2023 field names) + product metadata
+  mind     MIND `behaviors.tsv` + `news.tsv`
+"""
+from __future__ import annotations
+
+import ast
+import json
+import urllib.parse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import ray
+import ray.data
+
+from .. import storage
+from ..config import DataConfig
+from ..errors import DataError
+from .validate import category_path
+
+PARQUET = (".parquet", ".pq")
+JSON = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz")
+CSV = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
+ID_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "impression_id": pa.string()}
+
+
+# ------------------------------------------------------------------------------ file readers
+def _kind(files: list[str], reader: str) -> str:
+    if reader != "auto":
+        return reader
+    kinds = {("parquet" if f.lower().endswith(PARQUET) else "json" if f.lower().endswith(JSON)
+              else "csv" if f.lower().endswith(CSV) else "?") for f in files}
+    if len(kinds) != 1 or "?" in kinds:
+        raise DataError(f"cannot tell the format of {files[:3]}: use .parquet, .jsonl/.json or .csv/.tsv "
+                        "files, or set data.reader=parquet|json|csv")
+    return kinds.pop()
+
+
+def _with_source(ds: ray.data.Dataset) -> ray.data.Dataset:
+    return ds.rename_columns({"path": "_source"})
+
+
+def read_table(path: str, reader: str = "auto") -> ray.data.Dataset:
+    """Read one source (file, folder of files, or URI) with Ray Data, adding `_source`."""
+    if reader == "hf":
+        return read_huggingface(path)
+    files = storage.list_files(path, PARQUET + JSON + CSV if reader == "auto" else ())
+    if not files:
+        raise DataError(f"{path} holds no .parquet, .json(l) or .csv/.tsv files")
+    kind = _kind(files, reader)
+    fs, _ = storage.resolve(files[0])
+    local = [storage.resolve(f)[1] for f in files]
+    if kind == "parquet":
+        ds = ray.data.read_parquet(local, filesystem=fs, include_paths=True, file_extensions=None)
+    elif kind == "json":
+        lines = all(not f.lower().endswith((".json",)) for f in files)
+        ds = ray.data.read_json(local, filesystem=fs, include_paths=True, lines=lines, file_extensions=None)
+    else:
+        tsv = files[0].lower().endswith((".tsv", ".tsv.gz"))
+        ds = ray.data.read_csv(local, filesystem=fs, include_paths=True, file_extensions=None,
+                               parse_options=pacsv.ParseOptions(delimiter="\t" if tsv else ","),
+                               convert_options=pacsv.ConvertOptions(column_types=ID_TYPES))
+    return _with_source(ds)
+
+
+def read_huggingface(spec: str) -> ray.data.Dataset:
+    """`hub/id?name=CONFIG&split=SPLIT` or a `save_to_disk` folder (optionally `?split=`)."""
+    import datasets
+
+    base, _, query = spec.partition("?")
+    opts = dict(urllib.parse.parse_qsl(query))
+    split = opts.get("split")
+    try:
+        if storage.exists(base) and not storage.is_uri(base):
+            loaded = datasets.load_from_disk(base)
+        else:
+            loaded = datasets.load_dataset(base, opts.get("name"), split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load Hugging Face dataset {spec!r}: {exc}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            if len(loaded) != 1:
+                raise DataError(f"{spec} has splits {list(loaded)}: add ?split=NAME")
+            split = next(iter(loaded))
+        if split not in loaded:
+            raise DataError(f"{spec} has no split {split!r} (splits: {list(loaded)})")
+        loaded = loaded[split]
+    ds = ray.data.from_huggingface(loaded)
+    return ds.add_column("_source", lambda batch: pa.array([spec] * len(batch)), batch_format="pyarrow")
+
+
+def read_lines(path: str) -> ray.data.Dataset:
+    files = storage.list_files(path)
+    fs, _ = storage.resolve(files[0])
+    ds = ray.data.read_text([storage.resolve(f)[1] for f in files], filesystem=fs, include_paths=True,
+                            drop_empty_lines=True, file_extensions=None)
+    return _with_source(ds)
+
+
+# ------------------------------------------------------------------------------ parsing helpers
+def _parse_record(line: str):
+    """JSON, or the Python-literal lines of the 2014 SNAP metadata files."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return ast.literal_eval(line)
+
+
+def _records(batch: pd.DataFrame, convert) -> pd.DataFrame:
+    rows = []
+    for text, source in zip(batch["text"], batch["_source"]):
+        try:
+            rec = _parse_record(text)
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected an object, got {type(rec).__name__}")
+            out = convert(rec)
+        except Exception as exc:  # one bad line must not sink the file
+            out = {"_parse_error": f"{type(exc).__name__}: {exc}", "_raw": text[:2000]}
+        out["_source"] = source
+        rows.append(out)
+    return _frame(rows)
+
+
+def _frame(rows: list[dict], columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows -> an all-string frame (None for missing), so every block has one schema and
+    validation does all type parsing in one place."""
+    def norm(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        if isinstance(v, (list, tuple)):
+            return category_path(v) if v else None
+        return str(v)
+    df = pd.DataFrame([{k: norm(v) for k, v in r.items()} for r in rows])
+    for col in ("_parse_error", "_raw", "_source", *columns):
+        if col not in df.columns:
+            df[col] = None
+    return df.astype(object).where(df.notna(), None)
+
+
+def _first(rec: dict, *keys, default=None):
+    for k in keys:
+        if rec.get(k) not in (None, "", []):
+            return rec[k]
+    return default
+
+
+def _join_text(value) -> str | None:
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value if v)
+    return value or None
+
+
+# ------------------------------------------------------------------------------ amazon
+def amazon_review(rec: dict) -> dict:
+    """One review of any of the SNAP 2014 / 2018 / 2023 dumps -> contract review row."""
+    if "parent_asin" in rec or "user_id" in rec:  # 2023: timestamps are milliseconds
+        ts = rec.get("timestamp")
+        return {"user_id": rec.get("user_id"), "item_id": _first(rec, "parent_asin", "asin"),
+                "timestamp": ts // 1000 if isinstance(ts, (int, float)) else ts,
+                "rating": rec.get("rating"), "title": rec.get("title"), "text": rec.get("text")}
+    return {"user_id": rec.get("reviewerID"), "item_id": rec.get("asin"),
+            "timestamp": _first(rec, "unixReviewTime", "reviewTime"), "rating": rec.get("overall"),
+            "title": rec.get("summary"), "text": rec.get("reviewText")}
+
+
+def amazon_item(rec: dict) -> dict:
+    category = _first(rec, "categories", "category")
+    if isinstance(category, list) and category and all(isinstance(c, str) for c in category) and rec.get("main_category"):
+        category = [rec["main_category"], *category] if category[0] != rec["main_category"] else category
+    elif not category and rec.get("main_category"):
+        category = [rec["main_category"]]
+    return {"item_id": _first(rec, "parent_asin", "asin"), "title": rec.get("title"),
+            "category": category, "brand": _first(rec, "brand", "store"),
+            "description": _join_text(rec.get("description")), "price": rec.get("price")}
+
+
+def _amazon_reviews_ds(path: str, reader: str) -> ray.data.Dataset:
+    if reader == "hf":
+        ds = read_huggingface(path)
+        return ds.map_batches(lambda b: _frame([{**amazon_review(r), "_source": r["_source"]}
+                                                for r in b.to_dict("records")]), batch_format="pandas")
+    return read_lines(path).map_batches(lambda b: _records(b, amazon_review), batch_format="pandas")
+
+
+def _amazon_items_ds(path: str, reader: str) -> ray.data.Dataset:
+    if reader == "hf":
+        ds = read_huggingface(path)
+        return ds.map_batches(lambda b: _frame([{**amazon_item(r), "_source": r["_source"]}
+                                                for r in b.to_dict("records")]), batch_format="pandas")
+    return read_lines(path).map_batches(lambda b: _records(b, amazon_item), batch_format="pandas")
+
+
+# ------------------------------------------------------------------------------ LC-Rec
+def _lcrec(cfg: DataConfig) -> dict[str, ray.data.Dataset]:
+    def load(path):
+        files = storage.list_files(path, (".json",))
+        if not files:
+            raise DataError(f"{path}: no LC-Rec .json file found")
+        try:
+            return files[0], json.loads(storage.read_text(files[0]))
+        except ValueError as exc:
+            raise DataError(f"{files[0]} is not valid JSON: {exc}") from None
+
+    src, inter = load(cfg.interactions)
+    rows = [{"user_id": str(u), "item_id": str(i), "position": p, "_source": src}
+            for u, seq in inter.items() for p, i in enumerate(seq)]
+    src_items, meta = load(cfg.items)
+    items = []
+    for item_id, rec in meta.items():
+        cats = rec.get("categories") or rec.get("category")
+        if isinstance(cats, str):
+            cats = [c.strip() for c in cats.split(",") if c.strip()]
+        items.append({"item_id": str(item_id), "title": rec.get("title"), "description": _join_text(rec.get("description")),
+                      "brand": rec.get("brand"), "category": cats, "_source": src_items})
+    return {"interactions": ray.data.from_pandas(_frame(rows)), "items": ray.data.from_pandas(_frame(items))}
+
+
+# ------------------------------------------------------------------------------ MIND
+MIND_NEWS = ["item_id", "top_category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities"]
+
+
+def _mind_news(batch: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for text, source in zip(batch["text"], batch["_source"]):
+        parts = text.split("\t")
+        if len(parts) < 5:
+            rows.append({"_parse_error": f"expected >= 5 tab-separated fields, got {len(parts)}", "_raw": text[:2000], "_source": source})
+            continue
+        rec = dict(zip(MIND_NEWS, parts))
+        rows.append({"item_id": rec["item_id"], "title": rec.get("title"), "description": rec.get("abstract"),
+                     "category": [rec["top_category"], rec["subcategory"]], "url": rec.get("url"), "_source": source})
+    return _frame(rows)
+
+
+def _mind_behaviors(batch: pd.DataFrame) -> pd.DataFrame:
+    """behaviors.tsv line -> one row per shown candidate, plus the pre-period history rows.
+
+    History rows carry `history_rank` (0..n-1, oldest first) and timestamp 0 + rank: MIND gives their
+    order but no time, and every history click precedes the user's impressions.
+    """
+    rows = []
+    for text, source in zip(batch["text"], batch["_source"]):
+        parts = text.split("\t")
+        if len(parts) != 5:
+            rows.append({"_parse_error": f"expected 5 tab-separated fields, got {len(parts)}", "_raw": text[:2000], "_source": source})
+            continue
+        imp_id, user, time, history, shown = parts
+        for slot, tok in enumerate(shown.split()):
+            item, _, label = tok.rpartition("-")
+            rows.append({"user_id": user, "item_id": item or tok, "timestamp": time, "clicked": label,
+                         "impression_id": imp_id, "slot": slot, "history_rank": None, "_source": source})
+        for rank, item in enumerate(history.split()):
+            rows.append({"user_id": user, "item_id": item, "timestamp": rank, "clicked": 1, "history_rank": rank,
+                         "impression_id": None, "slot": None, "_source": source, "_history_of": imp_id})
+    return _frame(rows, columns=("_history_of", "history_rank", "user_id", "item_id", "timestamp", "clicked",
+                                 "impression_id", "slot"))
+
+
+def _first_history_only(group: pd.DataFrame) -> pd.DataFrame:
+    """A user's history repeats on every impression line; keep it once (from the earliest line)."""
+    hist = group["_history_of"].notna()
+    if hist.any():
+        keep = group.loc[hist, "_history_of"].astype(str).min()
+        group = group[~hist | (group["_history_of"] == keep)]
+    return group.drop(columns=["_history_of"])
+
+
+def _mind(cfg: DataConfig) -> dict[str, ray.data.Dataset]:
+    behaviors = read_lines(cfg.interactions).map_batches(_mind_behaviors, batch_format="pandas")
+    interactions = behaviors.groupby("user_id").map_groups(_first_history_only, batch_format="pandas")
+    items = read_lines(cfg.items).map_batches(_mind_news, batch_format="pandas")
+    return {"interactions": interactions, "items": items}
+
+
+# ------------------------------------------------------------------------------ entry point
+def load_sources(cfg: DataConfig) -> dict[str, ray.data.Dataset]:
+    """Lazy Ray Datasets for the configured input. Paths in cfg must already be resolved."""
+    if cfg.format in ("native", "synthetic"):
+        out = {"items": read_table(cfg.items, cfg.reader), "interactions": read_table(cfg.interactions, cfg.reader)}
+        if cfg.reviews:
+            out["reviews"] = read_table(cfg.reviews, cfg.reader)
+        return out
+    if cfg.format == "amazon":
+        reviews = _amazon_reviews_ds(cfg.interactions, cfg.reader)
+        return {"items": _amazon_items_ds(cfg.items, cfg.reader), "reviews": reviews,
+                # every review is also an implicit positive interaction
+                "interactions": reviews.drop_columns(["rating", "title", "text"])}
+    if cfg.format == "lcrec":
+        return _lcrec(cfg)
+    if cfg.format == "mind":
+        return _mind(cfg)
+    raise DataError(f"unknown data.format {cfg.format!r}")

@@ -1,0 +1,262 @@
+"""Deterministic synthetic shop: catalogue, impression log with clicks and queries, reviews.
+
+What makes the tasks learnable but not trivial:
+- users have latent preferences over mid-level categories (Dirichlet, concentrated);
+- sequential habits: after a device, its accessories are likely next (COMPLEMENTS);
+- impressions show `slots` items; a click needs the slot to be examined (position bias,
+  1/(1+slot)^0.9) and the item to be relevant (category match, user taste, item quality);
+- search sessions carry a query written from the wanted leaf's vocabulary, sometimes vague, and
+  the intent label is the category of the item actually clicked;
+- reviews rate items by a hidden quality.
+Everything is drawn from one numpy Generator seeded by `seed`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import SyntheticConfig
+
+# top > mid > leaf: {leaf: (nouns, attributes)}
+TREE: dict[str, dict[str, dict[str, tuple[list[str], list[str]]]]] = {
+    "Electronics": {
+        "Audio": {
+            "Headphones": (["headphones", "over-ear headphones", "headset"], ["wireless", "noise cancelling", "studio", "foldable"]),
+            "Bluetooth Speakers": (["bluetooth speaker", "portable speaker", "party speaker"], ["waterproof", "wireless", "bass boost", "mini"]),
+            "Earbuds": (["earbuds", "in-ear headphones", "sport earbuds"], ["wireless", "true wireless", "sweatproof", "compact"]),
+        },
+        "Computers": {
+            "Laptops": (["laptop", "notebook computer", "ultrabook"], ["14 inch", "lightweight", "gaming", "touchscreen"]),
+            "Laptop Bags": (["laptop bag", "laptop backpack", "laptop sleeve"], ["15 inch", "water resistant", "padded", "slim"]),
+            "Computer Mice": (["mouse", "computer mouse", "trackball"], ["wireless", "ergonomic", "gaming", "silent"]),
+            "Keyboards": (["keyboard", "mechanical keyboard", "keypad"], ["wireless", "backlit", "ergonomic", "compact"]),
+        },
+        "Cameras": {
+            "Digital Cameras": (["digital camera", "mirrorless camera", "point and shoot camera"], ["4k", "compact", "waterproof", "zoom"]),
+            "Memory Cards": (["memory card", "sd card", "microsd card"], ["64gb", "128gb", "high speed", "uhs-i"]),
+            "Camera Tripods": (["tripod", "camera tripod", "monopod"], ["aluminum", "travel", "flexible", "lightweight"]),
+        },
+    },
+    "Home & Kitchen": {
+        "Coffee": {
+            "Espresso Machines": (["espresso machine", "coffee maker", "cappuccino machine"], ["automatic", "15 bar", "compact", "stainless steel"]),
+            "Coffee Grinders": (["coffee grinder", "burr grinder", "spice grinder"], ["electric", "manual", "conical", "adjustable"]),
+            "Coffee Beans": (["coffee beans", "espresso beans", "ground coffee"], ["dark roast", "organic", "whole bean", "medium roast"]),
+        },
+        "Cookware": {
+            "Frying Pans": (["frying pan", "skillet", "saute pan"], ["nonstick", "cast iron", "12 inch", "ceramic"]),
+            "Stock Pots": (["stock pot", "soup pot", "dutch oven"], ["8 quart", "enameled", "stainless steel", "induction"]),
+            "Knife Sets": (["knife set", "chef knife", "knife block"], ["german steel", "15 piece", "forged", "japanese"]),
+        },
+        "Bedding": {
+            "Pillows": (["pillow", "bed pillow", "memory foam pillow"], ["cooling", "queen size", "hypoallergenic", "firm"]),
+            "Duvet Covers": (["duvet cover", "comforter cover", "quilt cover"], ["cotton", "queen size", "linen", "striped"]),
+            "Sheet Sets": (["sheet set", "bed sheets", "fitted sheet"], ["microfiber", "deep pocket", "king size", "bamboo"]),
+        },
+    },
+    "Office Products": {
+        "Printers & Ink": {
+            "Inkjet Printers": (["inkjet printer", "all-in-one printer", "photo printer"], ["wireless", "color", "duplex", "compact"]),
+            "Ink Cartridges": (["ink cartridge", "toner", "ink refill"], ["black", "tri-color", "high yield", "combo pack"]),
+            "Printer Paper": (["printer paper", "copy paper", "photo paper"], ["8.5 x 11", "glossy", "500 sheets", "bright white"]),
+        },
+        "Writing": {
+            "Ballpoint Pens": (["ballpoint pen", "gel pen", "rollerball pen"], ["black ink", "retractable", "fine point", "12 pack"]),
+            "Notebooks": (["notebook", "journal", "composition book"], ["college ruled", "spiral", "hardcover", "dotted"]),
+            "Highlighters": (["highlighter", "marker", "highlighter pen"], ["fluorescent", "chisel tip", "assorted colors", "6 pack"]),
+        },
+        "Desk Accessories": {
+            "Desk Organizers": (["desk organizer", "file organizer", "pen holder"], ["mesh", "wooden", "5 compartment", "metal"]),
+            "Staplers": (["stapler", "heavy duty stapler", "electric stapler"], ["desktop", "20 sheet", "jam free", "mini"]),
+            "Desk Lamps": (["desk lamp", "led lamp", "reading lamp"], ["dimmable", "usb charging", "adjustable", "clamp"]),
+        },
+    },
+    "Sports & Outdoors": {
+        "Cycling": {
+            "Road Bikes": (["road bike", "bicycle", "racing bike"], ["aluminum", "carbon", "21 speed", "lightweight"]),
+            "Bike Helmets": (["bike helmet", "cycling helmet", "helmet"], ["adult", "ventilated", "mips", "adjustable"]),
+            "Bike Lights": (["bike light", "headlight", "tail light"], ["usb rechargeable", "led", "waterproof", "bright"]),
+        },
+        "Camping": {
+            "Tents": (["tent", "camping tent", "backpacking tent"], ["4 person", "waterproof", "instant", "ultralight"]),
+            "Sleeping Bags": (["sleeping bag", "mummy bag", "camping quilt"], ["0 degree", "lightweight", "compact", "warm"]),
+            "Camping Stoves": (["camping stove", "backpacking stove", "propane stove"], ["portable", "2 burner", "compact", "folding"]),
+        },
+        "Fitness": {
+            "Yoga Mats": (["yoga mat", "exercise mat", "pilates mat"], ["non slip", "thick", "eco friendly", "extra long"]),
+            "Dumbbells": (["dumbbells", "dumbbell set", "hand weights"], ["adjustable", "neoprene", "hex", "pair"]),
+            "Resistance Bands": (["resistance bands", "exercise bands", "loop bands"], ["set of 5", "heavy", "fabric", "with handles"]),
+        },
+    },
+}
+
+# device leaf -> accessory leaves likely to be wanted next
+COMPLEMENTS = {
+    "Laptops": ["Laptop Bags", "Computer Mice", "Keyboards"],
+    "Digital Cameras": ["Memory Cards", "Camera Tripods"],
+    "Espresso Machines": ["Coffee Grinders", "Coffee Beans"],
+    "Inkjet Printers": ["Ink Cartridges", "Printer Paper"],
+    "Road Bikes": ["Bike Helmets", "Bike Lights"],
+    "Tents": ["Sleeping Bags", "Camping Stoves"],
+    "Headphones": ["Earbuds", "Bluetooth Speakers"],
+    "Frying Pans": ["Knife Sets", "Stock Pots"],
+}
+
+BRANDS = {
+    "Electronics": ["Voltio", "Auralis", "Nexon", "Pixelon", "Kestrel", "Zentro"],
+    "Home & Kitchen": ["Casabel", "Brewster", "Hearthly", "Lumacook", "Nordvik", "Sleepwell"],
+    "Office Products": ["Scriba", "Deskmate", "Inkwell", "Papyro", "Officio", "Stapleton"],
+    "Sports & Outdoors": ["Trailfox", "Peakline", "Velocor", "Campora", "Fitora", "Ridgeway"],
+}
+COLORS = ["Black", "White", "Gray", "Blue", "Red", "Green", "Silver"]
+QUERY_TEMPLATES = ["{n}", "{a} {n}", "best {n}", "{n} for {who}", "cheap {a} {n}", "{b} {n}", "{a}"]
+WHO = ["home", "office", "travel", "students", "beginners", "kids"]
+REVIEW_TITLES = {
+    1: ["Stopped working", "Do not buy", "Very disappointed"],
+    2: ["Not great", "Expected more", "Poor quality"],
+    3: ["It's okay", "Average", "Does the job"],
+    4: ["Good value", "Works well", "Happy with it"],
+    5: ["Love this {n}", "Excellent", "Best {n} I've owned"],
+}
+REVIEW_TEXT = {
+    1: "The {n} broke after a week. Returned it.",
+    2: "The {n} works but feels cheap and the {a} part is weak.",
+    3: "A decent {n}. Nothing special, but fine for the price.",
+    4: "Solid {a} {n}. Would recommend to friends.",
+    5: "Fantastic {n}, the {a} design is perfect. Five stars.",
+}
+BASE_TIME = 1_700_000_000  # 2023-11-14, seconds
+
+
+def category_leaves() -> list[tuple[str, str, str]]:
+    return [(top, mid, leaf) for top, mids in TREE.items() for mid, leaves in mids.items() for leaf in leaves]
+
+
+def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
+    """Return {"items", "interactions", "reviews"} tables in the native input contract."""
+    rng = np.random.default_rng(cfg.seed)
+    leaves = category_leaves()
+    leaf_names = [leaf for _, _, leaf in leaves]
+    mids = sorted({(top, mid) for top, mid, _ in leaves})
+    mid_of_leaf = np.array([mids.index((top, mid)) for top, mid, _ in leaves])
+    n_leaves, n_mids = len(leaves), len(mids)
+
+    # ---- catalogue: every leaf gets items, the rest by a random split
+    n_items = cfg.items
+    if n_items < n_leaves:
+        raise ValueError(f"synthetic.items must be at least {n_leaves} (one per leaf category), got {n_items}")
+    item_leaf = np.concatenate([np.arange(n_leaves), rng.integers(0, n_leaves, n_items - n_leaves)])
+    item_leaf = item_leaf[rng.permutation(n_items)]
+    quality = rng.normal(0, 1, n_items)
+    appeal = rng.zipf(1.6, n_items).clip(1, 50).astype(float)  # long-tail popularity
+    items = {"item_id": [], "title": [], "category": [], "brand": [], "description": [], "price": []}
+    item_words = []
+    for i in range(n_items):
+        top, mid, leaf = leaves[item_leaf[i]]
+        nouns, attrs = TREE[top][mid][leaf]
+        noun, attr = nouns[rng.integers(len(nouns))], attrs[rng.integers(len(attrs))]
+        brand = BRANDS[top][rng.integers(len(BRANDS[top]))]
+        color = COLORS[rng.integers(len(COLORS))]
+        items["item_id"].append(f"i{i:06d}")
+        items["title"].append(f"{brand} {attr.title()} {noun.title()}, {color}")
+        items["category"].append(f"{top} > {mid} > {leaf}")
+        items["brand"].append(brand)
+        items["description"].append(f"{attr} {noun} by {brand} in {color.lower()}.")
+        items["price"].append(round(float(np.exp(rng.normal(3.3, 0.8))), 2))
+        item_words.append((noun, attr, brand))
+    by_leaf = [np.flatnonzero(item_leaf == j) for j in range(n_leaves)]
+    by_mid = [np.flatnonzero(mid_of_leaf[item_leaf] == m) for m in range(n_mids)]
+    popularity_cdf = np.cumsum(appeal) / appeal.sum()
+
+    # ---- users, sessions, impressions
+    inter = {k: [] for k in ("user_id", "item_id", "timestamp", "clicked", "query", "impression_id", "slot")}
+    reviews = {k: [] for k in ("user_id", "item_id", "timestamp", "rating", "title", "text")}
+    slot_exam = 1.0 / (1.0 + np.arange(cfg.slots)) ** 0.9
+    leaf_index = {name: j for j, name in enumerate(leaf_names)}
+    impression = 0
+    for u in range(cfg.users):
+        user = f"u{u:06d}"
+        pref = rng.dirichlet(np.full(n_mids, 0.25))
+        n_sessions = max(3, int(rng.poisson(cfg.sessions_per_user)))
+        t = BASE_TIME + int(rng.integers(0, 60 * 86400))
+        last_leaf = None
+        for _ in range(n_sessions):
+            t += int(rng.exponential(2 * 86400)) + 60
+            if last_leaf is not None and leaf_names[last_leaf] in COMPLEMENTS and rng.random() < 0.6:
+                want = leaf_index[COMPLEMENTS[leaf_names[last_leaf]][rng.integers(len(COMPLEMENTS[leaf_names[last_leaf]]))]]
+            else:
+                m = rng.choice(n_mids, p=pref)
+                leaf_ids = np.flatnonzero(mid_of_leaf == m)
+                want = leaf_ids[rng.integers(len(leaf_ids))]
+            query = None
+            if rng.random() < cfg.query_rate:
+                # search: mostly the wanted leaf, some of its mid, a few popular items
+                top, mid, leaf = leaves[want]
+                nouns, attrs = TREE[top][mid][leaf]
+                tpl = QUERY_TEMPLATES[rng.integers(len(QUERY_TEMPLATES))]
+                query = tpl.format(n=nouns[rng.integers(len(nouns))], a=attrs[rng.integers(len(attrs))],
+                                   who=WHO[rng.integers(len(WHO))], b=BRANDS[top][rng.integers(len(BRANDS[top]))].lower())
+                pools = [by_leaf[want]] * (cfg.slots - cfg.slots // 4 - 1) + [by_mid[mid_of_leaf[want]]] * (cfg.slots // 4) + [None]
+            else:
+                # browse feed: taste-driven mids plus popular items
+                pools = [by_mid[rng.choice(n_mids, p=pref)] if rng.random() < 0.6 else None for _ in range(cfg.slots)]
+            shown: list[int] = []
+            for pool in pools[: cfg.slots]:
+                for _ in range(5):  # avoid showing the same item twice in one impression
+                    cand = int(pool[rng.integers(len(pool))]) if pool is not None and len(pool) else min(int(np.searchsorted(popularity_cdf, rng.random())), n_items - 1)
+                    if cand not in shown:
+                        break
+                shown.append(cand)
+            rng.shuffle(shown)
+            shown_arr = np.array(shown)
+            match = np.where(item_leaf[shown_arr] == want, 1.0, np.where(mid_of_leaf[item_leaf[shown_arr]] == mid_of_leaf[want], 0.35, 0.0))
+            logit = -3.7 + 2.6 * match + 1.5 * pref[mid_of_leaf[item_leaf[shown_arr]]] + 0.5 * quality[shown_arr] + 0.15 * np.log(appeal[shown_arr])
+            p_click = slot_exam[: len(shown)] / (1.0 + np.exp(-logit))
+            clicks = rng.random(len(shown)) < p_click
+            impression += 1
+            for s, (item, clicked) in enumerate(zip(shown, clicks)):
+                inter["user_id"].append(user)
+                inter["item_id"].append(items["item_id"][item])
+                inter["timestamp"].append(t)
+                inter["clicked"].append(int(clicked))
+                inter["query"].append(query)
+                inter["impression_id"].append(f"imp{impression:08d}")
+                inter["slot"].append(s)
+                if clicked:
+                    last_leaf = int(item_leaf[item])
+                    if rng.random() < cfg.review_rate:
+                        rating = int(np.clip(np.round(3.6 + 0.9 * quality[item] + rng.normal(0, 0.7)), 1, 5))
+                        noun, attr, _ = item_words[item]
+                        reviews["user_id"].append(user)
+                        reviews["item_id"].append(items["item_id"][item])
+                        reviews["timestamp"].append(t + int(rng.integers(86400, 20 * 86400)))
+                        reviews["rating"].append(float(rating))
+                        titles = REVIEW_TITLES[rating]
+                        reviews["title"].append(titles[rng.integers(len(titles))].format(n=noun))
+                        reviews["text"].append(REVIEW_TEXT[rating].format(n=noun, a=attr))
+
+    schema_inter = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
+                              ("clicked", pa.int8()), ("query", pa.string()), ("impression_id", pa.string()),
+                              ("slot", pa.int32())])
+    schema_rev = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
+                            ("rating", pa.float64()), ("title", pa.string()), ("text", pa.string())])
+    return {
+        "items": pa.table(items),
+        "interactions": pa.table(inter, schema=schema_inter),
+        "reviews": pa.table(reviews, schema=schema_rev),
+    }
+
+
+def write(tables: dict[str, pa.Table], out_dir: str) -> dict[str, str]:
+    """Write each table as OUT/<name>.parquet; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, table in tables.items():
+        path = os.path.join(out_dir, f"{name}.parquet")
+        pq.write_table(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        paths[name] = path
+    return paths

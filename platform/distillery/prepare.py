@@ -1,0 +1,302 @@
+"""The `prepare` stage: read, validate and quarantine, build task examples, write sharded Parquet.
+
+Output under RUN_DIR/prepare/:
+  items.parquet                     catalogue in vocabulary order (idx, item_id, text, category_idx, clicks, ...)
+  vocab/{categories,users,intent_labels}.json
+  interactions/, reviews/           validated rows (contract columns + unknown extras)
+  rejects/                          table, source, reason, column, row (the original row as JSON)
+  examples/<task>/<split>/*.parquet recommendation / ctr (EXAMPLE_SCHEMA), intent (INTENT_SCHEMA)
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.expressions import col
+
+from . import storage
+from .config import DataConfig, RunConfig, stable_hash
+from .data import examples as ex
+from .data import synthetic
+from .data.sources import load_sources
+from .data.validate import (INTERACTION_COLUMNS, REJECT_SCHEMA, REVIEW_COLUMNS, mark_duplicates, to_arrow,
+                            validate_items, validate_rows)
+from .errors import DataError, StageError
+
+log = logging.getLogger("distillery.prepare")
+
+INTERNAL_COLUMNS = {"_source": pa.string(), "_reason": pa.string(), "_column": pa.string(), "_row": pa.string(),
+                    "_bucket": pa.int32(), "_order": pa.int64()}
+
+
+# ------------------------------------------------------------------------------ inputs
+def synthetic_dir(cfg: RunConfig) -> str:
+    return storage.join(cfg.run_dir, "data", f"synthetic-{stable_hash(cfg.data.synthetic)[:12]}")
+
+
+def input_config(cfg: RunConfig) -> DataConfig:
+    """The data config to read: for `synthetic`, the generated files (made once, cached in run_dir)."""
+    if cfg.data.format != "synthetic":
+        return cfg.data
+    out = synthetic_dir(cfg)
+    names = ("items", "interactions", "reviews")
+    paths = {n: storage.join(out, f"{n}.parquet") for n in names}
+    if not all(storage.exists(p) for p in paths.values()):
+        print(f"generating synthetic data into {out} ({cfg.data.synthetic.users} users, {cfg.data.synthetic.items} items)")
+        write_tables(synthetic.generate(cfg.data.synthetic), out)
+    return cfg.data.model_copy(update={"format": "native", "reader": "parquet", **paths})
+
+
+def write_tables(tables: dict[str, pa.Table], out_dir: str) -> dict[str, str]:
+    paths = {}
+    for name, table in tables.items():
+        path = storage.join(out_dir, f"{name}.parquet")
+        _write_single(table, path)
+        paths[name] = path
+    return paths
+
+
+def _write_single(table: pa.Table, path: str) -> None:
+    fs, p = storage.resolve(path)
+    storage.makedirs(storage.join(path, ".."))
+    pq.write_table(table, p + ".tmp", filesystem=fs)
+    fs.move(p + ".tmp", p)
+
+
+def input_paths(cfg: RunConfig) -> list[str]:
+    if cfg.data.format == "synthetic":
+        return []  # the generator parameters are part of the config hash
+    return [p for p in (cfg.data.items, cfg.data.interactions, cfg.data.reviews) if p]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _clean_rows(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t["_reason"]))
+
+
+def _reject_rows(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t["_reason"]))
+
+
+def _as_rejects(t: pa.Table, table: str) -> pa.Table:
+    n = t.num_rows
+    return pa.table({"table": pa.array([table] * n, pa.string()), "source": t["_source"], "reason": t["_reason"],
+                     "column": t["_column"], "row": t["_row"]}, schema=REJECT_SCHEMA)
+
+
+def _drop_internal(t: pa.Table) -> pa.Table:
+    return t.drop_columns([c for c in INTERNAL_COLUMNS if c in t.column_names])
+
+
+def _write_dir(ds: ray.data.Dataset | None, path: str, schema: pa.Schema) -> None:
+    """Sharded Parquet; an empty split still gets one empty file so readers find the schema."""
+    if ds is not None:
+        ds.write_parquet(path)
+    if not storage.exists(path) or not storage.list_files(path, (".parquet",)):
+        _write_single(schema.empty_table(), storage.join(path, "part-empty.parquet"))
+
+
+def _typed(spec: dict):
+    def fn(df: pd.DataFrame) -> pa.Table:
+        extras = [c for c in df.columns if c not in spec and c not in INTERNAL_COLUMNS]
+        return to_arrow(df, {**spec, **INTERNAL_COLUMNS}, extras)
+    return fn
+
+
+def _validate_table(src: ray.data.Dataset, table: str, cfg: RunConfig, item_ids: np.ndarray) -> ray.data.Dataset:
+    spec = INTERACTION_COLUMNS if table == "interactions" else REVIEW_COLUMNS
+    typed = _typed(spec)
+    kwargs = dict(table=table, catalogue=item_ids, rating_range=cfg.data.rating_range, buckets=cfg.data.user_buckets)
+    rows = src.map_batches(lambda b: typed(validate_rows(b, **kwargs)), batch_format="pandas")
+    return (rows.groupby("_bucket", num_partitions=cfg.data.user_buckets)
+            .map_groups(lambda g: typed(mark_duplicates(g)), batch_format="pandas").materialize())
+
+
+def _counts(ds: ray.data.Dataset, keys: list[str], where=None) -> pd.DataFrame:
+    """Row counts per key: counted per block in parallel, summed on the driver.
+
+    The results are small (one row per item / user / class), so this beats a hash-shuffle groupby.
+    """
+    def per_block(df: pd.DataFrame) -> pd.DataFrame:
+        if where is not None:
+            df = df[where(df)]
+        return df.groupby(keys, dropna=False).size().reset_index(name="count")
+    parts = ds.select_columns(keys + (["clicked"] if where is not None else [])).map_batches(per_block, batch_format="pandas")
+    df = parts.to_pandas()
+    if df.empty:
+        return pd.DataFrame(columns=keys + ["count"])
+    return df.groupby(keys, dropna=False)["count"].sum().reset_index()
+
+
+def _reject_summary(rejects: ray.data.Dataset) -> pd.DataFrame:
+    s = _counts(rejects, ["table", "reason", "column", "source"]).rename(columns={"count": "rows"})
+    return s.sort_values("rows", ascending=False, kind="mergesort").reset_index(drop=True)
+
+
+def _check_fraction(table: str, total: int, summary: pd.DataFrame, cfg: RunConfig, rejects_dir: str) -> None:
+    summary = summary[summary["table"] == table]
+    n = int(summary["rows"].sum())
+    if total and n / total > cfg.data.max_reject_fraction:
+        by_reason = summary.groupby(["reason", "column"])["rows"].sum().sort_values(ascending=False)
+        (reason, column), k = by_reason.index[0], int(by_reason.iloc[0])
+        top = summary[(summary["reason"] == reason) & (summary["column"] == column)].iloc[0]
+        raise DataError(
+            f"{table}: {n} of {total} rows rejected ({n / total:.1%}), above data.max_reject_fraction="
+            f"{cfg.data.max_reject_fraction}. Dominant reason '{reason}' in column '{column}' ({k} rows), "
+            f"mostly from file {top['source']}. The rejected rows are in {rejects_dir}. "
+            f"Fix the input, point data.{table} at the right file, or raise data.max_reject_fraction."
+        )
+
+
+def _item_text(items: pd.DataFrame) -> list[str]:
+    out = []
+    for title, brand, cat, desc in zip(items["title"], items["brand"], items["category"], items["description"]):
+        head = title or (desc[:200] if isinstance(desc, str) else None) or ""
+        out.append(" | ".join(p for p in (head, brand, cat) if isinstance(p, str) and p))
+    return out
+
+
+# ------------------------------------------------------------------------------ the stage
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    """Build everything under out_dir; return the manifest fields (counts, examples, rejects)."""
+    data_cfg = input_config(cfg)
+    src = load_sources(data_cfg)
+    tasks = tuple(cfg.tasks.enabled())
+    rejects_dir = storage.join(out_dir, "rejects")
+
+    # ---- catalogue (small: validated on the driver)
+    items_raw = src["items"].to_pandas()
+    items, item_rejects = validate_items(items_raw)
+    items = items.sort_values("item_id", kind="mergesort").reset_index(drop=True)
+    item_ids = items["item_id"].to_numpy(dtype=object)
+    if len(items) == 0:
+        raise DataError(f"the catalogue {data_cfg.items} has no valid item: every row was rejected "
+                        f"({item_rejects['reason'].value_counts().to_dict()})")
+
+    # ---- interactions and reviews
+    tables = {"interactions": _validate_table(src["interactions"], "interactions", cfg, item_ids)}
+    if "reviews" in src:
+        tables["reviews"] = _validate_table(src["reviews"], "reviews", cfg, item_ids)
+
+    reject_parts = [ray.data.from_arrow(pa.Table.from_pandas(item_rejects, schema=REJECT_SCHEMA, preserve_index=False))]
+    for name, ds in tables.items():
+        reject_parts.append(ds.map_batches(lambda t, n=name: _as_rejects(_reject_rows(t), n), batch_format="pyarrow"))
+    rejects = reject_parts[0].union(*reject_parts[1:]).materialize()
+    _write_dir(rejects, rejects_dir, REJECT_SCHEMA)
+    summary = _reject_summary(rejects)
+    input_rows = {"items": len(items_raw), **{n: ds.count() for n, ds in tables.items()}}
+    _print_rejects(rejects, summary, cfg.data.show_rejects)
+    for name, total in input_rows.items():
+        _check_fraction(name, total, summary, cfg, rejects_dir)
+
+    clean = {n: ds.map_batches(_clean_rows, batch_format="pyarrow").materialize() for n, ds in tables.items()}
+    for name, ds in clean.items():
+        _write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), storage.join(out_dir, name),
+                   pa.schema(list((INTERACTION_COLUMNS if name == "interactions" else REVIEW_COLUMNS).items())))
+    inter = clean["interactions"]
+    n_inter = inter.count()
+    if n_inter == 0:
+        raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {rejects_dir}")
+
+    # ---- popularity, vocabularies
+    pop = _counts(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
+    clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
+    n_pos = int(clicks.sum())
+    real_impressions = n_inter > n_pos
+    categories = ex.RESERVED + sorted({c for c in items["category"] if isinstance(c, str)})
+    cat_index = {c: i for i, c in enumerate(categories)}
+    users = sorted(_counts(inter, ["user_id"])["user_id"])
+    intent_level = cfg.tasks.intent.category_level
+    catalogue = pd.DataFrame({
+        "idx": np.arange(len(items), dtype=np.int32) + len(ex.RESERVED),
+        "item_id": items["item_id"], "title": items["title"], "brand": items["brand"],
+        "category": items["category"], "category_idx": [cat_index.get(c, ex.UNK) for c in items["category"]],
+        "text": _item_text(items), "clicks": clicks.to_numpy(), "price": items["price"],
+    })
+    _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), storage.join(out_dir, "items.parquet"))
+
+    # ---- recommendation + ctr: one pass over user buckets
+    counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
+    example_root = storage.join(out_dir, "examples")
+    per_user = [t for t in tasks if t in ("recommendation", "ctr")]
+    if per_user:
+        kwargs = dict(item_ids=item_ids, tasks=tuple(per_user), rec_history=cfg.tasks.recommendation.max_history,
+                      ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
+                      negative_ratio=cfg.tasks.ctr.negative_ratio,
+                      neg_cdf=ex.negative_cdf(clicks.to_numpy(), cfg.tasks.ctr.popularity_alpha), seed=cfg.seed)
+        built = (inter.groupby("_bucket", num_partitions=cfg.data.user_buckets)
+                 .map_groups(lambda g: ex.user_examples(g, **kwargs), batch_format="pandas").materialize())
+        for task in per_user:
+            for split in ex.SPLITS:
+                part = built.filter(expr=(col("task") == task) & (col("split") == split))
+                _write_dir(part, storage.join(example_root, task, split), ex.EXAMPLE_SCHEMA)
+        for task, split, n in _counts(built, ["task", "split"]).itertuples(index=False):
+            counts[task][split] = int(n)
+
+    # ---- intent
+    intent_info = {}
+    if "intent" in tasks:
+        labels = np.array([ex.category_at(c, intent_level) for c in items["category"]], dtype=object)
+        pairs = []
+        srcs = cfg.tasks.intent.sources
+        pair_kwargs = dict(item_ids=item_ids, item_labels=labels)
+        if "queries" in srcs and "query" in inter.columns():
+            pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())
+                         .map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="query", **pair_kwargs), batch_format="pandas"))
+        if "item_titles" in srcs:
+            pairs.append(ray.data.from_pandas(ex.intent_pairs(items, text_col="title", **pair_kwargs)))
+        if "review_titles" in srcs and "reviews" in clean:
+            pairs.append(clean["reviews"].map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="title", **pair_kwargs),
+                                                      batch_format="pandas"))
+        merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
+        pair_counts = _counts(merged, ["text", "label"])
+        intent_df, names = ex.intent_examples(pair_counts, min_class_count=cfg.tasks.intent.min_class_count,
+                                              fractions=cfg.tasks.intent.split_fractions)
+        for split in ex.SPLITS:
+            part = intent_df[intent_df["split"] == split]
+            ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
+            _write_dir(ds, storage.join(example_root, "intent", split), ex.INTENT_SCHEMA)
+            counts["intent"][split] = int(len(part))
+        storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
+        intent_info = {"classes": len(names), "merged_into_other": int((intent_df["label_name"] == ex.OTHER).sum())}
+
+    storage.write_json(storage.join(out_dir, "vocab", "categories.json"), categories)
+    storage.write_json(storage.join(out_dir, "vocab", "users.json"), ex.RESERVED + users)
+
+    n_rejects = int(summary["rows"].sum()) if len(summary) else 0
+    by_table = _by_table(summary)
+    for name, total in input_rows.items():
+        kept = len(items) if name == "items" else clean[name].count()
+        if kept + by_table.get(name, 0) != total:
+            raise StageError(f"row accounting failed for {name}: {total} in, {kept} kept + {by_table.get(name, 0)} rejected")
+    return {
+        "counts": {"users": len(users), "items": len(items), "interactions": n_inter, "rejects": n_rejects},
+        "examples": counts,
+        "input_rows": input_rows,
+        "rejects_by_table": by_table,
+        "rejects_by_reason": {r: int(n) for r, n in summary.groupby("reason")["rows"].sum().items()} if n_rejects else {},
+        "ctr_source": "impressions" if real_impressions else f"sampled_negatives(ratio={cfg.tasks.ctr.negative_ratio})",
+        "positives": n_pos,
+        "intent": intent_info,
+        "data": {k: v for k, v in data_cfg.model_dump(mode="json").items() if k in ("format", "items", "interactions", "reviews")},
+    }
+
+
+def _by_table(summary: pd.DataFrame) -> dict[str, int]:
+    return {t: int(n) for t, n in summary.groupby("table")["rows"].sum().items()}
+
+
+def _print_rejects(rejects: ray.data.Dataset, summary: pd.DataFrame, show: int) -> None:
+    if summary.empty:
+        print("validation: no rejected rows")
+        return
+    print(f"validation: {int(summary['rows'].sum())} rejected rows")
+    for r in summary.head(10).itertuples(index=False):
+        print(f"  {r.rows:>8}  {r.table:<12} {r.reason:<24} column={r.column:<12} {r.source}")
+    for row in rejects.take(show):
+        print(f"  e.g. [{row['table']}] {row['reason']}: {row['row'][:160]}")

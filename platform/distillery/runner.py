@@ -1,0 +1,135 @@
+"""Run stages into a run directory, each leaving RUN_DIR/<stage>/manifest.json.
+
+A stage is skipped when its manifest records the same config hash, input fingerprints and upstream
+manifests as now; `force=True` redoes it. A stage dir without a manifest is an interrupted run:
+it is cleared and the stage runs again.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import __version__, prepare, storage
+from .config import RunConfig, stable_hash
+from .errors import StageError
+
+STAGES = ("prepare", "teacher", "label", "distill", "tune", "compress", "report")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunConfig, str], dict]
+    config: Callable[[RunConfig], Any]  # the part of the config whose change invalidates the stage
+    inputs: Callable[[RunConfig], list[str]]
+    upstream: tuple[str, ...] = ()
+
+
+def _prepare_config(cfg: RunConfig) -> dict:
+    data = cfg.data.model_dump(mode="json", exclude={"show_rejects"})
+    tasks = {name: getattr(cfg.tasks, name).model_dump(mode="json", exclude=set(getattr(cfg.tasks, name).LOSS_FIELDS))
+             for name in type(cfg.tasks).model_fields}
+    return {"seed": cfg.seed, "data": data, "tasks": tasks}
+
+
+AVAILABLE: dict[str, Stage] = {
+    "prepare": Stage("prepare", prepare.run, _prepare_config, prepare.input_paths),
+}
+
+
+def parse_stages(text: str | None) -> list[str]:
+    if not text or text == "all":
+        return [s for s in STAGES if s in AVAILABLE]
+    asked = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in asked if s not in STAGES]
+    if unknown:
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    missing = [s for s in asked if s not in AVAILABLE]
+    if missing:
+        raise StageError(f"stage(s) {', '.join(missing)} are not available in distillery {__version__} yet "
+                         f"(available: {', '.join(AVAILABLE)})")
+    return [s for s in STAGES if s in asked]  # pipeline order, whatever order they were given in
+
+
+def manifest_path(run_dir: str, stage: str) -> str:
+    return storage.join(run_dir, stage, "manifest.json")
+
+
+def read_manifest(run_dir: str, stage: str) -> dict | None:
+    path = manifest_path(run_dir, stage)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+def _expected(stage: Stage, cfg: RunConfig) -> dict:
+    upstream = {}
+    for name in stage.upstream:
+        m = read_manifest(cfg.run_dir, name)
+        if m is None:
+            raise StageError(f"stage {stage.name} needs the {name} stage's output in {cfg.run_dir}: "
+                             f"run with --stages {name},{stage.name}")
+        upstream[name] = stable_hash(m)
+    return {
+        "config_hash": stable_hash(stage.config(cfg)),
+        "inputs": {p: storage.fingerprint(p) for p in stage.inputs(cfg)},
+        "upstream": upstream,
+    }
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:  # a throwaway local Ray needs no dashboard
+        ray.init(include_dashboard=False)
+
+
+def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:
+    """Run `stages` (default: all available) in pipeline order; return their manifests."""
+    names = stages or parse_stages(None)
+    for n in names:
+        if n not in AVAILABLE:
+            raise StageError(f"stage {n!r} is not available (available: {', '.join(AVAILABLE)})")
+    cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir)})
+    storage.makedirs(cfg.run_dir)
+    storage.write_json(storage.join(cfg.run_dir, "config.json"), cfg.model_dump(mode="json"))
+    manifests = {}
+    for name in names:
+        stage = AVAILABLE[name]
+        expected = _expected(stage, cfg)
+        current = read_manifest(cfg.run_dir, name)
+        if not force and current and current.get("status") == "complete" and all(
+            current.get(k) == v for k, v in expected.items()
+        ):
+            print(f"[{name}] up to date: manifest matches config and inputs; skipped (--force redoes it)")
+            manifests[name] = current
+            continue
+        out_dir = storage.join(cfg.run_dir, name)
+        storage.remove(out_dir)  # a partial or stale output must not mix with the new one
+        storage.makedirs(out_dir)
+        init_ray()
+        print(f"[{name}] running -> {out_dir}")
+        start = time.perf_counter()
+        result = stage.run(cfg, out_dir)
+        manifest = {
+            "stage": name, "status": "complete", "distillery_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **expected, "wall_time_s": round(time.perf_counter() - start, 2), **result,
+        }
+        storage.write_json(manifest_path(cfg.run_dir, name), manifest)
+        print(f"[{name}] done in {manifest['wall_time_s']:.1f}s: {summarize(manifest)}")
+        manifests[name] = manifest
+    return manifests
+
+
+def summarize(manifest: dict) -> str:
+    parts = [f"{k}={v}" for k, v in manifest.get("counts", {}).items()]
+    for task, splits in manifest.get("examples", {}).items():
+        parts.append(f"{task}=" + "/".join(str(splits.get(s, 0)) for s in ("train", "valid", "test")))
+    return ", ".join(parts)

@@ -1,0 +1,121 @@
+"""Paths that may be local folders or pyarrow-filesystem URIs (file://, s3://, gs://, ...)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from .errors import DataError
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). Local paths are made absolute so Ray workers agree on them."""
+    if is_uri(path):
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants
+            raise DataError(f"cannot open {path}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def remove(path: str) -> None:
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def read_text(path: str) -> str:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write through a temporary name and rename, so readers never see half a file."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+    tmp = p + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode("utf-8"))
+    try:
+        fs.move(tmp, p)
+    except OSError:  # object stores without rename: write in place
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode("utf-8"))
+        fs.delete_file(tmp)
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def list_files(path: str, extensions: tuple[str, ...] = ()) -> list[str]:
+    """Files under `path` (itself if it is a file), sorted, as paths/URIs in the same style."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path} does not exist: check the path in your config or override")
+    if info.type == pafs.FileType.File:
+        return [path]
+    found = []
+    for child in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        name = posixpath.basename(child.path)
+        if child.type != pafs.FileType.File or name.startswith((".", "_")):
+            continue
+        if extensions and not name.lower().endswith(extensions):
+            continue
+        rel = posixpath.relpath(child.path, p)
+        found.append(join(path, *rel.split("/")))
+    return sorted(found)
+
+
+def fingerprint(path: str) -> dict:
+    """Cheap identity of a file or folder: count, bytes and a hash of (name, size, mtime)."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        return {"path": path, "exists": False}
+    infos = [info] if info.type == pafs.FileType.File else [
+        i for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File
+    ]
+    h = hashlib.sha256()
+    total = 0
+    for i in sorted(infos, key=lambda i: i.path):
+        total += i.size or 0
+        h.update(f"{posixpath.relpath(i.path, p)}|{i.size}|{i.mtime_ns}\n".encode())
+    return {"path": path, "files": len(infos), "bytes": total, "sha256": h.hexdigest()}
