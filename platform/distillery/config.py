@@ -54,6 +54,8 @@ class DataConfig(_Section):
     rating_range: tuple[float, float] = Field((1.0, 5.0), description="valid [min, max] review rating")
     user_buckets: int = Field(16, ge=1, le=4096, description="hash buckets of users for per-user Ray Data work")
     show_rejects: int = Field(5, ge=0, description="rejected rows printed per run")
+    shuffle: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = Field(
+        "sort_shuffle_pull_based", description="Ray Data shuffle used by the per-user groupbys")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.context import ShuffleStrategy
 from ray.data.expressions import col
 
 from . import storage
@@ -164,6 +165,19 @@ def _item_text(items: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------------------------ the stage
 def run(cfg: RunConfig, out_dir: str) -> dict:
     """Build everything under out_dir; return the manifest fields (counts, examples, rejects)."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_strategy
+    # The per-user groupbys move every row once; the task-based sort shuffle starts in well under a
+    # second, where the actor-based hash shuffle spends ~5 s per groupby starting aggregators
+    # (benchmarks/prepare.py measures both).
+    ctx.shuffle_strategy = ShuffleStrategy(cfg.data.shuffle)
+    try:
+        return _run(cfg, out_dir)
+    finally:
+        ctx.shuffle_strategy = saved
+
+
+def _run(cfg: RunConfig, out_dir: str) -> dict:
     data_cfg = input_config(cfg)
     src = load_sources(data_cfg)
     tasks = tuple(cfg.tasks.enabled())

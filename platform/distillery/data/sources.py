@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -62,10 +63,17 @@ def read_table(path: str, reader: str = "auto") -> ray.data.Dataset:
     fs, _ = storage.resolve(files[0])
     local = [storage.resolve(f)[1] for f in files]
     if kind == "parquet":
-        ds = ray.data.read_parquet(local, filesystem=fs, include_paths=True, file_extensions=None)
+        # Files whose schemas disagree (an all-null column stored as double, say) cannot share one
+        # read; validation normalizes the types, so read each schema group apart and union.
+        groups: dict[str, list[str]] = {}
+        for f in local:
+            schema = pq.read_schema(f, filesystem=fs).remove_metadata()
+            groups.setdefault(schema.to_string(), []).append(f)
+        reads = [ray.data.read_parquet(g, filesystem=fs, include_paths=True, file_extensions=None) for g in groups.values()]
+        ds = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     elif kind == "json":
-        lines = all(not f.lower().endswith((".json",)) for f in files)
-        ds = ray.data.read_json(local, filesystem=fs, include_paths=True, lines=lines, file_extensions=None)
+        # pyarrow's reader takes newline-delimited JSON, the usual form of .json dumps too
+        ds = ray.data.read_json(local, filesystem=fs, include_paths=True, file_extensions=None)
     else:
         tsv = files[0].lower().endswith((".tsv", ".tsv.gz"))
         ds = ray.data.read_csv(local, filesystem=fs, include_paths=True, file_extensions=None,

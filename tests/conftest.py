@@ -1,0 +1,49 @@
+"""Shared fixtures: one local Ray for the session, tiny generated data, the shared real data."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Start Ray once (2 CPUs, like CI) and share it across tests."""
+    import ray
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or $DISTILLERY_SHARED_DATA; tests that need it skip with the reason."""
+    path = Path(os.environ.get("DISTILLERY_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (set DISTILLERY_SHARED_DATA to run this test)")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A run config over a small generated shop, in a fresh run_dir."""
+    from distillery.config import load_config
+
+    def make(*overrides: str):
+        return load_config(ROOT / "configs" / "demo.yaml", [
+            f"run_dir={tmp_path / 'run'}", "data.synthetic.users=120", "data.synthetic.items=80",
+            "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3",
+            *overrides,
+        ])
+    return make

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from distillery.cli import main
+
+
+def test_help_explains_every_option(capsys):
+    for argv in (["--help"], ["run", "--help"], ["generate-data", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--stages", "--force", "key=value", "--users", "--items", "--seed", "--slots"):
+        assert opt in out
+
+
+def test_errors_are_one_line_without_traceback(capsys):
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "data.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "data.nope: unknown key" in err and "Traceback" not in err
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", "teacher"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_jobs_are_thin_entrypoints():
+    for job in ("prepare.py", "pipeline.py"):
+        out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--config" in out.stdout
+        assert len((ROOT / "jobs" / job).read_text().splitlines()) < 20
+
+
+def test_no_platform_init():
+    assert not (ROOT / "platform" / "__init__.py").exists()  # would shadow the stdlib `platform`
+
+
+def test_cluster_yaml_validates_with_rays_validator():
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any("g5" in t["node_config"]["InstanceType"] or "p" in t["node_config"]["InstanceType"][:1]
+               for name, t in types.items() if name != cfg["head_node_type"])
+    assert all("max_workers" in t for name, t in types.items() if name != cfg["head_node_type"])
+    assert any("pip install" in c for c in cfg["setup_commands"])
+    for rule in cfg["provider"].get("security_group", {}).get("IpPermissions", []):
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))

@@ -1,0 +1,96 @@
+"""Task example builders on hand-made users: splits, histories, negatives, intent merging."""
+import numpy as np
+import pandas as pd
+
+from distillery.data import examples as ex
+
+ITEMS = np.array([f"i{k}" for k in range(10)], dtype=object)  # vocab index = k + 2
+
+
+def _log(rows):
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "_order", "clicked", "impression_id", "slot"])
+    return df
+
+
+def _build(df, real, **kw):
+    args = dict(item_ids=ITEMS, tasks=("recommendation", "ctr"), rec_history=3, ctr_history=2,
+                real_impressions=real, negative_ratio=2, neg_cdf=ex.negative_cdf(np.ones(len(ITEMS)), 1.0), seed=0)
+    args.update(kw)
+    return ex.user_examples(df, **args).to_pandas()
+
+
+def test_leave_one_out_and_history_truncation():
+    seq = [f"i{k}" for k in (0, 1, 2, 3, 4)]
+    df = _log([("u", it, t, 1, None, None) for t, it in enumerate(seq)][::-1])  # order must not matter
+    out = _build(df, real=False)
+    rec = out[out["task"] == "recommendation"].reset_index(drop=True)
+    assert rec["split"].tolist() == ["train", "train", "valid", "test"]
+    assert rec["item"].tolist() == [3, 4, 5, 6]
+    assert [list(h) for h in rec["history"]] == [[2], [2, 3], [2, 3, 4], [3, 4, 5]]  # max 3
+    test = rec[rec["split"] == "test"].iloc[0]
+    assert 6 not in list(test["history"])  # the test target never appears in its history
+
+
+def test_sampled_negatives_are_deterministic_and_unseen():
+    df = _log([("u", f"i{k}", k, 1, None, None) for k in range(4)])
+    a, b = _build(df, real=False), _build(df.sample(frac=1, random_state=1), real=False)
+    ctr = a[a["task"] == "ctr"]
+    assert ctr.reset_index(drop=True).equals(b[b["task"] == "ctr"].reset_index(drop=True))
+    assert (ctr["label"] == 1).sum() == 3 and (ctr["label"] == 0).sum() == 6  # ratio 2
+    negs = set(ctr.loc[ctr["label"] == 0, "item"])
+    assert not negs & {2, 3, 4, 5}  # never an item the user clicked
+    assert set(ctr.groupby("split")["label"].mean().round(3)) == {round(1 / 3, 3)}
+
+
+def test_real_impressions_split_at_the_users_last_clicks():
+    rows = [
+        ("u", "i0", 10, 1, "A", 0), ("u", "i5", 10, 0, "A", 1),
+        ("u", "i1", 20, 0, "B", 0), ("u", "i2", 20, 1, "B", 1),   # second-to-last click -> valid from here
+        ("u", "i6", 25, 0, "C", 0),
+        ("u", "i3", 30, 1, "D", 0), ("u", "i7", 30, 0, "D", 1),   # last click -> test from here
+        ("u", "i8", 40, 0, "E", 0),
+    ]
+    out = _build(_log(rows), real=True)
+    ctr = out[out["task"] == "ctr"].reset_index(drop=True)
+    assert ctr["split"].tolist() == ["train", "train", "valid", "valid", "valid", "test", "test", "test"]
+    assert ctr["label"].tolist() == [1, 0, 0, 1, 0, 1, 0, 0]
+    # history = clicks strictly before the impression, at most 2
+    assert [list(h) for h in ctr["history"]] == [[], [], [2], [2], [2, 4], [2, 4], [2, 4], [4, 5]]
+    assert ctr["slot"].tolist()[:2] == [0, 1] and ctr["impression_id"].tolist()[0] == "A"
+    rec = out[out["task"] == "recommendation"]
+    assert rec["split"].tolist() == ["valid", "test"]  # same cut points as ctr: 3 clicks, 2 targets
+
+
+def test_short_users():
+    one = _build(_log([("u", "i0", 0, 1, None, None)]), real=False)
+    assert one.empty
+    two = _build(_log([("u", "i0", 0, 1, None, None), ("u", "i1", 1, 1, None, None)]), real=False)
+    assert two[two["task"] == "recommendation"]["split"].tolist() == ["test"]
+
+
+def test_unknown_items_map_to_unk():
+    assert ex.lookup(ITEMS, ["i3", "nope"]).tolist() == [5, ex.UNK]
+
+
+def test_intent_pairs_and_examples():
+    labels = np.array(["A > x", "B > y"] + ["C > z"] * 8, dtype=object)
+    batch = pd.DataFrame({"title": ["  Red PEN ", None, "", "Red pen"], "item_id": ["i0", "i1", "i2", "nope"]})
+    pairs = ex.intent_pairs(batch, text_col="title", item_ids=ITEMS, item_labels=labels)
+    assert pairs.to_dict("records") == [{"text": "red pen", "label": "A > x"}]
+
+    counts = pd.DataFrame({"text": ["red pen", "red pen", "blue pen", "ink", "ink", "paper"],
+                           "label": ["A", "B", "A", "B", "A", "C"], "count": [3, 1, 1, 2, 2, 1]})
+    out, names = ex.intent_examples(counts, min_class_count=2, fractions=(0.8, 0.1, 0.1))
+    got = dict(zip(out["text"], out["label_name"]))
+    assert got == {"red pen": "A", "blue pen": "A", "ink": "A", "paper": "other"}  # majority; tie -> first label
+    assert names == ["A", "other"]
+    assert dict(zip(out["text"], out["count"]))["red pen"] == 4
+    assert out["split"].isin(ex.SPLITS).all() and out["example_id"].is_unique
+
+
+def test_text_split_is_a_pure_function_of_the_text():
+    texts = [f"query {k}" for k in range(2000)]
+    splits = [ex.split_of_text(ex.normalize_text(t)) for t in texts]
+    assert splits == [ex.split_of_text(ex.normalize_text(t.upper() + "  ")) for t in texts]
+    share = pd.Series(splits).value_counts(normalize=True)
+    assert abs(share["train"] - 0.8) < 0.03 and abs(share["test"] - 0.1) < 0.03

@@ -1,0 +1,148 @@
+"""The prepare stage end to end on a local Ray: outputs, manifest, skip/force, leakage, quarantine."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from distillery import runner
+from distillery.errors import DataError, StageError
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    from distillery.config import load_config
+    from conftest import ROOT
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"run_dir={run_dir}", "data.synthetic.users=150", "data.synthetic.items=80",
+        "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3"])
+    manifest = runner.run(cfg, ["prepare"])["prepare"]
+    return cfg, Path(run_dir), manifest
+
+
+def test_manifest_contract(prepared):
+    cfg, run_dir, m = prepared
+    on_disk = json.loads((run_dir / "prepare" / "manifest.json").read_text())
+    assert on_disk["config_hash"] == m["config_hash"] and m["status"] == "complete"
+    assert set(m["counts"]) == {"users", "items", "interactions", "rejects"}
+    assert m["counts"]["items"] == 80 and m["counts"]["users"] == 150 and m["counts"]["rejects"] == 0
+    assert set(m["examples"]) == {"recommendation", "ctr", "intent"}
+    assert all(set(v) == {"train", "valid", "test"} for v in m["examples"].values())
+    assert m["wall_time_s"] > 0 and m["ctr_source"] == "impressions"
+    for task, splits in m["examples"].items():
+        for split, n in splits.items():
+            assert len(_read(run_dir / "prepare" / "examples" / task / split)) == n
+
+
+def test_outputs_and_vocabularies(prepared):
+    _, run_dir, m = prepared
+    out = run_dir / "prepare"
+    items = _read(out / "items.parquet")
+    assert items["idx"].tolist() == list(range(2, 2 + len(items)))  # 0 = pad, 1 = unknown
+    assert items["item_id"].is_monotonic_increasing and items["text"].str.len().gt(0).all()
+    cats = json.loads((out / "vocab" / "categories.json").read_text())
+    assert cats[:2] == ["[PAD]", "[UNK]"] and (items["category_idx"] >= 2).all()
+    users = json.loads((out / "vocab" / "users.json").read_text())
+    assert len(users) == m["counts"]["users"] + 2
+    labels = json.loads((out / "vocab" / "intent_labels.json").read_text())
+    intent = _read(out / "examples" / "intent" / "train")
+    assert intent["label"].between(0, len(labels) - 1).all()
+    assert len(_read(out / "interactions")) == m["counts"]["interactions"]
+
+
+def test_no_leakage_across_splits(prepared):
+    _, run_dir, _ = prepared
+    ex = run_dir / "prepare" / "examples"
+    rec = {s: _read(ex / "recommendation" / s) for s in ("train", "valid", "test")}
+    test = rec["test"].set_index("user_id")
+    assert test.index.is_unique  # one test example per user
+    for user, g in rec["train"].groupby("user_id"):
+        if user in test.index:
+            # the test target is the user's last click: never a train target, and the train
+            # histories are prefixes of the test history
+            t = test.loc[user]
+            assert len(g["history"].map(len)) and max(map(len, g["history"])) <= len(t["history"])
+            assert t["item"] not in set(g["item"]) or t["item"] in set(t["history"])
+    intent = {s: set(_read(ex / "intent" / s)["text"]) for s in ("train", "valid", "test")}
+    assert not (intent["train"] & intent["valid"]) and not (intent["train"] & intent["test"])
+    assert not (intent["valid"] & intent["test"])
+    ctr = pd.concat([_read(ex / "ctr" / s) for s in ("train", "valid", "test")])
+    assert ctr["example_id"].is_unique and set(ctr["label"]) == {0, 1}
+
+
+def test_rerun_skips_and_force_redoes(prepared, capsys):
+    cfg, run_dir, m = prepared
+    again = runner.run(cfg, ["prepare"])["prepare"]
+    assert again["created"] == m["created"] and "up to date" in capsys.readouterr().out
+    # a loss-only change (temperature) must not invalidate prepare
+    hot = cfg.model_copy(deep=True)
+    hot.tasks.intent.temperature = 7.0
+    assert runner.run(hot, ["prepare"])["prepare"]["created"] == m["created"]
+    forced = runner.run(cfg, ["prepare"], force=True)["prepare"]
+    assert forced["examples"] == m["examples"] and forced["counts"] == m["counts"]  # deterministic
+
+
+def test_stage_names_are_checked():
+    with pytest.raises(StageError, match="unknown stage"):
+        runner.parse_stages("prepare,train")
+    with pytest.raises(StageError, match="not available"):
+        runner.parse_stages("prepare,teacher")
+    assert runner.parse_stages("prepare") == ["prepare"]
+
+
+def _planted(tmp_path, tiny_config):
+    """Generated data written as native files, plus bad rows of several kinds."""
+    from distillery.data.synthetic import generate
+
+    cfg = tiny_config()
+    t = generate(cfg.data.synthetic)
+    inter = t["interactions"].to_pandas()
+    bad = pd.DataFrame([
+        {**inter.iloc[0].to_dict(), "user_id": None},
+        {**inter.iloc[1].to_dict(), "item_id": "no-such-item"},
+        inter.iloc[2].to_dict(),  # exact duplicate
+        {**inter.iloc[3].to_dict(), "clicked": 7},
+    ])
+    path = tmp_path / "log"
+    path.mkdir()
+    inter.to_parquet(path / "a.parquet")
+    bad.to_parquet(path / "b.parquet")
+    t["items"].to_pandas().to_parquet(tmp_path / "items.parquet")
+    reviews = t["reviews"].to_pandas()
+    reviews.loc[0, "rating"] = 11
+    reviews.to_parquet(tmp_path / "reviews.parquet")
+    return len(inter), len(bad), len(reviews), [
+        "data.format=native", f"data.interactions={path}", f"data.items={tmp_path / 'items.parquet'}",
+        f"data.reviews={tmp_path / 'reviews.parquet'}"]
+
+
+def test_quarantine_accounts_for_every_row(tmp_path, tiny_config):
+    n_good, n_bad, n_reviews, overrides = _planted(tmp_path, tiny_config)
+    cfg = tiny_config(*overrides)
+    m = runner.run(cfg, ["prepare"])["prepare"]
+    assert m["counts"]["interactions"] == n_good and m["counts"]["rejects"] == n_bad + 1
+    assert m["rejects_by_reason"] == {"null_id": 1, "unknown_item": 1, "duplicate": 1, "clicked_not_binary": 1,
+                                      "rating_out_of_range": 1}
+    rejects = _read(Path(cfg.run_dir) / "prepare" / "rejects")
+    assert len(rejects) == n_bad + 1 and rejects["source"].str.endswith(("b.parquet", "reviews.parquet")).all()
+    assert m["input_rows"] == {"items": 80, "interactions": n_good + n_bad, "reviews": n_reviews}
+
+
+def test_reject_ceiling_names_file_column_and_reason(tmp_path, tiny_config):
+    _, _, _, overrides = _planted(tmp_path, tiny_config)
+    cfg = tiny_config(*overrides, "data.max_reject_fraction=0.0")
+    with pytest.raises(DataError) as err:
+        runner.run(cfg, ["prepare"])
+    msg = str(err.value)
+    assert "above data.max_reject_fraction=0.0" in msg and "b.parquet" in msg and "column" in msg
+    assert not (Path(cfg.run_dir) / "prepare" / "manifest.json").exists()  # failed stage leaves no manifest
+    assert (Path(cfg.run_dir) / "prepare" / "rejects").exists()  # ...but keeps the rejects to look at
