@@ -134,4 +134,5 @@ def test_huggingface_amazon_2023_schema(tmp_path):
     datasets.Dataset.from_list([json.loads(METAS[2])]).save_to_disk(str(tmp_path / "meta"))
     src = load_sources(DataConfig(format="amazon", reader="hf", interactions=str(tmp_path / "rev"), items=str(tmp_path / "meta")))
     assert src["reviews"].to_pandas()["item_id"].tolist() == ["B1"]
-    assert src["items"].to_pandas()["item_id"].tolist() == ["B3"]
+    items = src["items"].to_pandas()
+    assert items["item_id"].tolist() == ["B3"] and items["category"].tolist() == ["Office Products > Paper"]

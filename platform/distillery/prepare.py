@@ -181,51 +181,84 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     data_cfg = input_config(cfg)
     src = load_sources(data_cfg)
     tasks = tuple(cfg.tasks.enabled())
-    rejects_dir = storage.join(out_dir, "rejects")
-
-    # ---- catalogue (small: validated on the driver)
-    items_raw = src["items"].to_pandas()
-    items, item_rejects = validate_items(items_raw)
-    items = items.sort_values("item_id", kind="mergesort").reset_index(drop=True)
+    items, item_rejects, n_items_in = _catalogue(src["items"], data_cfg)
     item_ids = items["item_id"].to_numpy(dtype=object)
-    if len(items) == 0:
-        raise DataError(f"the catalogue {data_cfg.items} has no valid item: every row was rejected "
-                        f"({item_rejects['reason'].value_counts().to_dict()})")
-
-    # ---- interactions and reviews
-    tables = {"interactions": _validate_table(src["interactions"], "interactions", cfg, item_ids)}
-    if "reviews" in src:
-        tables["reviews"] = _validate_table(src["reviews"], "reviews", cfg, item_ids)
-
-    reject_parts = [ray.data.from_arrow(pa.Table.from_pandas(item_rejects, schema=REJECT_SCHEMA, preserve_index=False))]
-    for name, ds in tables.items():
-        reject_parts.append(ds.map_batches(lambda t, n=name: _as_rejects(_reject_rows(t), n), batch_format="pyarrow"))
-    rejects = reject_parts[0].union(*reject_parts[1:]).materialize()
-    _write_dir(rejects, rejects_dir, REJECT_SCHEMA)
-    summary = _reject_summary(rejects)
-    input_rows = {"items": len(items_raw), **{n: ds.count() for n, ds in tables.items()}}
-    _print_rejects(rejects, summary, cfg.data.show_rejects)
-    for name, total in input_rows.items():
-        _check_fraction(name, total, summary, cfg, rejects_dir)
+    tables = {name: _validate_table(src[name], name, cfg, item_ids) for name in ("interactions", "reviews") if name in src}
+    summary, input_rows = _quarantine(tables, item_rejects, n_items_in, cfg, out_dir)
 
     clean = {n: ds.map_batches(_clean_rows, batch_format="pyarrow").materialize() for n, ds in tables.items()}
     for name, ds in clean.items():
         _write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), storage.join(out_dir, name),
                    pa.schema(list((INTERACTION_COLUMNS if name == "interactions" else REVIEW_COLUMNS).items())))
-    inter = clean["interactions"]
-    n_inter = inter.count()
+    kept = {"items": len(items), **{n: ds.count() for n, ds in clean.items()}}
+    by_table = _by_table(summary)
+    for name, total in input_rows.items():  # nothing lost: every row is kept or rejected
+        if kept[name] + by_table.get(name, 0) != total:
+            raise StageError(f"row accounting failed for {name}: {total} in, {kept[name]} kept + "
+                             f"{by_table.get(name, 0)} rejected")
+    inter, n_inter = clean["interactions"], kept["interactions"]
     if n_inter == 0:
-        raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {rejects_dir}")
+        raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {storage.join(out_dir, 'rejects')}")
 
-    # ---- popularity, vocabularies
     pop = _counts(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
-    n_pos = int(clicks.sum())
-    real_impressions = n_inter > n_pos
+    real_impressions = n_inter > int(clicks.sum())
+    users = sorted(_counts(inter, ["user_id"])["user_id"])
+    _write_vocabularies(items, clicks, users, out_dir)
+
+    examples_dir = storage.join(out_dir, "examples")
+    counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
+    per_user = tuple(t for t in tasks if t in ("recommendation", "ctr"))
+    if per_user:
+        counts.update(_user_examples(inter, per_user, item_ids, clicks, real_impressions, cfg, examples_dir))
+    intent_info = {}
+    if "intent" in tasks:
+        counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, examples_dir, out_dir)
+
+    n_rejects = int(summary["rows"].sum())
+    return {
+        "counts": {"users": len(users), "items": len(items), "interactions": n_inter, "rejects": n_rejects},
+        "examples": counts,
+        "input_rows": input_rows,
+        "rejects_by_table": by_table,
+        "rejects_by_reason": {r: int(n) for r, n in summary.groupby("reason")["rows"].sum().items()},
+        "ctr_source": "impressions" if real_impressions else f"sampled_negatives(ratio={cfg.tasks.ctr.negative_ratio})",
+        "positives": int(clicks.sum()),
+        "intent": intent_info,
+        "data": {k: v for k, v in data_cfg.model_dump(mode="json").items() if k in ("format", "items", "interactions", "reviews")},
+    }
+
+
+def _catalogue(src: ray.data.Dataset, data_cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Validated catalogue in vocabulary order (sorted ids), its rejects, and the input row count."""
+    raw = src.to_pandas()  # the catalogue is small next to the log: validated on the driver
+    items, rejects = validate_items(raw)
+    if len(items) == 0:
+        raise DataError(f"the catalogue {data_cfg.items} has no valid item: every row was rejected "
+                        f"({rejects['reason'].value_counts().to_dict()})")
+    return items.sort_values("item_id", kind="mergesort").reset_index(drop=True), rejects, len(raw)
+
+
+def _quarantine(tables: dict, item_rejects: pd.DataFrame, n_items_in: int, cfg: RunConfig,
+                out_dir: str) -> tuple[pd.DataFrame, dict]:
+    """Write every reject, print the first ones, and fail above data.max_reject_fraction."""
+    rejects_dir = storage.join(out_dir, "rejects")
+    parts = [ray.data.from_arrow(pa.Table.from_pandas(item_rejects, schema=REJECT_SCHEMA, preserve_index=False))]
+    for name, ds in tables.items():
+        parts.append(ds.map_batches(lambda t, n=name: _as_rejects(_reject_rows(t), n), batch_format="pyarrow"))
+    rejects = parts[0].union(*parts[1:]).materialize()
+    _write_dir(rejects, rejects_dir, REJECT_SCHEMA)
+    summary = _reject_summary(rejects)
+    input_rows = {"items": n_items_in, **{n: ds.count() for n, ds in tables.items()}}
+    _print_rejects(rejects, summary, cfg.data.show_rejects)
+    for name, total in input_rows.items():
+        _check_fraction(name, total, summary, cfg, rejects_dir)
+    return summary, input_rows
+
+
+def _write_vocabularies(items: pd.DataFrame, clicks: pd.Series, users: list[str], out_dir: str) -> None:
     categories = ex.RESERVED + sorted({c for c in items["category"] if isinstance(c, str)})
     cat_index = {c: i for i, c in enumerate(categories)}
-    users = sorted(_counts(inter, ["user_id"])["user_id"])
-    intent_level = cfg.tasks.intent.category_level
     catalogue = pd.DataFrame({
         "idx": np.arange(len(items), dtype=np.int32) + len(ex.RESERVED),
         "item_id": items["item_id"], "title": items["title"], "brand": items["brand"],
@@ -233,72 +266,56 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
         "text": _item_text(items), "clicks": clicks.to_numpy(), "price": items["price"],
     })
     _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), storage.join(out_dir, "items.parquet"))
-
-    # ---- recommendation + ctr: one pass over user buckets
-    counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
-    example_root = storage.join(out_dir, "examples")
-    per_user = [t for t in tasks if t in ("recommendation", "ctr")]
-    if per_user:
-        kwargs = dict(item_ids=item_ids, tasks=tuple(per_user), rec_history=cfg.tasks.recommendation.max_history,
-                      ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
-                      negative_ratio=cfg.tasks.ctr.negative_ratio,
-                      neg_cdf=ex.negative_cdf(clicks.to_numpy(), cfg.tasks.ctr.popularity_alpha), seed=cfg.seed)
-        built = (inter.groupby("_bucket", num_partitions=cfg.data.user_buckets)
-                 .map_groups(lambda g: ex.user_examples(g, **kwargs), batch_format="pandas").materialize())
-        for task in per_user:
-            for split in ex.SPLITS:
-                part = built.filter(expr=(col("task") == task) & (col("split") == split))
-                _write_dir(part, storage.join(example_root, task, split), ex.EXAMPLE_SCHEMA)
-        for task, split, n in _counts(built, ["task", "split"]).itertuples(index=False):
-            counts[task][split] = int(n)
-
-    # ---- intent
-    intent_info = {}
-    if "intent" in tasks:
-        labels = np.array([ex.category_at(c, intent_level) for c in items["category"]], dtype=object)
-        pairs = []
-        srcs = cfg.tasks.intent.sources
-        pair_kwargs = dict(item_ids=item_ids, item_labels=labels)
-        if "queries" in srcs and "query" in inter.columns():
-            pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())
-                         .map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="query", **pair_kwargs), batch_format="pandas"))
-        if "item_titles" in srcs:
-            pairs.append(ray.data.from_pandas(ex.intent_pairs(items, text_col="title", **pair_kwargs)))
-        if "review_titles" in srcs and "reviews" in clean:
-            pairs.append(clean["reviews"].map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="title", **pair_kwargs),
-                                                      batch_format="pandas"))
-        merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
-        pair_counts = _counts(merged, ["text", "label"])
-        intent_df, names = ex.intent_examples(pair_counts, min_class_count=cfg.tasks.intent.min_class_count,
-                                              fractions=cfg.tasks.intent.split_fractions)
-        for split in ex.SPLITS:
-            part = intent_df[intent_df["split"] == split]
-            ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
-            _write_dir(ds, storage.join(example_root, "intent", split), ex.INTENT_SCHEMA)
-            counts["intent"][split] = int(len(part))
-        storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
-        intent_info = {"classes": len(names), "merged_into_other": int((intent_df["label_name"] == ex.OTHER).sum())}
-
     storage.write_json(storage.join(out_dir, "vocab", "categories.json"), categories)
     storage.write_json(storage.join(out_dir, "vocab", "users.json"), ex.RESERVED + users)
 
-    n_rejects = int(summary["rows"].sum()) if len(summary) else 0
-    by_table = _by_table(summary)
-    for name, total in input_rows.items():
-        kept = len(items) if name == "items" else clean[name].count()
-        if kept + by_table.get(name, 0) != total:
-            raise StageError(f"row accounting failed for {name}: {total} in, {kept} kept + {by_table.get(name, 0)} rejected")
-    return {
-        "counts": {"users": len(users), "items": len(items), "interactions": n_inter, "rejects": n_rejects},
-        "examples": counts,
-        "input_rows": input_rows,
-        "rejects_by_table": by_table,
-        "rejects_by_reason": {r: int(n) for r, n in summary.groupby("reason")["rows"].sum().items()} if n_rejects else {},
-        "ctr_source": "impressions" if real_impressions else f"sampled_negatives(ratio={cfg.tasks.ctr.negative_ratio})",
-        "positives": n_pos,
-        "intent": intent_info,
-        "data": {k: v for k, v in data_cfg.model_dump(mode="json").items() if k in ("format", "items", "interactions", "reviews")},
-    }
+
+def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np.ndarray, clicks: pd.Series,
+                   real_impressions: bool, cfg: RunConfig, examples_dir: str) -> dict:
+    """Recommendation and CTR examples in one pass over the user buckets."""
+    kwargs = dict(item_ids=item_ids, tasks=tasks, rec_history=cfg.tasks.recommendation.max_history,
+                  ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
+                  negative_ratio=cfg.tasks.ctr.negative_ratio,
+                  neg_cdf=ex.negative_cdf(clicks.to_numpy(), cfg.tasks.ctr.popularity_alpha), seed=cfg.seed)
+    built = (inter.groupby("_bucket", num_partitions=cfg.data.user_buckets)
+             .map_groups(lambda g: ex.user_examples(g, **kwargs), batch_format="pandas").materialize())
+    for task in tasks:
+        for split in ex.SPLITS:
+            part = built.filter(expr=(col("task") == task) & (col("split") == split))
+            _write_dir(part, storage.join(examples_dir, task, split), ex.EXAMPLE_SCHEMA)
+    counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
+    for task, split, n in _counts(built, ["task", "split"]).itertuples(index=False):
+        counts[task][split] = int(n)
+    return counts
+
+
+def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, items: pd.DataFrame,
+                     cfg: RunConfig, examples_dir: str, out_dir: str) -> tuple[dict, dict]:
+    task = cfg.tasks.intent
+    labels = np.array([ex.category_at(c, task.category_level) for c in items["category"]], dtype=object)
+    kw = dict(item_ids=items["item_id"].to_numpy(dtype=object), item_labels=labels)
+    pairs = []
+    if "queries" in task.sources and "query" in inter.columns():
+        pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())
+                     .map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="query", **kw), batch_format="pandas"))
+    if "item_titles" in task.sources:
+        pairs.append(ray.data.from_pandas(ex.intent_pairs(items, text_col="title", **kw)))
+    if "review_titles" in task.sources and reviews is not None:
+        pairs.append(reviews.map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="title", **kw), batch_format="pandas"))
+    if not pairs:
+        raise DataError(f"tasks.intent.sources={task.sources}, but the data has none of them: "
+                        "add item_titles, or disable the task with tasks.intent.enabled=false")
+    merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
+    df, names = ex.intent_examples(_counts(merged, ["text", "label"]), min_class_count=task.min_class_count,
+                                   fractions=task.split_fractions)
+    counts = {}
+    for split in ex.SPLITS:
+        part = df[df["split"] == split]
+        ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
+        _write_dir(ds, storage.join(examples_dir, "intent", split), ex.INTENT_SCHEMA)
+        counts[split] = int(len(part))
+    storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
+    return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum())}
 
 
 def _by_table(summary: pd.DataFrame) -> dict[str, int]:

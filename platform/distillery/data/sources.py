@@ -193,20 +193,12 @@ def amazon_item(rec: dict) -> dict:
             "description": _join_text(rec.get("description")), "price": rec.get("price")}
 
 
-def _amazon_reviews_ds(path: str, reader: str) -> ray.data.Dataset:
+def _amazon_ds(path: str, reader: str, convert) -> ray.data.Dataset:
+    """Amazon JSON lines (or a Hugging Face dataset of the same records) through `convert`."""
     if reader == "hf":
-        ds = read_huggingface(path)
-        return ds.map_batches(lambda b: _frame([{**amazon_review(r), "_source": r["_source"]}
-                                                for r in b.to_dict("records")]), batch_format="pandas")
-    return read_lines(path).map_batches(lambda b: _records(b, amazon_review), batch_format="pandas")
-
-
-def _amazon_items_ds(path: str, reader: str) -> ray.data.Dataset:
-    if reader == "hf":
-        ds = read_huggingface(path)
-        return ds.map_batches(lambda b: _frame([{**amazon_item(r), "_source": r["_source"]}
-                                                for r in b.to_dict("records")]), batch_format="pandas")
-    return read_lines(path).map_batches(lambda b: _records(b, amazon_item), batch_format="pandas")
+        return read_huggingface(path).map_batches(
+            lambda b: _frame([{**convert(r), "_source": r["_source"]} for r in b.to_pylist()]), batch_format="pyarrow")
+    return read_lines(path).map_batches(lambda b: _records(b, convert), batch_format="pandas")
 
 
 # ------------------------------------------------------------------------------ LC-Rec
@@ -300,8 +292,8 @@ def load_sources(cfg: DataConfig) -> dict[str, ray.data.Dataset]:
             out["reviews"] = read_table(cfg.reviews, cfg.reader)
         return out
     if cfg.format == "amazon":
-        reviews = _amazon_reviews_ds(cfg.interactions, cfg.reader)
-        return {"items": _amazon_items_ds(cfg.items, cfg.reader), "reviews": reviews,
+        reviews = _amazon_ds(cfg.interactions, cfg.reader, amazon_review)
+        return {"items": _amazon_ds(cfg.items, cfg.reader, amazon_item), "reviews": reviews,
                 # every review is also an implicit positive interaction
                 "interactions": reviews.drop_columns(["rating", "title", "text"])}
     if cfg.format == "lcrec":
