@@ -36,6 +36,15 @@ def test_ctr_in_range_with_position_bias():
     assert by_slot.iloc[0] > 2 * by_slot.iloc[-1]
 
 
+def test_users_have_concentrated_category_preferences():
+    t = generate(SyntheticConfig(users=400, items=200, seed=5))
+    mid = t["items"].to_pandas().set_index("item_id")["category"].str.rsplit(" > ", n=1).str[0]
+    clicks = t["interactions"].to_pandas().query("clicked == 1")
+    clicks["mid"] = clicks["item_id"].map(mid)
+    per_user = clicks.groupby("user_id")["mid"].agg(lambda s: s.value_counts(normalize=True).iloc[0])
+    assert per_user.mean() > 3 / mid.nunique()  # a user's top mid category far above a uniform share
+
+
 def test_sequential_habit_accessories_follow_devices():
     t = generate(SyntheticConfig(users=800, items=300, seed=2))
     items = t["items"].to_pandas().set_index("item_id")["category"].str.split(" > ").str[-1]
