@@ -47,3 +47,17 @@ def tiny_config(tmp_path):
             *overrides,
         ])
     return make
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, ray_local):
+    """(config, run_dir, manifest) of one prepare run over a small generated shop, shared by tests."""
+    from distillery import runner
+    from distillery.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"run_dir={run_dir}", "data.synthetic.users=150", "data.synthetic.items=80",
+        "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3"])
+    manifest = runner.run(cfg, ["prepare"])["prepare"]
+    return cfg, Path(run_dir), manifest

@@ -16,19 +16,6 @@ def _read(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    from distillery.config import load_config
-    from conftest import ROOT
-
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [
-        f"run_dir={run_dir}", "data.synthetic.users=150", "data.synthetic.items=80",
-        "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3"])
-    manifest = runner.run(cfg, ["prepare"])["prepare"]
-    return cfg, Path(run_dir), manifest
-
-
 def test_manifest_contract(prepared):
     cfg, run_dir, m = prepared
     on_disk = json.loads((run_dir / "prepare" / "manifest.json").read_text())

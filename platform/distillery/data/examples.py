@@ -197,3 +197,24 @@ def intent_examples(pair_counts: pd.DataFrame, *, min_class_count: int, fraction
     ex["example_id"] = [f"intent:{text_hash(t):016x}" for t in ex["text"]]
     ex["count"] = ex["count"].astype(np.int32)
     return ex[[f.name for f in INTENT_SCHEMA]].sort_values("example_id").reset_index(drop=True), names
+
+
+# ------------------------------------------------------------------------------ reading back
+def read_split(prepare_dir: str, task: str, split: str) -> pd.DataFrame:
+    """One task/split of the prepare stage's examples as a DataFrame (small-data and eval path)."""
+    import pyarrow.parquet as pq
+
+    from .. import storage
+
+    fs, path = storage.resolve(storage.join(prepare_dir, "examples", task, split))
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def vocab_size(prepare_dir: str) -> int:
+    """Item vocabulary size, reserved ids included."""
+    import pyarrow.parquet as pq
+
+    from .. import storage
+
+    fs, path = storage.resolve(storage.join(prepare_dir, "items.parquet"))
+    return pq.read_metadata(path, filesystem=fs).num_rows + len(RESERVED)

@@ -1,0 +1,76 @@
+"""Non-neural baselines every model must beat, on the prepare stage's examples.
+
+- recommendation / popularity: rank items by how often they were clicked before the evaluated
+  split (counted from that split's histories, so the targets themselves never leak in).
+- ctr / popularity: smoothed item click-through rate from the train examples,
+  (clicks_i + m * prior) / (shown_i + m), with the global rate as prior; unseen items get the prior.
+- intent / tfidf_logreg: word 1-2-gram TF-IDF + multinomial logistic regression on train.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics as M
+from .data.examples import read_split, vocab_size
+
+SMOOTHING = 20.0  # pseudo-impressions behind the CTR prior
+
+
+def _histories(df) -> list[np.ndarray]:
+    return [np.asarray(h, dtype=np.int64) for h in df["history"]]
+
+
+def popularity_recommendation(prepare_dir: str, split: str = "test", seed: int = 0, batch: int = 1024) -> dict:
+    df = read_split(prepare_dir, "recommendation", split)
+    v = vocab_size(prepare_dir)
+    hists = _histories(df)
+    counts = np.bincount(np.concatenate(hists) if hists else np.zeros(0, np.int64), minlength=v).astype(np.float64)
+    targets = df["item"].to_numpy(np.int64)
+    negatives = M.sample_negatives(targets, hists, v, seed=seed) if v - M.RESERVED > 100 else None
+    ranks, ranks_s = [], []
+    for a in range(0, len(df), batch):  # [batch, V] score matrices, not [N, V]
+        scores = np.broadcast_to(counts, (min(batch, len(df) - a), v))
+        ranks.append(M.ranks_full(scores, targets[a:a + batch], hists[a:a + batch]))
+        if negatives is not None:
+            ranks_s.append(M.ranks_sampled(scores, targets[a:a + batch], negatives[a:a + batch]))
+    out = M.ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0))
+    if negatives is not None:
+        out.update(M.ranking_metrics(np.concatenate(ranks_s), suffix="_sampled100"))
+    return out
+
+
+def popularity_ctr(prepare_dir: str, split: str = "test") -> dict:
+    train = read_split(prepare_dir, "ctr", "train")
+    v = vocab_size(prepare_dir)
+    shown = np.bincount(train["item"].to_numpy(np.int64), minlength=v).astype(np.float64)
+    clicks = np.bincount(train["item"].to_numpy(np.int64), weights=train["label"].to_numpy(np.float64), minlength=v)
+    prior = float(train["label"].mean()) if len(train) else 0.5
+    rate = (clicks + SMOOTHING * prior) / (shown + SMOOTHING)
+    df = read_split(prepare_dir, "ctr", split)
+    return M.ctr_metrics(df["label"].to_numpy(), rate[df["item"].to_numpy(np.int64)], df["user_id"].to_numpy())
+
+
+def tfidf_intent(prepare_dir: str, split: str = "test", seed: int = 0) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train, df = read_split(prepare_dir, "intent", "train"), read_split(prepare_dir, "intent", split)
+    if train["label"].nunique() < 2:
+        pred = np.full(len(df), train["label"].iloc[0] if len(train) else 0)
+        return M.intent_metrics(df["label"].to_numpy(), pred)
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed)
+    clf.fit(vec.fit_transform(train["text"]), train["label"])
+    return M.intent_metrics(df["label"].to_numpy(), clf.predict(vec.transform(df["text"])))
+
+
+def evaluate(prepare_dir: str, tasks: tuple[str, ...], split: str = "test", seed: int = 0) -> dict:
+    """{"recommendation": {"popularity": {...}}, "ctr": {"popularity": {...}}, "intent": {"tfidf_logreg": {...}}}"""
+    out = {}
+    if "recommendation" in tasks:
+        out["recommendation"] = {"popularity": popularity_recommendation(prepare_dir, split, seed)}
+    if "ctr" in tasks:
+        out["ctr"] = {"popularity": popularity_ctr(prepare_dir, split)}
+    if "intent" in tasks:
+        out["intent"] = {"tfidf_logreg": tfidf_intent(prepare_dir, split, seed)}
+    return out

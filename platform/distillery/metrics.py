@@ -1,0 +1,158 @@
+"""Task metrics, shared by the teacher, student, baselines and report.
+
+Names are a contract: `hr@10`, `ndcg@10`, `mrr` (recommendation, full catalogue),
+`hr@10_sampled100`, `ndcg@10_sampled100` (100 sampled negatives, the SASRec paper's protocol),
+`auc`, `gauc`, `logloss` (ctr), `accuracy`, `macro_f1` (intent).
+
+Conventions:
+- Ranking ties count against the target (pessimistic): an item scored equal to the target ranks
+  above it. A constant scorer therefore gets the worst rank, never a lucky one.
+- Items the user already has in the history are masked, except the target itself (a repeat
+  purchase stays rankable). Index 0 (padding) and 1 (unknown) are never candidates.
+- AUC counts ties as half (Mann-Whitney). GAUC is the per-user AUC averaged with weights = the
+  user's number of examples (DIN's definition), over users who have both classes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RESERVED = 2  # vocabulary ids 0 (pad) and 1 (unknown)
+
+
+def ranks_full(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+    """1-based rank of each target among all catalogue items.
+
+    scores: [B, V] over the vocabulary (ids < 2 ignored); targets: [B] vocabulary ids;
+    histories: B arrays of vocabulary ids to mask (the target itself is never masked).
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    b = np.arange(len(targets))
+    target_score = scores[b, targets].copy()
+    scores[:, :RESERVED] = -np.inf
+    for i, hist in enumerate(histories):
+        if len(hist):
+            scores[i, np.asarray(hist, dtype=np.int64)] = -np.inf
+    scores[b, targets] = -np.inf  # compare the target against the other candidates only
+    above = (scores >= target_score[:, None]).sum(axis=1)
+    return above + 1
+
+
+def ranking_metrics(ranks: np.ndarray, k: int = 10, suffix: str = "") -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if len(ranks) == 0:
+        return {f"hr@{k}{suffix}": math.nan, f"ndcg@{k}{suffix}": math.nan, **({} if suffix else {"mrr": math.nan})}
+    hit = ranks <= k
+    out = {f"hr@{k}{suffix}": float(hit.mean()),
+           f"ndcg@{k}{suffix}": float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())}
+    if not suffix:
+        out["mrr"] = float((1.0 / ranks).mean())
+    return out
+
+
+def sample_negatives(targets: np.ndarray, histories: list[np.ndarray], vocab_size: int, n: int = 100,
+                     seed: int = 0) -> np.ndarray:
+    """[B, n] item ids drawn uniformly from the catalogue, none in the history or the target.
+
+    Deterministic for a seed, so every model is ranked against the same candidates.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(targets), n), dtype=np.int64)
+    n_items = vocab_size - RESERVED
+    if n_items <= n:
+        raise ValueError(f"sampled evaluation needs more than {n} items, the catalogue has {n_items}")
+    for i, (t, hist) in enumerate(zip(targets, histories)):
+        banned = set(np.asarray(hist).tolist()) | {int(t)}
+        picked: list[int] = []
+        while len(picked) < n:
+            for d in (rng.integers(0, n_items, 2 * n) + RESERVED).tolist():
+                if d not in banned:
+                    banned.add(d)
+                    picked.append(d)
+                    if len(picked) == n:
+                        break
+        out[i] = picked
+    return out
+
+
+def ranks_sampled(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """1-based rank of the target among itself and its sampled negatives (ties pessimistic)."""
+    b = np.arange(len(targets))[:, None]
+    target_score = np.asarray(scores)[b[:, 0], targets]
+    neg_scores = np.asarray(scores)[b, negatives]
+    return (neg_scores >= target_score[:, None]).sum(axis=1) + 1
+
+
+def recommendation_metrics(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray],
+                           negatives: np.ndarray | None = None, k: int = 10) -> dict[str, float]:
+    """Full-catalogue metrics, plus the sampled-100 ones when `negatives` is given."""
+    out = ranking_metrics(ranks_full(scores, targets, histories), k)
+    if negatives is not None:
+        out.update(ranking_metrics(ranks_sampled(scores, targets, negatives), k, suffix="_sampled100"))
+    return out
+
+
+# ------------------------------------------------------------------------------ ctr
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    sx = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, sx[1:] != sx[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return ranks
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve; NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    r = _average_ranks(scores)
+    return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    labels, scores, groups = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(groups)
+    order = np.argsort(groups, kind="mergesort")
+    g = groups[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.array([], int)
+    ends = np.r_[starts[1:], len(g)]
+    total, weight = 0.0, 0
+    for a, b in zip(starts, ends):
+        idx = order[a:b]
+        value = auc(labels[idx], scores[idx])
+        if not math.isnan(value):
+            total += value * len(idx)
+            weight += len(idx)
+    return total / weight if weight else math.nan
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if len(y) else math.nan
+
+
+def ctr_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dict[str, float]:
+    """`probs` are click probabilities (AUC and GAUC only need their order)."""
+    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, users), "logloss": logloss(labels, probs)}
+
+
+# ------------------------------------------------------------------------------ intent
+def intent_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 over the classes present in labels or predictions."""
+    y, p = np.asarray(labels), np.asarray(predictions)
+    if len(y) == 0:
+        return {"accuracy": math.nan, "macro_f1": math.nan}
+    f1s = []
+    for c in np.union1d(y, p):
+        tp = float(((p == c) & (y == c)).sum())
+        denom = float((p == c).sum() + (y == c).sum())
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return {"accuracy": float((y == p).mean()), "macro_f1": float(np.mean(f1s))}
