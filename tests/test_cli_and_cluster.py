@@ -22,7 +22,7 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "data.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "data.nope: unknown key" in err and "Traceback" not in err
-    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", "teacher"]) == 2
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", "label"]) == 2
     assert "not available" in capsys.readouterr().err
 
 

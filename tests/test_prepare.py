@@ -85,7 +85,7 @@ def test_stage_names_are_checked():
     with pytest.raises(StageError, match="unknown stage"):
         runner.parse_stages("prepare,train")
     with pytest.raises(StageError, match="not available"):
-        runner.parse_stages("prepare,teacher")
+        runner.parse_stages("prepare,label")
     assert runner.parse_stages("prepare") == ["prepare"]
 
 

@@ -131,12 +131,21 @@ TASK_NAMES = ("recommendation", "ctr", "intent")
 # ------------------------------------------------------------------------ later pipeline stages
 class TeacherConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="HF encoder folder, or the bundled all-MiniLM-L6-v2")
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it")
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    max_length: int = Field(64, ge=8, le=4096)
+    patience: int = Field(1, ge=0, description="epochs without a better validation score before stopping")
+    intent_batch_size: int = Field(32, ge=1, description="texts per step through the encoder (sets the steps per epoch)")
+    batch_size: int = Field(256, ge=1, description="recommendation / CTR examples per step, drawn from seeded "
+                                                   "permutations of their train split")
+    lr: float = Field(5e-5, gt=0, description="encoder learning rate (AdamW)")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the task heads")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup share of the steps")
+    weight_decay: float = Field(0.01, ge=0)
+    max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
+    dim: int = Field(128, ge=8, description="width of the recommendation / CTR towers")
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
 
 
 class StudentConfig(_Section):

@@ -2,7 +2,8 @@
 
 A stage is skipped when its manifest records the same config hash, input fingerprints and upstream
 manifests as now; `force=True` redoes it. A stage dir without a manifest is an interrupted run:
-it is cleared and the stage runs again.
+a resumable stage (Ray Train ones: they checkpoint) continues it when config and inputs are the
+same as in the interrupted attempt; otherwise the dir is cleared and the stage runs again.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, prepare, storage
+from . import __version__, prepare, storage, teacher
 from .config import RunConfig, stable_hash
 from .errors import StageError
 
@@ -26,6 +27,7 @@ class Stage:
     config: Callable[[RunConfig], Any]  # the part of the config whose change invalidates the stage
     inputs: Callable[[RunConfig], list[str]]
     upstream: tuple[str, ...] = ()
+    resumable: bool = False  # keeps an interrupted attempt's outputs (checkpoints) for the stage to resume
 
 
 def _prepare_config(cfg: RunConfig) -> dict:
@@ -35,8 +37,13 @@ def _prepare_config(cfg: RunConfig) -> dict:
     return {"seed": cfg.seed, "data": data, "tasks": tasks}
 
 
+def _teacher_config(cfg: RunConfig) -> dict:
+    return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json"), "tasks": cfg.tasks.model_dump(mode="json")}
+
+
 AVAILABLE: dict[str, Stage] = {
     "prepare": Stage("prepare", prepare.run, _prepare_config, prepare.input_paths),
+    "teacher": Stage("teacher", teacher.run, _teacher_config, lambda cfg: [], upstream=("prepare",), resumable=True),
 }
 
 
@@ -111,8 +118,15 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
             manifests[name] = current
             continue
         out_dir = storage.join(cfg.run_dir, name)
-        storage.remove(out_dir)  # a partial or stale output must not mix with the new one
+        attempt = storage.join(out_dir, "_attempt.json")
+        resume = (stage.resumable and not force and not current and storage.exists(attempt)
+                  and storage.read_json(attempt) == expected)
+        if not resume:
+            storage.remove(out_dir)  # stale or different output must not mix with the new one
+        else:
+            print(f"[{name}] resuming an interrupted run (same config and inputs)")
         storage.makedirs(out_dir)
+        storage.write_json(attempt, expected)
         init_ray()
         print(f"[{name}] running -> {out_dir}")
         start = time.perf_counter()

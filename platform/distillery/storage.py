@@ -119,3 +119,40 @@ def fingerprint(path: str) -> dict:
         total += i.size or 0
         h.update(f"{posixpath.relpath(i.path, p)}|{i.size}|{i.mtime_ns}\n".encode())
     return {"path": path, "files": len(infos), "bytes": total, "sha256": h.hexdigest()}
+
+
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Replace folder `dest` (path or URI) with the contents of `local_dir`."""
+    if not is_uri(dest):
+        import shutil
+        tmp = dest.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return
+    fs, p = resolve(dest)
+    if exists(dest):
+        fs.delete_dir(p)
+    pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+class local_copy:
+    """`with local_copy(path_or_uri) as folder:` a local folder with the same files."""
+
+    def __init__(self, path: str):
+        self.path, self._tmp = path, None
+
+    def __enter__(self) -> str:
+        if not is_uri(self.path):
+            return self.path
+        import tempfile
+        self._tmp = tempfile.mkdtemp(prefix="distillery-")
+        fs, p = resolve(self.path)
+        pafs.copy_files(p, self._tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return self._tmp
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp:
+            import shutil
+            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -105,6 +105,30 @@ COMPLEMENTS = {
     "Frying Pans": ["Knife Sets", "Stock Pots"],
 }
 
+# words shoppers type that titles never use: a pretrained text model knows them, TF-IDF on titles does not
+QUERY_SYNONYMS = {
+    "Headphones": ["cans", "over the ear audio"], "Bluetooth Speakers": ["boombox", "sound box"],
+    "Earbuds": ["earphones", "airpods alternative"], "Laptops": ["portable computer", "chromebook"],
+    "Laptop Bags": ["computer case", "messenger bag"], "Computer Mice": ["pointing device", "clicker for pc"],
+    "Keyboards": ["typing board", "qwerty"], "Digital Cameras": ["dslr", "photo camera"],
+    "Memory Cards": ["storage card", "flash card"], "Camera Tripods": ["camera stand", "selfie stick stand"],
+    "Espresso Machines": ["barista machine", "latte maker"], "Coffee Grinders": ["bean mill", "coffee mill"],
+    "Coffee Beans": ["arabica", "java"], "Frying Pans": ["wok", "omelette pan"],
+    "Stock Pots": ["casserole", "big cooking pot"], "Knife Sets": ["cutlery", "santoku"],
+    "Pillows": ["cushion for bed", "head rest for sleeping"], "Duvet Covers": ["bedspread", "comforter"],
+    "Sheet Sets": ["bed linen", "linens"], "Inkjet Printers": ["printing machine", "photo copier"],
+    "Ink Cartridges": ["refills for printer", "cartridge"], "Printer Paper": ["a4 sheets", "ream"],
+    "Ballpoint Pens": ["biro", "writing pens"], "Notebooks": ["exercise book", "notepad"],
+    "Highlighters": ["text marker", "neon markers"], "Desk Organizers": ["tidy for desk", "caddy"],
+    "Staplers": ["paper fastener", "stapling machine"], "Desk Lamps": ["task light", "table lamp"],
+    "Road Bikes": ["cycle", "racer bike"], "Bike Helmets": ["head protection cycling", "skid lid"],
+    "Bike Lights": ["cycle lamp", "lights for cycling at night"], "Tents": ["shelter for camping", "bivouac"],
+    "Sleeping Bags": ["sleep sack", "bedroll"], "Camping Stoves": ["outdoor cooker", "gas burner"],
+    "Yoga Mats": ["mat for stretching", "gym mat"], "Dumbbells": ["free weights", "barbell"],
+    "Resistance Bands": ["stretch bands", "elastic exercise straps"],
+}
+TYPO_RATE = 0.25  # share of queries with one typo (two neighbouring letters swapped)
+
 BRANDS = {
     "Electronics": ["Voltio", "Auralis", "Nexon", "Pixelon", "Kestrel", "Zentro"],
     "Home & Kitchen": ["Casabel", "Brewster", "Hearthly", "Lumacook", "Nordvik", "Sleepwell"],
@@ -197,8 +221,12 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
                 top, mid, leaf = leaves[want]
                 nouns, attrs = TREE[top][mid][leaf]
                 tpl = QUERY_TEMPLATES[rng.integers(len(QUERY_TEMPLATES))]
-                query = tpl.format(n=nouns[rng.integers(len(nouns))], a=attrs[rng.integers(len(attrs))],
+                words = nouns + QUERY_SYNONYMS[leaf] * 2  # synonyms as likely as the title words
+                query = tpl.format(n=words[rng.integers(len(words))], a=attrs[rng.integers(len(attrs))],
                                    who=WHO[rng.integers(len(WHO))], b=BRANDS[top][rng.integers(len(BRANDS[top]))].lower())
+                if rng.random() < TYPO_RATE and len(query) > 3:
+                    i = int(rng.integers(0, len(query) - 1))
+                    query = query[:i] + query[i + 1] + query[i] + query[i + 2:]
                 pools = [by_leaf[want]] * (cfg.slots - cfg.slots // 4 - 1) + [by_mid[mid_of_leaf[want]]] * (cfg.slots // 4) + [None]
             else:
                 # browse feed: taste-driven mids plus popular items
