@@ -61,12 +61,17 @@ def build(backbone, meta: dict) -> Teacher:
                    dim=meta["dim"], max_history=meta["max_history"])
 
 
-def save_model(model: Teacher, tokenizer, meta: dict, out: str) -> None:
-    """model.safetensors + backbone config/tokenizer + teacher.json; written locally, then copied."""
+def save_weights(model: nn.Module, path: str) -> None:
+    """state_dict -> safetensors (never pickle)."""
     from safetensors.torch import save_file
 
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def save_model(model: Teacher, tokenizer, meta: dict, out: str) -> None:
+    """model.safetensors + backbone config/tokenizer + teacher.json; written locally, then copied."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        save_weights(model, os.path.join(tmp, "model.safetensors"))
         model.backbone.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "teacher.json"), "w") as f:
@@ -223,7 +228,7 @@ def train_loop(config: dict) -> None:
     optim = torch.optim.AdamW([{"params": teacher.backbone.parameters(), "lr": cfg.teacher.lr},
                                {"params": heads, "lr": cfg.teacher.head_lr}], weight_decay=cfg.teacher.weight_decay)
     steps = max(1, math.ceil(counts.get("intent", 0) / world / cfg.teacher.intent_batch_size)) if "intent" in tasks \
-        else max(1, math.ceil(max(counts.values()) / world / 1024))
+        else max(1, math.ceil(max(counts.values()) / world / cfg.teacher.batch_size))  # no intent: one pass of the largest task
     sizes = {t: cfg.teacher.intent_batch_size if t == "intent" else cfg.teacher.batch_size for t in tasks}
     total = steps * cfg.teacher.epochs
     warmup = int(cfg.teacher.warmup_ratio * total)
@@ -289,8 +294,7 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                from safetensors.torch import save_file
-                save_file({k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}, os.path.join(d, "model.safetensors"))
+                save_weights(teacher, os.path.join(d, "model.safetensors"))
                 torch.save(optim.state_dict(), os.path.join(d, "optimizer.pt"))
                 torch.save(sched.state_dict(), os.path.join(d, "scheduler.pt"))
                 json.dump(state, open(os.path.join(d, "state.json"), "w"))
