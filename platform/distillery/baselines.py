@@ -26,17 +26,7 @@ def popularity_recommendation(prepare_dir: str, split: str = "test", seed: int =
     hists = _histories(df)
     counts = np.bincount(np.concatenate(hists) if hists else np.zeros(0, np.int64), minlength=v).astype(np.float64)
     targets = df["item"].to_numpy(np.int64)
-    negatives = M.sample_negatives(targets, hists, v, seed=seed) if v - M.RESERVED > 100 else None
-    ranks, ranks_s = [], []
-    for a in range(0, len(df), batch):  # [batch, V] score matrices, not [N, V]
-        scores = np.broadcast_to(counts, (min(batch, len(df) - a), v))
-        ranks.append(M.ranks_full(scores, targets[a:a + batch], hists[a:a + batch]))
-        if negatives is not None:
-            ranks_s.append(M.ranks_sampled(scores, targets[a:a + batch], negatives[a:a + batch]))
-    out = M.ranking_metrics(np.concatenate(ranks) if ranks else np.zeros(0))
-    if negatives is not None:
-        out.update(M.ranking_metrics(np.concatenate(ranks_s), suffix="_sampled100"))
-    return out
+    return M.evaluate_ranking(lambda a, b: np.broadcast_to(counts, (b - a, v)), targets, hists, v, seed, batch)
 
 
 def popularity_ctr(prepare_dir: str, split: str = "test") -> dict:

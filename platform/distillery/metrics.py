@@ -84,6 +84,27 @@ def ranks_sampled(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray
     return (neg_scores >= target_score[:, None]).sum(axis=1) + 1
 
 
+def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
+                     seed: int = 0, batch: int = 1024, k: int = 10) -> dict[str, float]:
+    """Full-catalogue metrics, plus sampled-100 ones when the catalogue has over 100 items.
+
+    score_batch(start, end) -> [end - start, vocab_size] scores for those examples; evaluating in
+    batches keeps memory at [batch, V] instead of [N, V].
+    """
+    negatives = sample_negatives(targets, histories, vocab_size, seed=seed) if vocab_size - RESERVED > 100 else None
+    full, sampled = [], []
+    for a in range(0, len(targets), batch):
+        b = min(a + batch, len(targets))
+        scores = np.asarray(score_batch(a, b))
+        full.append(ranks_full(scores, targets[a:b], histories[a:b]))
+        if negatives is not None:
+            sampled.append(ranks_sampled(scores, targets[a:b], negatives[a:b]))
+    out = ranking_metrics(np.concatenate(full) if full else np.zeros(0), k)
+    if negatives is not None:
+        out.update(ranking_metrics(np.concatenate(sampled) if sampled else np.zeros(0), k, suffix="_sampled100"))
+    return out
+
+
 def recommendation_metrics(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray],
                            negatives: np.ndarray | None = None, k: int = 10) -> dict[str, float]:
     """Full-catalogue metrics, plus the sampled-100 ones when `negatives` is given."""

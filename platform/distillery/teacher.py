@@ -24,7 +24,7 @@ from torch import nn
 
 from . import baselines, metrics as M, storage
 from .config import RunConfig
-from .data.examples import read_split, vocab_size
+from .data.examples import read_items, read_split, vocab_size
 from .teacher_model import Teacher, load_backbone, pad_histories, set_threads
 
 SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
@@ -38,7 +38,7 @@ def combined_score(valid: dict) -> float:
 
 # ------------------------------------------------------------------------------ model i/o
 def _meta(cfg: RunConfig, prepare_dir: str) -> dict:
-    items = _read_items(prepare_dir)
+    items = read_items(prepare_dir)
     labels = storage.read_json(storage.join(prepare_dir, "vocab", "intent_labels.json")) \
         if storage.exists(storage.join(prepare_dir, "vocab", "intent_labels.json")) else []
     cats = storage.read_json(storage.join(prepare_dir, "vocab", "categories.json"))
@@ -46,13 +46,6 @@ def _meta(cfg: RunConfig, prepare_dir: str) -> dict:
             "n_categories": len(cats), "dim": cfg.teacher.dim, "max_history": cfg.tasks.recommendation.max_history,
             "max_length": cfg.teacher.max_length, "item_category": [0, 1] + items["category_idx"].tolist(),
             "tasks": list(cfg.tasks.enabled())}
-
-
-def _read_items(prepare_dir: str):
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(storage.join(prepare_dir, "items.parquet"))
-    return pq.read_table(path, filesystem=fs).to_pandas()
 
 
 def build(backbone, meta: dict) -> Teacher:
@@ -105,18 +98,10 @@ def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max
         df = read_split(prepare_dir, "recommendation", split)
         hists = [np.asarray(h, dtype=np.int64) for h in df["history"]]
         targets = df["item"].to_numpy(np.int64)
-        v = model.item_text.shape[0]
-        negs = M.sample_negatives(targets, hists, v, seed=seed) if v - M.RESERVED > 100 else None
-        full, sampled = [], []
-        for a in range(0, len(df), batch):
-            h = pad_histories(hists[a:a + batch], model.user_tower.pos.num_embeddings - 1).to(device)
-            s = model.rec_scores(h, items).float().cpu().numpy()
-            full.append(M.ranks_full(s, targets[a:a + batch], hists[a:a + batch]))
-            if negs is not None:
-                sampled.append(M.ranks_sampled(s, targets[a:a + batch], negs[a:a + batch]))
-        rec = M.ranking_metrics(np.concatenate(full) if full else np.zeros(0))
-        if negs is not None and sampled:
-            rec.update(M.ranking_metrics(np.concatenate(sampled), suffix="_sampled100"))
+        max_len = model.user_tower.pos.num_embeddings - 1
+        rec = M.evaluate_ranking(
+            lambda a, b: model.rec_scores(pad_histories(hists[a:b], max_len).to(device), items).float().cpu().numpy(),
+            targets, hists, model.item_text.shape[0], seed, batch)
         out["recommendation"] = rec
     if "ctr" in tasks:
         df = read_split(prepare_dir, "ctr", split)
@@ -249,7 +234,7 @@ def train_loop(config: dict) -> None:
     loss_fn = MultiTaskLoss(teacher, {t: getattr(cfg.tasks, t).weight for t in tasks})
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn
-    item_texts = _read_items(prepare_dir)["text"].tolist()
+    item_texts = read_items(prepare_dir)["text"].tolist()
     shards = {t: _read_shard(ray.train.get_dataset_shard(t)) for t in tasks}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

@@ -210,6 +210,16 @@ def read_split(prepare_dir: str, task: str, split: str) -> pd.DataFrame:
     return pq.read_table(path, filesystem=fs).to_pandas()
 
 
+def read_items(prepare_dir: str) -> pd.DataFrame:
+    """The catalogue in vocabulary order (row i has vocabulary id i + 2)."""
+    import pyarrow.parquet as pq
+
+    from .. import storage
+
+    fs, path = storage.resolve(storage.join(prepare_dir, "items.parquet"))
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
 def vocab_size(prepare_dir: str) -> int:
     """Item vocabulary size, reserved ids included."""
     import pyarrow.parquet as pq
