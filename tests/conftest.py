@@ -75,3 +75,17 @@ def tiny_bert(tmp_path_factory) -> str:
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def tiny_teacher(tiny_bert):
+    """(Teacher over the tiny BERT with 12 items, 3 intents, 4 categories, dim 16, history 5, tokenizer)."""
+    import torch
+
+    from distillery.teacher_model import Teacher, load_backbone
+
+    backbone, tok = load_backbone(tiny_bert)
+    torch.manual_seed(0)
+    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
+                    dim=16, max_history=5)
+    return model.eval(), tok

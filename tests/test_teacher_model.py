@@ -2,16 +2,12 @@ import pytest
 import torch
 
 from distillery.errors import DistilleryError
-from distillery.teacher_model import Teacher, load_backbone, mean_pool, pad_histories
+from distillery.teacher_model import load_backbone, mean_pool, pad_histories
 
 
 @pytest.fixture
-def teacher(tiny_bert):
-    backbone, tok = load_backbone(tiny_bert)
-    torch.manual_seed(0)
-    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
-                    dim=16, max_history=5)
-    return model.eval(), tok
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 def test_mean_pool_matches_reference():
@@ -59,3 +55,15 @@ def test_unloadable_teacher_names_the_path(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(DistilleryError, match=f"cannot load the teacher from {tmp_path}"):
         load_backbone(str(tmp_path))
+
+
+def test_pad_list_array_matches_pad_histories_and_handles_nulls_and_slices():
+    import pyarrow as pa
+
+    from distillery.teacher_model import pad_list_array
+
+    hist = [[5, 6, 7], [], None, [2, 3, 4, 5, 6, 7, 8], [9]]
+    arr = pa.array(hist, pa.list_(pa.int32()))
+    assert torch.equal(pad_list_array(arr, 4), pad_histories([h or [] for h in hist], 4))
+    assert pad_list_array(arr.slice(3), 2).tolist() == [[7, 8], [0, 9]]
+    assert pad_list_array(pa.chunked_array([arr.slice(0, 1), arr.slice(4)]), 3).tolist() == [[5, 6, 7], [0, 0, 9]]

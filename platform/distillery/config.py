@@ -146,6 +146,23 @@ class TeacherConfig(_Section):
     max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
     dim: int = Field(128, ge=8, description="width of the recommendation / CTR towers")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
+    typo_augment: float = Field(0.0, ge=0, le=1, description="share of training texts given one random typo "
+                                                              "(swap, drop or repeat a letter) each time they are seen")
+    shard: Literal["none", "fsdp"] = Field("none", description="labeling: 'fsdp' shards the encoder across the "
+                                                               "label workers' GPUs (teachers too large for one)")
+
+
+class LabelConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers; each labels its shard of the examples")
+    use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (torch threads follow); leave some free "
+                                                          "for Ray Data")
+    top_k: int = Field(50, ge=1, description="teacher's top-K items (ids and scores) kept per recommendation example")
+    batch_size: int = Field(1024, ge=1, description="recommendation / CTR examples per forward pass")
+    text_batch_size: int = Field(128, ge=1, description="intent texts per forward pass through the encoder")
+    rows_per_file: int = Field(20000, ge=1, description="labels per Parquet part; a crash loses at most one "
+                                                        "unwritten part per worker and task")
+    max_failures: int = Field(2, ge=0, description="worker failures survived; finished parts are never redone")
 
 
 class StudentConfig(_Section):
@@ -186,6 +203,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     tasks: TasksConfig = TasksConfig()
     teacher: TeacherConfig = TeacherConfig()
+    label: LabelConfig = LabelConfig()
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, prepare, storage, teacher
+from . import __version__, label, prepare, storage, teacher
 from .config import RunConfig, stable_hash
 from .errors import StageError
 
@@ -38,12 +38,21 @@ def _prepare_config(cfg: RunConfig) -> dict:
 
 
 def _teacher_config(cfg: RunConfig) -> dict:
-    return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json"), "tasks": cfg.tasks.model_dump(mode="json")}
+    return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json", exclude={"shard"}),
+            "tasks": cfg.tasks.model_dump(mode="json")}
+
+
+def _label_config(cfg: RunConfig) -> dict:
+    # what changes the labels' values; worker counts, devices and batch sizes only change how fast
+    # they come, so changing those resumes an interrupted labeling instead of redoing it
+    return {"top_k": cfg.label.top_k, "max_length": cfg.teacher.max_length, "tasks": cfg.tasks.enabled(),
+            "ctr_history": cfg.tasks.ctr.max_history}
 
 
 AVAILABLE: dict[str, Stage] = {
     "prepare": Stage("prepare", prepare.run, _prepare_config, prepare.input_paths),
     "teacher": Stage("teacher", teacher.run, _teacher_config, lambda cfg: [], upstream=("prepare",), resumable=True),
+    "label": Stage("label", label.run, _label_config, lambda cfg: [], upstream=("prepare", "teacher"), resumable=True),
 }
 
 
@@ -93,8 +102,8 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:  # a throwaway local Ray needs no dashboard
-        ray.init(include_dashboard=False)
+    else:  # loopback only; Ray Train's state checks need the dashboard, and it shows progress too
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:

@@ -25,6 +25,7 @@ from torch import nn
 from . import baselines, metrics as M, storage
 from .config import RunConfig
 from .data.examples import read_items, read_split, vocab_size
+from .progress import say
 from .teacher_model import Teacher, load_backbone, pad_histories, set_threads
 
 SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
@@ -175,7 +176,20 @@ def _batches(df, batch_size: int, seed: int):
             yield df.iloc[order[a:a + batch_size]]
 
 
-def _to_tensors(task: str, df, tokenizer, cfg: RunConfig, device) -> dict:
+def add_typos(texts: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """One random edit (swap two neighbours, drop or double a character) in a `rate` share of the
+    texts. Shoppers misspell queries, and an encoder fine-tuned on clean text alone is brittle to it."""
+    out = []
+    for text in texts:
+        if len(text) > 3 and rng.random() < rate:
+            i, op = int(rng.integers(0, len(text) - 1)), int(rng.integers(3))
+            text = (text[:i] + text[i + 1] + text[i] + text[i + 2:], text[:i] + text[i + 1:],
+                    text[:i] + text[i] + text[i:])[op]
+        out.append(text)
+    return out
+
+
+def _to_tensors(task: str, df, tokenizer, cfg: RunConfig, device, rng: np.random.Generator | None = None) -> dict:
     if task == "recommendation":
         return {"rec_history": pad_histories(df["history"], cfg.tasks.recommendation.max_history).to(device),
                 "rec_target": torch.as_tensor(df["item"].to_numpy(np.int64), device=device)}
@@ -184,7 +198,10 @@ def _to_tensors(task: str, df, tokenizer, cfg: RunConfig, device) -> dict:
                 "ctr_item": torch.as_tensor(df["item"].to_numpy(np.int64), device=device),
                 "ctr_slot": torch.as_tensor(df["slot"].fillna(-1).to_numpy(np.int64), device=device),
                 "ctr_label": torch.as_tensor(df["label"].to_numpy(np.float32), device=device)}
-    enc = tokenizer(df["text"].tolist(), padding=True, truncation=True, max_length=cfg.teacher.max_length,
+    texts = df["text"].tolist()
+    if rng is not None and cfg.teacher.typo_augment > 0:
+        texts = add_typos(texts, cfg.teacher.typo_augment, rng)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.teacher.max_length,
                     return_tensors="pt")
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
             "intent_label": torch.as_tensor(df["label"].to_numpy(np.int64), device=device)}
@@ -229,7 +246,7 @@ def train_loop(config: dict) -> None:
             sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
             state = json.load(open(os.path.join(d, "state.json")))
         if rank == 0:
-            print(f"[teacher] resuming at epoch {state['epoch'] + 1} from the last checkpoint")
+            say(f"[teacher] resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     teacher.to(device)
     loss_fn = MultiTaskLoss(teacher, {t: getattr(cfg.tasks, t).weight for t in tasks})
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
@@ -244,12 +261,13 @@ def train_loop(config: dict) -> None:
         t_items = time.perf_counter() - t0
         model.train()
         iters = {t: iter(_batches(shards[t], sizes[t], cfg.seed * 1000 + epoch)) for t in tasks}
+        typo_rng = np.random.default_rng([cfg.seed, epoch, rank])
         sums, n = {}, 0
         for _ in range(steps):
             batch = {}
             try:
                 for t in tasks:
-                    batch.update(_to_tensors(t, next(iters[t]), tokenizer, cfg, device))
+                    batch.update(_to_tensors(t, next(iters[t]), tokenizer, cfg, device, typo_rng))
             except StopIteration:
                 break
             with autocast:
@@ -271,7 +289,7 @@ def train_loop(config: dict) -> None:
         state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if rank == 0:
             line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
-            print(f"[teacher] epoch {epoch + 1}/{cfg.teacher.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
+            say(f"[teacher] epoch {epoch + 1}/{cfg.teacher.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
                   f"{line}  score={score:.4f}{'  *best' if improved else ''}  ({state['history'][-1]['seconds']}s: items "
                   f"{t_items:.0f}s, {n} steps {t_train:.0f}s, valid {time.perf_counter() - t0 - t_items - t_train:.0f}s)")
             if improved:
@@ -287,7 +305,7 @@ def train_loop(config: dict) -> None:
             ray.train.report({"epoch": epoch + 1, "valid_score": score}, checkpoint=checkpoint)
         if state["bad_epochs"] > cfg.teacher.patience:
             if rank == 0:
-                print(f"[teacher] early stop: no better validation score for {state['bad_epochs']} epoch(s)")
+                say(f"[teacher] early stop: no better validation score for {state['bad_epochs']} epoch(s)")
             break
     if rank == 0:
         storage.write_json(storage.join(out_dir, "history.json"), state["history"])

@@ -15,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +154,24 @@ def pad_histories(histories, max_len: int) -> torch.Tensor:
         if h:
             out[i, max_len - len(h):] = torch.as_tensor(h, dtype=torch.long)
     return out
+
+
+def pad_list_array(column, max_len: int) -> torch.Tensor:
+    """Arrow list<int> column (ragged histories) -> [B, max_len] LongTensor like `pad_histories`,
+    vectorized over the flat values (no Python loop per row). Null lists count as empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = np.minimum(lengths, max_len)
+    rows = np.repeat(np.arange(len(lengths)), keep)
+    j = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)  # 0.. keep-1 within each row
+    src = np.repeat(np.cumsum(lengths) - lengths + lengths - keep, keep) + j
+    out = np.zeros((len(lengths), max_len), dtype=np.int64)
+    out[rows, max_len - keep[rows] + j] = flat[src]
+    return torch.from_numpy(out)
 
 
 def set_threads(cpus: float) -> None:

@@ -1,0 +1,328 @@
+"""The `label` stage: the fine-tuned teacher labels every example of every split, as a Ray Train job.
+
+Ray Data holds the prepared examples; each Train worker reads its shard (`get_dataset_shard`) and
+runs the teacher in inference mode (bf16 on GPU; the encoder FSDP-sharded across the workers' GPUs
+with `teacher.shard=fsdp`). Output, one row per example, joined to the examples by `example_id`:
+
+    RUN_DIR/label/recommendation/<split>/part-*.parquet  example_id, split, top_ids [K], top_scores [K], target_score
+    RUN_DIR/label/ctr/<split>/part-*.parquet             example_id, split, logit
+    RUN_DIR/label/intent/<split>/part-*.parquet          example_id, split, logits [n_intents]
+
+Recommendation scores are over the whole catalogue with the user's history masked, as the ranking
+metrics do; `target_score` is the true next item's score before masking.
+
+Exactly once: Ray's default shard split evens shards by dropping rows, so this stage splits without
+it. Workers write parts through a temporary name, and a (re)started worker first reads the example
+ids already written and skips them, so neither a worker restart (FailureConfig) nor a re-run of an
+interrupted stage labels an example twice. The stage ends by checking that the ids written per
+task and split are exactly the prepared ones.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from . import storage
+from .config import RunConfig
+from .data.examples import SPLITS
+from .errors import StageError
+from .progress import say
+from .teacher_model import Teacher, pad_list_array, set_threads
+
+LABEL_SCHEMAS = {
+    "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
+                                 ("top_ids", pa.list_(pa.int32())), ("top_scores", pa.list_(pa.float32())),
+                                 ("target_score", pa.float32())]),
+    "ctr": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logit", pa.float32())]),
+    "intent": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logits", pa.list_(pa.float32()))]),
+}
+COLUMNS = {"recommendation": ["example_id", "split", "history", "item"],
+           "ctr": ["example_id", "split", "history", "item", "slot"],
+           "intent": ["example_id", "split", "text"]}
+
+
+# ------------------------------------------------------------------------------ per-task labelers
+def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
+    """[B, K] array -> list<dtype> column of length-K lists."""
+    b, k = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, b * k + 1, k, dtype=np.int32)),
+                                    pa.array(values.reshape(-1), dtype))
+
+
+@torch.no_grad()
+def label_recommendation(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, top_k: int,
+                         device) -> dict:
+    """Teacher's top-K over the catalogue (history masked) and its score of the true next item."""
+    hist = pad_list_array(batch.column("history"), max_history).to(device)
+    target = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
+    scores = model.rec_scores(hist, items).float()
+    target_score = scores.gather(1, target[:, None]).squeeze(1)
+    scores.scatter_(1, hist, float("-inf"))  # pads (id 0) are -inf already
+    k = min(top_k, scores.shape[1] - 2)
+    top = scores.topk(k, dim=1)
+    return {"top_ids": _fixed_list(top.indices.cpu().numpy().astype(np.int32), pa.int32()),
+            "top_scores": _fixed_list(top.values.cpu().numpy().astype(np.float32), pa.float32()),
+            "target_score": pa.array(target_score.cpu().numpy().astype(np.float32))}
+
+
+@torch.no_grad()
+def label_ctr(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, device) -> dict:
+    hist = pad_list_array(batch.column("history"), max_history).to(device)
+    item = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
+    slot = torch.as_tensor(pc.fill_null(batch.column("slot"), -1).to_numpy().astype(np.int64), device=device)
+    return {"logit": pa.array(model.ctr_logits(hist, item, slot, items).float().cpu().numpy())}
+
+
+@torch.no_grad()
+def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int, device) -> dict:
+    texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    logits = model.intent_logits(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    return {"logits": _fixed_list(logits.cpu().numpy(), pa.float32())}
+
+
+# ------------------------------------------------------------------------------ output parts
+def done_ids(out_dir: str, task: str) -> pa.Array:
+    """Example ids already written for `task` (finished parts only: temporaries start with '.')."""
+    base = storage.join(out_dir, task)
+    if not storage.exists(base):
+        return pa.array([], pa.string())
+    files = storage.list_files(base, (".parquet",))
+    if not files:
+        return pa.array([], pa.string())
+    fs, _ = storage.resolve(base)
+    ids = [pq.read_table(storage.resolve(f)[1], columns=["example_id"], filesystem=fs).column(0) for f in files]
+    return pa.chunked_array(ids, pa.string()).combine_chunks()
+
+
+class PartWriter:
+    """Buffers labelled rows per split and writes `rows_per_file`-row Parquet parts atomically."""
+
+    def __init__(self, out_dir: str, task: str, prefix: str, rows_per_file: int):
+        self.out_dir, self.task, self.prefix, self.rows_per_file = out_dir, task, prefix, rows_per_file
+        self.buffers: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.seq, self.rows = 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        for split in SPLITS:
+            part = table.filter(pc.equal(table.column("split"), split))
+            if part.num_rows:
+                self.buffers[split].append(part)
+                if sum(t.num_rows for t in self.buffers[split]) >= self.rows_per_file:
+                    self._flush(split)
+
+    def close(self) -> None:
+        for split in SPLITS:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        if not self.buffers[split]:
+            return
+        table = pa.concat_tables(self.buffers[split])
+        self.buffers[split] = []
+        name = f"part-{self.prefix}-{self.seq:05d}.parquet"
+        self.seq += 1
+        fs, folder = storage.resolve(storage.join(self.out_dir, self.task, split))
+        fs.create_dir(folder, recursive=True)
+        tmp, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, final)  # a part is either whole or absent
+        self.rows += table.num_rows
+
+
+# ------------------------------------------------------------------------------ the worker
+def _fsdp_backbone(model: Teacher, device) -> None:
+    """Shard the encoder (the large part) across the workers; the small heads stay replicated."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    layer_types = {type(m) for m in model.backbone.modules() if m.__class__.__name__.endswith("Layer")}
+    model.backbone = FSDP(model.backbone, auto_wrap_policy=ModuleWrapPolicy(layer_types) if layer_types else None,
+                          device_id=device if device.type == "cuda" else None, use_orig_params=True)
+
+
+def _lockstep(batches, sharded: bool):
+    """Yield this worker's batches; under FSDP, keep yielding None until every worker is done, because
+    each sharded forward is a collective that all workers must join."""
+    if not sharded:
+        yield from batches
+        return
+    import torch.distributed as dist
+
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([0 if batch is None else 1])
+        dist.all_reduce(more)
+        if int(more) == 0:
+            return
+        yield batch
+
+
+def label_loop(config: dict) -> None:
+    """Ray Train worker function: label this worker's shard of every task."""
+    import ray.train
+    import ray.train.torch
+
+    from .teacher import load_model
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    lc, out_dir = cfg.label, config["out_dir"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    set_threads(lc.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    model, tokenizer, meta = load_model(config["model_dir"])
+    sharded = cfg.teacher.shard == "fsdp" and ctx.get_world_size() > 1
+    if sharded:
+        _fsdp_backbone(model, device)
+    model.to(device).eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), autocast:
+        items = model.item_vectors()  # from the item text embeddings saved with the teacher: computed once
+    attempt = uuid.uuid4().hex[:8]  # a restarted worker never overwrites a finished part
+
+    for task in config["tasks"]:
+        skip = done_ids(out_dir, task)
+        writer = PartWriter(out_dir, task, f"{attempt}-{rank:03d}", lc.rows_per_file)
+        size = lc.text_batch_size if task == "intent" else lc.batch_size
+        batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=size, batch_format="pyarrow")
+        start, last, seen = time.perf_counter(), time.perf_counter(), 0
+        for batch in _lockstep(batches, sharded and task == "intent"):
+            if batch is None:  # this worker is done; join the others' sharded forward with a dummy one
+                with autocast:
+                    label_intent(model, tokenizer, pa.table({"text": ["."]}), max_length=8, device=device)
+                continue
+            seen += batch.num_rows
+            if len(skip):
+                batch = batch.filter(pc.invert(pc.is_in(batch.column("example_id"), value_set=skip)))
+            if batch.num_rows == 0:
+                continue
+            with autocast:
+                if task == "recommendation":
+                    cols = label_recommendation(model, items, batch, max_history=meta["max_history"],
+                                                top_k=lc.top_k, device=device)
+                elif task == "ctr":
+                    cols = label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
+                else:
+                    cols = label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
+            writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
+                                schema=LABEL_SCHEMAS[task]))
+            if time.perf_counter() - last > 15:
+                last = time.perf_counter()
+                say(f"[label] worker {rank} {task}: {seen:,} rows read, {writer.rows:,} written "
+                      f"({seen / (last - start):,.0f} rows/s)")
+        writer.close()
+        took = time.perf_counter() - start
+        say(f"[label] worker {rank} {task}: {writer.rows:,} labelled in {took:.1f}s "
+              f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
+    ray.train.report({"done": 1})
+
+
+# ------------------------------------------------------------------------------ the stage
+def exact_split():
+    """A `ray.train.DataConfig` that splits each dataset across workers without evening the shards:
+    the default `streaming_split(equal=True)` may drop rows, and every example needs its label."""
+    import ray.train
+
+    class ExactSplit(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    out[i][name] = split
+            return out
+
+    return ExactSplit()
+
+
+def expected_counts(cfg: RunConfig) -> dict[str, dict[str, int]]:
+    manifest = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
+    return {t: manifest["examples"][t] for t in cfg.tasks.enabled() if t in manifest.get("examples", {})}
+
+
+def verify(cfg: RunConfig, out_dir: str, tasks) -> dict[str, dict[str, int]]:
+    """Labelled ids == prepared ids for every task and split; a StageError naming the first mismatch."""
+    prepare_dir = storage.join(cfg.run_dir, "prepare", "examples")
+    counts = {}
+    for task in tasks:
+        counts[task] = {}
+        for split in SPLITS:
+            want_dir, got_dir = storage.join(prepare_dir, task, split), storage.join(out_dir, task, split)
+            want = _ids(want_dir)
+            got = _ids(got_dir) if storage.exists(got_dir) else pa.array([], pa.string())
+            unique = pc.unique(got)
+            missing = len(want) - (pc.sum(pc.is_in(want, value_set=unique).cast(pa.int64())).as_py() or 0)
+            if missing or len(got) != len(want) or len(unique) != len(got):
+                raise StageError(
+                    f"label count mismatch for {task}/{split}: {len(got)} labels ({len(got) - len(unique)} "
+                    f"duplicated, {missing} examples unlabelled) for {len(want)} prepared examples in {want_dir}. "
+                    f"Re-run with --force to label from scratch.")
+            counts[task][split] = len(got)
+    return counts
+
+
+def _remove_temporaries(out_dir: str) -> None:
+    """Half-written parts of killed workers (never read: their names start with '.')."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(out_dir)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File and info.base_name.startswith(".part-"):
+            fs.delete_file(info.path)
+
+
+def _ids(folder: str) -> pa.Array:
+    fs, path = storage.resolve(folder)
+    return pq.read_table(path, columns=["example_id"], filesystem=fs).column(0).combine_chunks()
+
+
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    model_dir = storage.join(cfg.run_dir, "teacher", "model")
+    if not storage.exists(storage.join(model_dir, "model.safetensors")):
+        raise StageError(f"no teacher model in {model_dir}: run the teacher stage first (--stages teacher,label)")
+    tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
+    prepare_dir = storage.join(cfg.run_dir, "prepare", "examples")
+    lc = cfg.label
+    # Materialized before the workers start: a worker holding most CPUs of a small machine would
+    # otherwise starve the read tasks of its own input.
+    # Blocks of a few batches each, so the workers share every task, however the files were cut.
+    datasets = {t: ray.data.read_parquet(storage.join(prepare_dir, t), columns=COLUMNS[t])
+                .repartition(target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size))
+                .materialize() for t in tasks}
+    total = sum(ds.count() for ds in datasets.values())
+    trainer = TorchTrainer(
+        label_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
+                           "tasks": tasks},
+        datasets=datasets,
+        dataset_config=exact_split(),
+        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
+                                     resources_per_worker={"CPU": lc.cpus_per_worker}),
+        run_config=TrainRunConfig(name="label", storage_path=storage.join(out_dir, "ray_train"),
+                                  failure_config=FailureConfig(max_failures=lc.max_failures)),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    took = time.perf_counter() - start
+    counts = verify(cfg, out_dir, tasks)
+    storage.remove(storage.join(out_dir, "ray_train"))
+    _remove_temporaries(out_dir)
+    return {"examples": counts, "counts": {"labels": total, "rows_per_s": round(total / took, 1)},
+            "top_k": lc.top_k, "workers": lc.num_workers, "use_gpu": lc.use_gpu}
