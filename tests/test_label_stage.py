@@ -81,7 +81,7 @@ def trained(prepared, tiny_bert, tmp_path_factory):
     shutil.copytree(run_dir / "prepare", new / "prepare")
     cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher._meta(cfg, str(new / "prepare"))
+    meta = teacher.model_meta(cfg, str(new / "prepare"))
     torch.manual_seed(0)
     model = teacher.build(backbone, meta)
     model.item_text.normal_()  # stands in for the item-text refresh of training
@@ -170,3 +170,28 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
         label.verify(cfg, str(run_dir / "label"), ["ctr"])
 
 
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_local")
+def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
+    """teacher.shard=fsdp on two CPU workers (gloo): the encoder is split between them, the workers
+    run the sharded forwards in lockstep although their shards differ in size, and the logits are
+    the unsharded model's."""
+    from distillery.teacher import load_model
+
+    cfg, run_dir = trained
+    tasks = cfg.tasks.model_copy(update={
+        "recommendation": cfg.tasks.recommendation.model_copy(update={"enabled": False}),
+        "ctr": cfg.tasks.ctr.model_copy(update={"enabled": False})})
+    cfg = _with_label(cfg, num_workers=2, cpus_per_worker=0.5, text_batch_size=8).model_copy(update={
+        "tasks": tasks, "teacher": cfg.teacher.model_copy(update={"shard": "fsdp"})})
+    m = runner.run(cfg, ["label"], force=True)["label"]
+    prepared = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]
+    assert m["examples"] == {"intent": prepared["intent"]}
+    model, tok, _ = load_model(str(run_dir / "teacher" / "model"))
+    ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 32).to_pandas()
+    enc = tok(ex["text"].tolist(), padding=True, truncation=True, max_length=cfg.teacher.max_length, return_tensors="pt")
+    want = model.intent_logits(enc["input_ids"], enc["attention_mask"]).detach().numpy()
+    got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
+    assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)

@@ -67,3 +67,24 @@ def test_pad_list_array_matches_pad_histories_and_handles_nulls_and_slices():
     assert torch.equal(pad_list_array(arr, 4), pad_histories([h or [] for h in hist], 4))
     assert pad_list_array(arr.slice(3), 2).tolist() == [[7, 8], [0, 9]]
     assert pad_list_array(pa.chunked_array([arr.slice(0, 1), arr.slice(4)]), 3).tolist() == [[5, 6, 7], [0, 0, 9]]
+
+
+def test_text_augmentations_are_seeded_and_bounded():
+    import numpy as np
+
+    from distillery.teacher import add_typos, drop_words
+
+    texts = ["wireless noise cancelling earbuds", "mips bike helmet", "pen", "a b"]
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    assert add_typos(texts, 0.0, rng()) == texts and drop_words(texts, 0.0, rng()) == texts
+    typo = add_typos(texts, 1.0, rng())
+    assert typo == add_typos(texts, 1.0, rng())  # same seed, same edits
+    for before, after in zip(texts, typo):
+        assert after == before if len(before) <= 3 else (after != before or sorted(after) == sorted(before))
+        assert abs(len(after) - len(before)) <= 1
+    dropped = drop_words(texts, 1.0, rng())
+    for before, after in zip(texts, dropped):
+        kept = after.split()
+        assert 1 <= len(kept) <= len(before.split())
+        it = iter(before.split())
+        assert all(w in it for w in kept)  # a subsequence: words keep their order

@@ -148,6 +148,8 @@ class TeacherConfig(_Section):
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
     typo_augment: float = Field(0.0, ge=0, le=1, description="share of training texts given one random typo "
                                                               "(swap, drop or repeat a letter) each time they are seen")
+    word_drop_augment: float = Field(0.0, ge=0, le=1, description="share of training texts cut to a random subset of "
+                                                                   "their words (each kept with p=1/2, at least one)")
     shard: Literal["none", "fsdp"] = Field("none", description="labeling: 'fsdp' shards the encoder across the "
                                                                "label workers' GPUs (teachers too large for one)")
 

@@ -139,13 +139,19 @@ class PartWriter:
 
 # ------------------------------------------------------------------------------ the worker
 def _fsdp_backbone(model: Teacher, device) -> None:
-    """Shard the encoder (the large part) across the workers; the small heads stay replicated."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    """Shard the encoder (the large part) across the workers with FSDP2, one unit per transformer
+    block; the small heads stay replicated. Works on CPU (gloo) as on GPUs (NCCL)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    layer_types = {type(m) for m in model.backbone.modules() if m.__class__.__name__.endswith("Layer")}
-    model.backbone = FSDP(model.backbone, auto_wrap_policy=ModuleWrapPolicy(layer_types) if layer_types else None,
-                          device_id=device if device.type == "cuda" else None, use_orig_params=True)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # the transformer blocks: the largest ModuleList, whatever the architecture calls it
+    lists = [m for m in model.backbone.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
+    for layer in blocks:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.backbone, mesh=mesh)
 
 
 def _lockstep(batches, sharded: bool):
@@ -189,6 +195,7 @@ def label_loop(config: dict) -> None:
     with torch.no_grad(), autocast:
         items = model.item_vectors()  # from the item text embeddings saved with the teacher: computed once
     attempt = uuid.uuid4().hex[:8]  # a restarted worker never overwrites a finished part
+    timings = {}
 
     for task in config["tasks"]:
         skip = done_ids(out_dir, task)
@@ -222,8 +229,11 @@ def label_loop(config: dict) -> None:
                       f"({seen / (last - start):,.0f} rows/s)")
         writer.close()
         took = time.perf_counter() - start
+        timings[task] = {"rows": writer.rows, "seconds": round(took, 3)}
         say(f"[label] worker {rank} {task}: {writer.rows:,} labelled in {took:.1f}s "
               f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
+    if config.get("token"):
+        storage.write_json(storage.join(out_dir, "_timings", f"{config['token']}-{rank:03d}.json"), timings)
     ray.train.report({"done": 1})
 
 
@@ -293,6 +303,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     model_dir = storage.join(cfg.run_dir, "teacher", "model")
+    token = uuid.uuid4().hex[:8]
     if not storage.exists(storage.join(model_dir, "model.safetensors")):
         raise StageError(f"no teacher model in {model_dir}: run the teacher stage first (--stages teacher,label)")
     tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
@@ -308,7 +319,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     trainer = TorchTrainer(
         label_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
-                           "tasks": tasks},
+                           "tasks": tasks, "token": token},
         datasets=datasets,
         dataset_config=exact_split(),
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
@@ -322,7 +333,27 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         raise result.error
     took = time.perf_counter() - start
     counts = verify(cfg, out_dir, tasks)
-    storage.remove(storage.join(out_dir, "ray_train"))
+    seconds = _labeling_seconds(out_dir, token)
+    for path in ("ray_train", "_timings"):
+        storage.remove(storage.join(out_dir, path))
     _remove_temporaries(out_dir)
     return {"examples": counts, "counts": {"labels": total, "rows_per_s": round(total / took, 1)},
+            "labeling_seconds": seconds, "train_job_seconds": round(took, 2),
             "top_k": lc.top_k, "workers": lc.num_workers, "use_gpu": lc.use_gpu}
+
+
+def _labeling_seconds(out_dir: str, token: str) -> dict[str, float]:
+    """Per task, the slowest worker's time from its first batch to its last part written (this run:
+    startup excluded; it is `train_job_seconds` minus these)."""
+    folder = storage.join(out_dir, "_timings")
+    if not storage.exists(folder):
+        return {}
+    fs, path = storage.resolve(folder)
+    import pyarrow.fs as pafs
+
+    out: dict[str, float] = {}
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.base_name.startswith(token):
+            for task, t in storage.read_json(storage.join(folder, info.base_name)).items():
+                out[task] = max(out.get(task, 0.0), t["seconds"])
+    return out
