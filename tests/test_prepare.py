@@ -85,8 +85,8 @@ def test_stage_names_are_checked():
     with pytest.raises(StageError, match="unknown stage"):
         runner.parse_stages("prepare,train")
     with pytest.raises(StageError, match="not available"):
-        runner.parse_stages("prepare,label")
-    assert runner.parse_stages("prepare") == ["prepare"]
+        runner.parse_stages("prepare,distill")
+    assert runner.parse_stages("label,prepare") == ["prepare", "label"]  # pipeline order
 
 
 def _planted(tmp_path, tiny_config):

@@ -154,7 +154,7 @@ def _fsdp_backbone(model: Teacher, device) -> None:
     fully_shard(model.backbone, mesh=mesh)
 
 
-def _lockstep(batches, sharded: bool):
+def _lockstep(batches, sharded: bool, device):
     """Yield this worker's batches; under FSDP, keep yielding None until every worker is done, because
     each sharded forward is a collective that all workers must join."""
     if not sharded:
@@ -165,7 +165,7 @@ def _lockstep(batches, sharded: bool):
     it = iter(batches)
     while True:
         batch = next(it, None)
-        more = torch.tensor([0 if batch is None else 1])
+        more = torch.tensor([0 if batch is None else 1], device=device)  # NCCL reduces GPU tensors only
         dist.all_reduce(more)
         if int(more) == 0:
             return
@@ -203,7 +203,7 @@ def label_loop(config: dict) -> None:
         size = lc.text_batch_size if task == "intent" else lc.batch_size
         batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=size, batch_format="pyarrow")
         start, last, seen = time.perf_counter(), time.perf_counter(), 0
-        for batch in _lockstep(batches, sharded and task == "intent"):
+        for batch in _lockstep(batches, sharded and task == "intent", device):
             if batch is None:  # this worker is done; join the others' sharded forward with a dummy one
                 with autocast:
                     label_intent(model, tokenizer, pa.table({"text": ["."]}), max_length=8, device=device)
@@ -226,12 +226,12 @@ def label_loop(config: dict) -> None:
             if time.perf_counter() - last > 15:
                 last = time.perf_counter()
                 say(f"[label] worker {rank} {task}: {seen:,} rows read, {writer.rows:,} written "
-                      f"({seen / (last - start):,.0f} rows/s)")
+                    f"({seen / (last - start):,.0f} rows/s)")
         writer.close()
         took = time.perf_counter() - start
         timings[task] = {"rows": writer.rows, "seconds": round(took, 3)}
         say(f"[label] worker {rank} {task}: {writer.rows:,} labelled in {took:.1f}s "
-              f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
+            f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
     if config.get("token"):
         storage.write_json(storage.join(out_dir, "_timings", f"{config['token']}-{rank:03d}.json"), timings)
     ray.train.report({"done": 1})

@@ -1,6 +1,7 @@
 """The teacher: a Hugging Face encoder with three task heads.
 
-- intent:          mean-pooled encoder output -> linear classifier. Fine-tunes the encoder.
+- intent:          [mean-pooled encoder output ; mean of learned word-piece vectors] -> linear
+                   classifier ("wide and deep"). Fine-tunes the encoder.
 - recommendation:  two-tower. Item tower = MLP over the encoder's embedding of each item's text
                    (title | brand | category), cached in `item_text` and refreshed once per epoch,
                    never once per example, plus a learned item bias. User tower = one transformer
@@ -82,11 +83,17 @@ class UserTower(nn.Module):
 
 class Teacher(nn.Module):
     def __init__(self, backbone: nn.Module, *, n_items: int, n_intents: int, item_category: torch.Tensor,
-                 n_categories: int, dim: int = 128, max_history: int = 50):
+                 n_categories: int, dim: int = 128, max_history: int = 50, lexical_dim: int = 0):
         super().__init__()
         hidden = backbone.config.hidden_size
         self.backbone = backbone
-        self.intent_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden, max(n_intents, 1)))
+        # The intent head's wide part: a bag of the text's word pieces, learned from scratch. It keeps
+        # rare exact words ("mips" -> cycling) that a bag-of-words baseline keeps and the fine-tuned
+        # encoder missed when they came alone; the encoder brings synonyms and misspellings.
+        self.lexical = nn.EmbeddingBag(backbone.config.vocab_size, lexical_dim, mode="sum") if lexical_dim else None
+        if self.lexical is not None:
+            nn.init.normal_(self.lexical.weight, std=0.02)
+        self.intent_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden + lexical_dim, max(n_intents, 1)))
         self.item_tower = nn.Sequential(nn.Linear(hidden, dim), nn.GELU(), nn.Linear(dim, dim))
         self.item_bias = nn.Embedding(n_items, 1)
         nn.init.zeros_(self.item_bias.weight)
@@ -108,7 +115,11 @@ class Teacher(nn.Module):
 
     def intent_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, n_intents]."""
-        return self.intent_head(self.encode(input_ids, attention_mask))
+        x = self.encode(input_ids, attention_mask)
+        if self.lexical is not None:  # mean of the word-piece vectors ([CLS]/[SEP] included, padding not)
+            weights = attention_mask.float() / attention_mask.sum(1, keepdim=True).clamp(min=1)
+            x = torch.cat([x.float(), self.lexical(input_ids, per_sample_weights=weights)], dim=-1)
+        return self.intent_head(x)
 
     @torch.no_grad()
     def refresh_items(self, token_batches) -> None:
