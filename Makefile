@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/prepare.py $(ARGS)
+	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/labeling.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -145,7 +145,7 @@ class TeacherConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
     dim: int = Field(128, ge=8, description="width of the recommendation / CTR towers")
-    lexical_dim: int = Field(64, ge=0, description="width of the learned bag of word pieces beside the encoder in "
+    lexical_dim: int = Field(0, ge=0, description="width of the learned bag of word pieces beside the encoder in "
                                                    "the intent head (0 = the encoder alone)")
     lexical_lr: float = Field(3e-3, gt=0, description="learning rate of that bag of word pieces")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
