@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from distillery import label, runner, storage, teacher  # noqa: E402
 from distillery.config import load_config  # noqa: E402
-from distillery.data.examples import SPLITS, read_items  # noqa: E402
+from distillery.data.examples import read_items  # noqa: E402
 
 
 def build_teacher(cfg, kind: str, run_dir: Path, tokenizer: str) -> int:

@@ -19,7 +19,6 @@ task and split are exactly the prepared ones.
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -244,6 +243,7 @@ def exact_split():
     import ray.train
 
     class ExactSplit(ray.train.DataConfig):
+        # DataConfig.configure of Ray 2.60 with equal=False (ray is pinned; recheck on upgrade)
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
@@ -269,8 +269,7 @@ def verify(cfg: RunConfig, out_dir: str, tasks) -> dict[str, dict[str, int]]:
         counts[task] = {}
         for split in SPLITS:
             want_dir, got_dir = storage.join(prepare_dir, task, split), storage.join(out_dir, task, split)
-            want = _ids(want_dir)
-            got = _ids(got_dir) if storage.exists(got_dir) else pa.array([], pa.string())
+            want, got = _ids(want_dir), _ids(got_dir)
             unique = pc.unique(got)
             missing = len(want) - (pc.sum(pc.is_in(want, value_set=unique).cast(pa.int64())).as_py() or 0)
             if missing or len(got) != len(want) or len(unique) != len(got):
@@ -293,6 +292,9 @@ def _remove_temporaries(out_dir: str) -> None:
 
 
 def _ids(folder: str) -> pa.Array:
+    """Example ids of every Parquet file under `folder` (none if it does not exist)."""
+    if not storage.exists(folder):
+        return pa.array([], pa.string())
     fs, path = storage.resolve(folder)
     return pq.read_table(path, columns=["example_id"], filesystem=fs).column(0).combine_chunks()
 
