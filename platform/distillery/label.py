@@ -90,15 +90,7 @@ def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int,
 # ------------------------------------------------------------------------------ output parts
 def done_ids(out_dir: str, task: str) -> pa.Array:
     """Example ids already written for `task` (finished parts only: temporaries start with '.')."""
-    base = storage.join(out_dir, task)
-    if not storage.exists(base):
-        return pa.array([], pa.string())
-    files = storage.list_files(base, (".parquet",))
-    if not files:
-        return pa.array([], pa.string())
-    fs, _ = storage.resolve(base)
-    ids = [pq.read_table(storage.resolve(f)[1], columns=["example_id"], filesystem=fs).column(0) for f in files]
-    return pa.chunked_array(ids, pa.string()).combine_chunks()
+    return _ids(storage.join(out_dir, task))
 
 
 class PartWriter:
@@ -231,8 +223,7 @@ def label_loop(config: dict) -> None:
         timings[task] = {"rows": writer.rows, "seconds": round(took, 3)}
         say(f"[label] worker {rank} {task}: {writer.rows:,} labelled in {took:.1f}s "
             f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
-    if config.get("token"):
-        storage.write_json(storage.join(out_dir, "_timings", f"{config['token']}-{rank:03d}.json"), timings)
+    storage.write_json(storage.join(out_dir, "_timings", f"{rank:03d}.json"), timings)
     ray.train.report({"done": 1})
 
 
@@ -292,11 +283,14 @@ def _remove_temporaries(out_dir: str) -> None:
 
 
 def _ids(folder: str) -> pa.Array:
-    """Example ids of every Parquet file under `folder` (none if it does not exist)."""
-    if not storage.exists(folder):
+    """Example ids of the Parquet files under `folder`, at any depth; none if it has none yet
+    (`list_files` skips the dot-named temporaries)."""
+    files = storage.list_files(folder, (".parquet",)) if storage.exists(folder) else []
+    if not files:
         return pa.array([], pa.string())
-    fs, path = storage.resolve(folder)
-    return pq.read_table(path, columns=["example_id"], filesystem=fs).column(0).combine_chunks()
+    fs, _ = storage.resolve(folder)
+    return pa.chunked_array([pq.read_table(storage.resolve(f)[1], columns=["example_id"], filesystem=fs).column(0)
+                             for f in files], pa.string()).combine_chunks()
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
@@ -305,7 +299,6 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     model_dir = storage.join(cfg.run_dir, "teacher", "model")
-    token = uuid.uuid4().hex[:8]
     if not storage.exists(storage.join(model_dir, "model.safetensors")):
         raise StageError(f"no teacher model in {model_dir}: run the teacher stage first (--stages teacher,label)")
     tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
@@ -321,7 +314,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     trainer = TorchTrainer(
         label_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
-                           "tasks": tasks, "token": token},
+                           "tasks": tasks},
         datasets=datasets,
         dataset_config=exact_split(),
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
@@ -329,13 +322,14 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         run_config=TrainRunConfig(name="label", storage_path=storage.join(out_dir, "ray_train"),
                                   failure_config=FailureConfig(max_failures=lc.max_failures)),
     )
+    storage.remove(storage.join(out_dir, "_timings"))  # an interrupted attempt's timings are not this run's
     start = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
     took = time.perf_counter() - start
     counts = verify(cfg, out_dir, tasks)
-    seconds = _labeling_seconds(out_dir, token)
+    seconds = _labeling_seconds(out_dir)
     for path in ("ray_train", "_timings"):
         storage.remove(storage.join(out_dir, path))
     _remove_temporaries(out_dir)
@@ -344,18 +338,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             "top_k": lc.top_k, "workers": lc.num_workers, "use_gpu": lc.use_gpu}
 
 
-def _labeling_seconds(out_dir: str, token: str) -> dict[str, float]:
+def _labeling_seconds(out_dir: str) -> dict[str, float]:
     """Per task, the slowest worker's time from its first batch to its last part written (this run:
     startup excluded; it is `train_job_seconds` minus these)."""
     folder = storage.join(out_dir, "_timings")
-    if not storage.exists(folder):
-        return {}
-    fs, path = storage.resolve(folder)
-    import pyarrow.fs as pafs
-
     out: dict[str, float] = {}
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.base_name.startswith(token):
-            for task, t in storage.read_json(storage.join(folder, info.base_name)).items():
-                out[task] = max(out.get(task, 0.0), t["seconds"])
+    for path in storage.list_files(folder, (".json",)) if storage.exists(folder) else []:
+        for task, t in storage.read_json(path).items():
+            out[task] = max(out.get(task, 0.0), t["seconds"])
     return out

@@ -193,7 +193,7 @@ def drop_words(texts: list[str], rate: float, rng: np.random.Generator) -> list[
     """Cut a `rate` share of the texts to a random subset of their words (each kept with p=1/2, at
     least one). Queries are often one attribute or noun of a title ("mips", "neoprene"); without
     this the encoder learned those words only inside whole titles and missed them alone, where a
-    bag-of-words baseline did not (measured on the demo: test macro-F1 0.919 -> 0.951)."""
+    bag-of-words baseline did not (see ARCHITECTURE.md for what it measured)."""
     out = []
     for text in texts:
         words = text.split()
@@ -247,7 +247,7 @@ def train_loop(config: dict) -> None:
     if teacher.lexical is not None:  # its rare word-piece rows see few updates: a rate of their own, no decay
         groups.append({"params": list(teacher.lexical.parameters()), "lr": cfg.teacher.lexical_lr, "weight_decay": 0.0})
     optim = torch.optim.AdamW(groups, weight_decay=cfg.teacher.weight_decay,
-                              fused=True)  # one kernel per step: 0.14 -> 0.03 s a step for MiniLM on 2 cores
+                              fused=True)  # one kernel per step instead of a loop over tensors
     steps = max(1, math.ceil(counts.get("intent", 0) / world / cfg.teacher.intent_batch_size)) if "intent" in tasks \
         else max(1, math.ceil(max(counts.values()) / world / cfg.teacher.batch_size))  # no intent: one pass of the largest task
     sizes = {t: cfg.teacher.intent_batch_size if t == "intent" else cfg.teacher.batch_size for t in tasks}
@@ -294,8 +294,7 @@ def train_loop(config: dict) -> None:
             optim.zero_grad(set_to_none=True)
             losses["total"].backward()
             # Each group clipped apart: the encoder learns from intent alone, and one norm over everything
-            # let the large recommendation gradients scale its updates down (demo intent test macro-F1:
-            # 0.935 trained jointly vs 0.951 alone with one norm; 0.944 jointly with norms apart).
+            # let the large recommendation gradients scale its updates down.
             for group in optim.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
             optim.step()
