@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/labeling.py
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf runs .pytest_cache

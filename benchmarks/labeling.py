@@ -128,8 +128,9 @@ def plain_loop(cfg, run_dir: Path, device: str) -> dict[str, float]:
     return seconds
 
 
-def stage(cfg, workers: int, cpus: float) -> dict:
-    cfg = cfg.model_copy(update={"label": cfg.label.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus})})
+def stage(cfg, workers: int, cpus: float, tokenize_cpus: float) -> dict:
+    cfg = cfg.model_copy(update={"label": cfg.label.model_copy(update={
+        "num_workers": workers, "cpus_per_worker": cpus, "tokenize_cpus": tokenize_cpus})})
     m = runner.run(cfg, ["label"], force=True)["label"]
     return {"labeling_s": sum(m["labeling_seconds"].values()), "per_task_s": m["labeling_seconds"],
             "end_to_end_s": m["wall_time_s"]}
@@ -187,6 +188,8 @@ def main() -> None:
                  f"label.batch_size={args.batch_size}", f"label.text_batch_size={args.text_batch_size}",
                  f"label.use_gpu={str(args.gpu).lower()}", "label.rows_per_file=100000"]
     overrides += [f"tasks.{t}.enabled=false" for t in ("recommendation", "ctr", "intent") if t not in tasks]
+    if args.teacher == "bert-base":  # the encoder alone, as in the reference number (no lexical bag)
+        overrides.append("teacher.lexical_dim=0")
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     runner.init_ray()
     runner.run(cfg, ["prepare"])
@@ -199,10 +202,12 @@ def main() -> None:
     torch.set_num_threads(cpus)
     print(f"labeling {rows:,} examples ({counts}) with a {params / 1e6:.1f}M-parameter {args.teacher} teacher on {device}")
 
-    # GPU: one worker per GPU, the rest of the CPUs for tokenization; CPU: the machine shared out,
-    # with half a CPU left to Ray Data
+    # GPU: one worker per GPU with 2 CPUs to feed it, the other CPUs for Ray Data's tokenization
+    # tasks (1 CPU each); CPU: the machine shared out among the workers, half a CPU left to Ray Data
     def cpus_for(w: int) -> float:
-        return max(0.5, (cpus - 0.5) / w) if not args.gpu else max(1.0, (cpus - 1) / w)
+        return max(0.5, (cpus - 0.5) / w) if not args.gpu else 2.0
+
+    tokenize_cpus = 1.0  # used on GPU only (label.tokenize=auto tokenizes in the worker on CPU)
 
     runs: dict[str, list] = {"plain": []}
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -211,7 +216,7 @@ def main() -> None:
         runs["plain"].append(s)
         print(f"[repeat {r + 1}] plain loop: {sum(s.values()):.1f}s  {({k: round(v, 1) for k, v in s.items()})}")
         for w in worker_counts:
-            res = stage(cfg, w, cpus_for(w))
+            res = stage(cfg, w, cpus_for(w), tokenize_cpus)
             runs.setdefault(str(w), []).append(res)
             print(f"[repeat {r + 1}] stage, {w} worker(s): labeling {res['labeling_s']:.1f}s, "
                   f"end to end {res['end_to_end_s']:.1f}s  {({k: round(v, 1) for k, v in res['per_task_s'].items()})}")
@@ -229,7 +234,8 @@ def main() -> None:
         lab = statistics.median(x["labeling_s"] for x in runs[str(w)])
         e2e = statistics.median(x["end_to_end_s"] for x in runs[str(w)])
         section["stage"][str(w)] = {
-            "cpus_per_worker": cpus_for(w), "labeling_s": lab, "end_to_end_s": e2e,
+            "cpus_per_worker": cpus_for(w), "tokenize": label.tokenize_in(cfg.label.model_copy(update={"use_gpu": args.gpu})),
+            "tokenize_cpus": tokenize_cpus, "labeling_s": lab, "end_to_end_s": e2e,
             "rows_per_s": rows / lab, "ratio_labeling": plain_s / lab, "ratio_end_to_end": plain_s / e2e,
             "per_task_s": {t: statistics.median(x["per_task_s"].get(t, 0.0) for x in runs[str(w)])
                            for t in runs[str(w)][0]["per_task_s"]},

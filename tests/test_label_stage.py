@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT
 from distillery import label, runner
 from distillery.errors import StageError
-from distillery.teacher_model import pad_histories
+from distillery.teacher_model import Teacher, load_backbone, pad_histories, text_inputs
 
 
 # ------------------------------------------------------------------------------ units
@@ -52,6 +52,22 @@ def test_ctr_and_intent_labels_match_the_model(tiny_teacher):
     long = pa.table({"text": ["x " * 5000, None]})  # overlong and missing texts are truncated / empty, not fatal
     intent = label.label_intent(model, tok, long, max_length=16, device="cpu")
     assert [len(v) for v in intent["logits"].to_pylist()] == [3, 3]
+
+
+@pytest.mark.parametrize("lexical_dim", [0, 8])
+def test_texts_tokenized_by_ray_data_label_like_texts_tokenized_in_the_worker(tiny_bert, lexical_dim):
+    backbone, tok = load_backbone(tiny_bert)
+    torch.manual_seed(0)
+    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
+                    dim=16, max_history=5, lexical_dim=lexical_dim, lexical_buckets=4096).eval()
+    texts = ["red gel pen", None, "x " * 500, "Waetrproof bike helmet with mips"]
+    batch = pa.table({"example_id": [f"intent:{i}" for i in range(4)], "split": ["train"] * 4, "text": texts})
+    tokens = label.tokenize_batch(batch, tokenizer=tok, max_length=16, buckets=model.lexical_buckets)
+    assert tokens.column_names == ["example_id", "split", "input_ids"] + (["bag_ids"] if lexical_dim else [])
+    assert max(len(ids) for ids in tokens.column("input_ids").to_pylist()) == 16  # truncated
+    got = label.label_intent_tokens(model, tokens, pad_id=tok.pad_token_id, device="cpu")["logits"].to_pylist()
+    want = label.label_intent(model, tok, batch, max_length=16, device="cpu")["logits"].to_pylist()
+    assert np.allclose(np.array(got), np.array(want), atol=1e-5)
 
 
 def test_part_writer_groups_splits_and_writes_whole_files(tmp_path):
@@ -130,7 +146,9 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     first = {p.name for p in (run_dir / "label").rglob("part-*.parquet")}
     assert first and not (run_dir / "label" / "manifest.json").exists()
 
-    cfg = _with_label(cfg, top_k=5, num_workers=2, cpus_per_worker=0.5, batch_size=32, rows_per_file=5000)
+    # resumed with texts tokenized by Ray Data (the GPU default) instead of in the worker
+    cfg = _with_label(cfg, top_k=5, num_workers=2, cpus_per_worker=0.5, batch_size=32, rows_per_file=5000,
+                      tokenize="data", tokenize_cpus=0.5)
     m = runner.run(cfg, ["label"])["label"]
     assert "resuming an interrupted run" in capsys.readouterr().out
     prepared = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]
@@ -157,6 +175,11 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
                               torch.tensor(ex["slot"].fillna(-1).to_numpy().astype(np.int64)))
     lab = _read(run_dir, "ctr").to_pandas().set_index("example_id").loc[ex["example_id"], "logit"].to_numpy()
     assert np.allclose(lab, logits.detach().numpy(), atol=1e-4)
+    ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 64).to_pandas()
+    want = model.intent_logits(**text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
+                                             buckets=model.lexical_buckets)).detach().numpy()
+    got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
+    assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)
 
     # the final check fails loudly on a lost or a duplicated part
     part = next((run_dir / "label" / "ctr" / "train").glob("part-*.parquet"))
@@ -191,7 +214,7 @@ def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
     assert m["examples"] == {"intent": prepared["intent"]}
     model, tok, _ = load_model(str(run_dir / "teacher" / "model"))
     ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 32).to_pandas()
-    enc = tok(ex["text"].tolist(), padding=True, truncation=True, max_length=cfg.teacher.max_length, return_tensors="pt")
-    want = model.intent_logits(enc["input_ids"], enc["attention_mask"]).detach().numpy()
+    want = model.intent_logits(**text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
+                                             buckets=model.lexical_buckets)).detach().numpy()
     got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
     assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)

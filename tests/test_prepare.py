@@ -85,7 +85,7 @@ def test_stage_names_are_checked():
     with pytest.raises(StageError, match="unknown stage"):
         runner.parse_stages("prepare,train")
     with pytest.raises(StageError, match="not available"):
-        runner.parse_stages("prepare,distill")
+        runner.parse_stages("prepare,tune")
     assert runner.parse_stages("label,prepare") == ["prepare", "label"]  # pipeline order
 
 

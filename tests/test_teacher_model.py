@@ -91,18 +91,20 @@ def test_text_augmentations_are_seeded_and_bounded():
 
 
 def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
-    from distillery.teacher_model import Teacher
+    from distillery.teacher_model import Teacher, text_inputs
 
     backbone, tok = load_backbone(tiny_bert)
     torch.manual_seed(0)
     model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
-                    dim=16, max_history=5, lexical_dim=8).eval()
-    assert model.intent_head[1].in_features == 32 + 8
-    one = tok(["mips helmet"], return_tensors="pt")
-    padded = tok(["mips helmet", "a much longer query about wireless earbuds"], padding=True, return_tensors="pt")
-    a = model.intent_logits(one["input_ids"], one["attention_mask"])
-    b = model.intent_logits(padded["input_ids"], padded["attention_mask"])[:1]
-    assert torch.allclose(a, b, atol=1e-5)  # padding changes neither the encoder mean nor the bag mean
-    loss = model.intent_logits(one["input_ids"], one["attention_mask"]).sum()
-    loss.backward()
+                    dim=16, max_history=5, lexical_dim=8, lexical_buckets=4096).eval()
+    assert model.intent_head[1].in_features == 32 + 8 and model.lexical_buckets == 4096
+    one = text_inputs(tok, ["mips helmet"], max_length=16, buckets=model.lexical_buckets)
+    both = text_inputs(tok, ["mips helmet", "a much longer query about wireless earbuds"], max_length=16,
+                       buckets=model.lexical_buckets)
+    a = model.intent_logits(**one)
+    b = model.intent_logits(**both)[:1]
+    assert torch.allclose(a, b, atol=1e-5)  # neither padding nor a neighbour's bag changes a text's logits
+    with pytest.raises(ValueError, match="bag_ids"):
+        model.intent_logits(one["input_ids"], one["attention_mask"])
+    model.intent_logits(**one).sum().backward()
     assert model.lexical.weight.grad.abs().sum() > 0

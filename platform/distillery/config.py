@@ -145,9 +145,11 @@ class TeacherConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
     dim: int = Field(128, ge=8, description="width of the recommendation / CTR towers")
-    lexical_dim: int = Field(0, ge=0, description="width of the learned bag of word pieces beside the encoder in "
-                                                   "the intent head (0 = the encoder alone)")
-    lexical_lr: float = Field(3e-3, gt=0, description="learning rate of that bag of word pieces")
+    lexical_dim: int = Field(0, ge=0, description="width of the learned bag of hashed words and 3-5 character "
+                                                   "n-grams beside the encoder in the intent head (0 = the "
+                                                   "encoder alone)")
+    lexical_buckets: int = Field(1 << 16, ge=1024, description="hash buckets of that bag (rows of its table)")
+    lexical_lr: float = Field(3e-3, gt=0, description="learning rate of that bag")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
     typo_augment: float = Field(0.0, ge=0, le=1, description="share of training texts given one random typo "
                                                               "(swap, drop or repeat a letter) each time they are seen")
@@ -165,22 +167,55 @@ class LabelConfig(_Section):
     top_k: int = Field(50, ge=1, description="teacher's top-K items (ids and scores) kept per recommendation example")
     batch_size: int = Field(1024, ge=1, description="recommendation / CTR examples per forward pass")
     text_batch_size: int = Field(128, ge=1, description="intent texts per forward pass through the encoder")
+    tokenize: Literal["auto", "worker", "data"] = Field(
+        "auto", description="where intent texts are tokenized: 'data' = Ray Data tasks beside the workers (keeps a "
+                            "GPU fed), 'worker' = in the worker before each forward (no hand-off: faster on CPU), "
+                            "'auto' = 'data' with use_gpu, else 'worker'")
+    tokenize_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data tokenization task (tokenize=data); give the "
+                                                        "workers few CPUs and tokenization the rest of a GPU node")
     rows_per_file: int = Field(20000, ge=1, description="labels per Parquet part; a crash loses at most one "
                                                         "unwritten part per worker and task")
     max_failures: int = Field(2, ge=0, description="worker failures survived; finished parts are never redone")
 
 
 class StudentConfig(_Section):
-    dim: int = Field(64, ge=4, description="shared embedding width")
-    layers: int = Field(1, ge=0, le=4)
+    dim: int = Field(64, ge=4, description="shared width of item, text and user vectors")
+    text_dim: int = Field(32, ge=4, description="width of the text bag's table (projected to dim)")
+    ngram_buckets: int = Field(16384, ge=0, description="hashed word / character n-gram rows in the text bag "
+                                                       "beside the teacher tokenizer's word pieces (0 = none)")
+    layers: int = Field(1, ge=0, le=4, description="transformer layers over the history (0 = attention pooling only)")
+    heads: int = Field(2, ge=1, description="attention heads in those layers (must divide dim)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"student.heads={self.heads} must divide student.dim={self.dim}")
+        return self
 
 
 class DistillConfig(_Section):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it")
+    epochs: int = Field(8, ge=1)
+    patience: int = Field(2, ge=0, description="epochs without a better validation score before stopping")
+    batch_size: int = Field(512, ge=1, description="examples per step, all tasks together")
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"recommendation": 0.3, "ctr": 0.5, "intent": 0.2},
+        description="share of each step's batch per task (normalized over the enabled tasks)")
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="default: all train examples / batch_size")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (linear warmup, then linear decay)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
+
+    @model_validator(mode="after")
+    def _mix_names_tasks(self):
+        unknown = set(self.mix) - set(TASK_NAMES)
+        if unknown or any(v < 0 for v in self.mix.values()) or not any(v > 0 for v in self.mix.values()):
+            raise ValueError(f"distill.mix needs non-negative shares for {', '.join(TASK_NAMES)} (got {self.mix})")
+        return self
 
 
 class TuneConfig(_Section):
@@ -191,6 +226,10 @@ class TuneConfig(_Section):
 class CompressConfig(_Section):
     sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5])
     max_relative_drop: float = Field(0.01, ge=0, le=1)
+
+
+class ReportConfig(_Section):
+    latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (median and p99)")
 
 
 class ServeConfig(_Section):
@@ -213,6 +252,7 @@ class RunConfig(_Section):
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
     compress: CompressConfig = CompressConfig()
+    report: ReportConfig = ReportConfig()
     serve: ServeConfig = ServeConfig()
 
 

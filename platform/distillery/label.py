@@ -19,6 +19,7 @@ task and split are exactly the prepared ones.
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -32,8 +33,9 @@ from . import storage
 from .config import RunConfig
 from .data.examples import SPLITS
 from .errors import StageError
+from .lexical import text_features
 from .progress import say
-from .teacher_model import Teacher, pad_list_array, set_threads
+from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs
 
 LABEL_SCHEMAS = {
     "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
@@ -79,11 +81,52 @@ def label_ctr(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_histo
     return {"logit": pa.array(model.ctr_logits(hist, item, slot, items).float().cpu().numpy())}
 
 
+def tokenize_batch(batch: pa.Table, *, tokenizer, max_length: int, buckets: int) -> pa.Table:
+    """Ray Data map over intent examples: texts -> unpadded word-piece ids (and hashed n-gram ids when
+    the teacher has a lexical bag). In Ray Data tasks, tokenization runs on the cluster's spare CPUs
+    while the workers run the teacher, instead of stalling each forward pass: on a GPU it was the
+    bottleneck (see benchmarks/README.md)."""
+    # One task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
+    cols = {"example_id": batch.column("example_id"), "split": batch.column("split"),
+            "input_ids": pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"],
+                                  pa.list_(pa.int32()))}
+    if buckets:
+        cols["bag_ids"] = pa.array([text_features(t, buckets) for t in texts], pa.list_(pa.int32()))
+    return pa.table(cols)
+
+
+def _pad_right(column, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """list<int> column -> ([B, longest] ids padded on the right with pad_id, [B, longest] mask)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = np.full((len(lengths), max(int(lengths.max(initial=0)), 1)), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    ids[rows, cols], mask[rows, cols] = flat, 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+@torch.no_grad()
+def label_intent_tokens(model: Teacher, batch: pa.Table, *, pad_id: int, device) -> dict:
+    """`label_intent` over rows that `tokenize_batch` has tokenized."""
+    input_ids, mask = _pad_right(batch.column("input_ids"), pad_id)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    if model.lexical is not None:
+        bag = batch.column("bag_ids").combine_chunks()
+        inputs["bag_ids"] = torch.from_numpy(pc.list_flatten(bag).to_numpy(zero_copy_only=False).astype(np.int64)).to(device)
+        inputs["bag_offsets"] = torch.from_numpy(bag.offsets.to_numpy()[:-1].astype(np.int64)).to(device)
+    return {"logits": _fixed_list(model.intent_logits(**inputs).float().cpu().numpy(), pa.float32())}
+
+
 @torch.no_grad()
 def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int, device) -> dict:
     texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    logits = model.intent_logits(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
+    logits = model.intent_logits(**inputs).float()
     return {"logits": _fixed_list(logits.cpu().numpy(), pa.float32())}
 
 
@@ -192,7 +235,8 @@ def label_loop(config: dict) -> None:
         skip = done_ids(out_dir, task)
         writer = PartWriter(out_dir, task, f"{attempt}-{rank:03d}", lc.rows_per_file)
         size = lc.text_batch_size if task == "intent" else lc.batch_size
-        batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=size, batch_format="pyarrow")
+        batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=size, batch_format="pyarrow",
+                                                                  prefetch_batches=4)
         start, last, seen = time.perf_counter(), time.perf_counter(), 0
         for batch in _lockstep(batches, sharded and task == "intent", device):
             if batch is None:  # this worker is done; join the others' sharded forward with a dummy one
@@ -210,6 +254,8 @@ def label_loop(config: dict) -> None:
                                                 top_k=lc.top_k, device=device)
                 elif task == "ctr":
                     cols = label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
+                elif "input_ids" in batch.column_names:  # tokenized by Ray Data
+                    cols = label_intent_tokens(model, batch, pad_id=tokenizer.pad_token_id or 0, device=device)
                 else:
                     cols = label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
             writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
@@ -228,6 +274,13 @@ def label_loop(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ the stage
+def tokenize_in(lc) -> str:
+    """'data' or 'worker'. On a GPU the worker's CPU time is the GPU's idle time, so Ray Data
+    tokenizes on the node's other CPUs; on CPU the hand-off only adds work: measured on 2 cores,
+    intent labeling took 37 s with Ray Data tokenizing against 14 s in the worker."""
+    return lc.tokenize if lc.tokenize != "auto" else ("data" if lc.use_gpu else "worker")
+
+
 def exact_split():
     """A `ray.train.DataConfig` that splits each dataset across workers without evening the shards:
     the default `streaming_split(equal=True)` may drop rows, and every example needs its label."""
@@ -311,6 +364,16 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                 .repartition(target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size))
                 .materialize() for t in tasks}
     total = sum(ds.count() for ds in datasets.values())
+    if "intent" in datasets and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
+        with storage.local_copy(model_dir) as local:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(local)
+            meta = storage.read_json(storage.join(model_dir, "teacher.json"))
+        buckets = meta.get("lexical_buckets", 1 << 16) if meta.get("lexical_dim", 0) else 0
+        datasets["intent"] = datasets["intent"].map_batches(
+            tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=lc.tokenize_cpus,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.teacher.max_length, "buckets": buckets})
     trainer = TorchTrainer(
         label_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,

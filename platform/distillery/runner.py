@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, label, prepare, storage, teacher
+from . import __version__, distill, label, prepare, report, storage, teacher
 from .config import RunConfig, stable_hash
 from .errors import StageError
 
@@ -49,10 +49,21 @@ def _label_config(cfg: RunConfig) -> dict:
             "ctr_history": cfg.tasks.ctr.max_history}
 
 
+def _distill_config(cfg: RunConfig) -> dict:
+    # devices and CPUs change speed, not the result (the worker count changes the steps per epoch)
+    return {"seed": cfg.seed, "student": cfg.student.model_dump(mode="json"),
+            "distill": cfg.distill.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker"}),
+            "tasks": cfg.tasks.model_dump(mode="json")}
+
+
 AVAILABLE: dict[str, Stage] = {
     "prepare": Stage("prepare", prepare.run, _prepare_config, prepare.input_paths),
     "teacher": Stage("teacher", teacher.run, _teacher_config, lambda cfg: [], upstream=("prepare",), resumable=True),
     "label": Stage("label", label.run, _label_config, lambda cfg: [], upstream=("prepare", "teacher"), resumable=True),
+    "distill": Stage("distill", distill.run, _distill_config, lambda cfg: [], upstream=("prepare", "teacher", "label"),
+                     resumable=True),
+    "report": Stage("report", report.run, lambda cfg: {"seed": cfg.seed, "report": cfg.report.model_dump(mode="json")},
+                    lambda cfg: [], upstream=("prepare", "teacher", "distill")),
 }
 
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import baselines, metrics as M, storage
+from . import baselines, evaluation, metrics as M, storage
 from .config import RunConfig
-from .data.examples import read_items, read_split, vocab_size
+from .data.examples import read_items, vocab_size
 from .progress import say
-from .teacher_model import Teacher, load_backbone, pad_histories, set_threads
+from .teacher_model import Teacher, load_backbone, pad_histories, set_threads, text_inputs
 
 SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
 
@@ -46,13 +46,15 @@ def model_meta(cfg: RunConfig, prepare_dir: str) -> dict:
     return {"n_items": vocab_size(prepare_dir), "n_intents": len(labels), "intent_labels": labels,
             "n_categories": len(cats), "dim": cfg.teacher.dim, "max_history": cfg.tasks.recommendation.max_history,
             "max_length": cfg.teacher.max_length, "lexical_dim": cfg.teacher.lexical_dim,
+            "lexical_buckets": cfg.teacher.lexical_buckets,
             "item_category": [0, 1] + items["category_idx"].tolist(), "tasks": list(cfg.tasks.enabled())}
 
 
 def build(backbone, meta: dict) -> Teacher:
     return Teacher(backbone, n_items=meta["n_items"], n_intents=meta["n_intents"],
                    item_category=torch.tensor(meta["item_category"]), n_categories=meta["n_categories"],
-                   dim=meta["dim"], max_history=meta["max_history"], lexical_dim=meta.get("lexical_dim", 0))
+                   dim=meta["dim"], max_history=meta["max_history"], lexical_dim=meta.get("lexical_dim", 0),
+                   lexical_buckets=meta.get("lexical_buckets", 1 << 16))
 
 
 def save_weights(model: nn.Module, path: str) -> None:
@@ -88,42 +90,31 @@ def load_model(path: str, device: str = "cpu") -> tuple[Teacher, object, dict]:
 
 
 # ------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
+def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") -> dict:
+    """The teacher as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_vectors()
+
+    def rec(hist):
+        return model.rec_scores(hist.to(device), items).float().cpu().numpy()
+
+    def ctr(hist, item, slot):
+        return torch.sigmoid(model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items).float()).cpu().numpy()
+
+    def intent(texts):
+        inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
+        return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
+
+    return {t: f for t, f in {"recommendation": rec, "ctr": ctr, "intent": intent}.items() if t in tasks}
+
+
 def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max_length: int,
              device="cpu", batch: int = 512, seed: int = 0) -> dict:
     """Metrics of `model` on one split of every task (the metric module's names)."""
-    model.eval()
-    out = {}
-    items = model.item_vectors()
-    if "recommendation" in tasks:
-        df = read_split(prepare_dir, "recommendation", split)
-        hists = [np.asarray(h, dtype=np.int64) for h in df["history"]]
-        targets = df["item"].to_numpy(np.int64)
-        max_len = model.user_tower.pos.num_embeddings - 1
-        rec = M.evaluate_ranking(
-            lambda a, b: model.rec_scores(pad_histories(hists[a:b], max_len).to(device), items).float().cpu().numpy(),
-            targets, hists, model.item_text.shape[0], seed, batch)
-        out["recommendation"] = rec
-    if "ctr" in tasks:
-        df = read_split(prepare_dir, "ctr", split)
-        probs = []
-        for a in range(0, len(df), 4 * batch):
-            part = df.iloc[a:a + 4 * batch]
-            logits = model.ctr_logits(pad_histories(part["history"], model.user_tower.pos.num_embeddings - 1).to(device),
-                                      torch.as_tensor(part["item"].to_numpy(np.int64), device=device),
-                                      torch.as_tensor(part["slot"].fillna(-1).to_numpy(np.int64), device=device), items)
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        out["ctr"] = M.ctr_metrics(df["label"].to_numpy(), np.concatenate(probs) if probs else np.zeros(0),
-                                   df["user_id"].to_numpy())
-    if "intent" in tasks:
-        df = read_split(prepare_dir, "intent", split)
-        preds = []
-        for a in range(0, len(df), 128):
-            enc = tokenizer(df["text"].iloc[a:a + 128].tolist(), padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt").to(device)
-            preds.append(model.intent_logits(enc["input_ids"], enc["attention_mask"]).argmax(-1).cpu().numpy())
-        out["intent"] = M.intent_metrics(df["label"].to_numpy(), np.concatenate(preds) if preds else np.zeros(0))
-    return out
+    return evaluation.evaluate(predictors(model, tokenizer, tasks, max_length, device), prepare_dir, split,
+                               n_items=model.item_text.shape[0], max_history=model.user_tower.pos.num_embeddings - 1,
+                               seed=seed, batch=batch)
 
 
 def item_token_batches(texts: list[str], tokenizer, max_length: int, device, batch: int = 128):
@@ -151,8 +142,8 @@ class MultiTaskLoss(nn.Module):
             logits = t.ctr_logits(batch["ctr_history"], batch["ctr_item"], batch["ctr_slot"], items)
             losses["ctr"] = F.binary_cross_entropy_with_logits(logits, batch["ctr_label"])
         if "input_ids" in batch:
-            losses["intent"] = F.cross_entropy(t.intent_logits(batch["input_ids"], batch["attention_mask"]),
-                                               batch["intent_label"])
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "bag_ids", "bag_offsets") if k in batch}
+            losses["intent"] = F.cross_entropy(t.intent_logits(**inputs), batch["intent_label"])
         losses["total"] = sum(self.weights[k] * v for k, v in losses.items())
         return losses
 
@@ -216,9 +207,8 @@ def _to_tensors(task: str, df, tokenizer, cfg: RunConfig, device, rng: np.random
     texts = df["text"].tolist()
     if rng is not None:  # training: augmented; evaluation and labeling see the texts as they are
         texts = add_typos(drop_words(texts, cfg.teacher.word_drop_augment, rng), cfg.teacher.typo_augment, rng)
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.teacher.max_length,
-                    return_tensors="pt")
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+    buckets = cfg.teacher.lexical_buckets if cfg.teacher.lexical_dim else 0
+    return {**text_inputs(tokenizer, texts, max_length=cfg.teacher.max_length, buckets=buckets, device=device),
             "intent_label": torch.as_tensor(df["label"].to_numpy(np.int64), device=device)}
 
 
@@ -244,7 +234,7 @@ def train_loop(config: dict) -> None:
     heads = [p for n, p in teacher.named_parameters() if not n.startswith(("backbone.", "lexical."))]
     groups = [{"params": list(teacher.backbone.parameters()), "lr": cfg.teacher.lr},
               {"params": heads, "lr": cfg.teacher.head_lr}]
-    if teacher.lexical is not None:  # its rare word-piece rows see few updates: a rate of their own, no decay
+    if teacher.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
         groups.append({"params": list(teacher.lexical.parameters()), "lr": cfg.teacher.lexical_lr, "weight_decay": 0.0})
     optim = torch.optim.AdamW(groups, weight_decay=cfg.teacher.weight_decay,
                               fused=True)  # one kernel per step instead of a loop over tensors

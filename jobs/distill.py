@@ -1,0 +1,13 @@
+"""Ray job: distil the multi-task student and the no-KD baseline from the teacher's labels (the `distill` stage).
+
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/demo.yaml [key=value ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout, installed or not
+
+from distillery.cli import job_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(job_main(stages="distill"))

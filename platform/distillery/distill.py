@@ -1,0 +1,346 @@
+"""The `distill` stage: one small multi-task student trained from the teacher's labels and the hard
+labels, as a Ray Train job, and the no-distillation baseline (every alpha = 0, same budget) trained
+the same way. Outputs RUN_DIR/distill/{student,student_no_kd}/{model/, history.json, metrics.json}.
+
+Tasks are data: `TASKS` says, per task, which columns a training example needs and how the student
+turns a batch into the arguments of that task's loss module (`losses.py`); the training loop is
+one loop over whichever tasks are enabled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from . import evaluation, storage
+from . import student as S
+from .config import RunConfig
+from .errors import StageError
+from .losses import LOSSES
+from .progress import say
+from .teacher import SCORE_METRIC
+from .teacher_model import pad_list_array, set_threads
+
+VARIANTS = ("student", "student_no_kd")
+
+
+# ------------------------------------------------------------------------------ tasks as data
+def _rec_tensors(t: pa.Table, meta: dict) -> dict:
+    return {"history": pad_list_array(t.column("history"), meta["max_history"]),
+            "target": _np(t, "item", np.int64), "top_ids": _stack(t, "top_ids", np.int64),
+            # a list longer than the unseen catalogue ends in masked (-inf) scores: weight ~0, not NaN
+            "top_scores": _stack(t, "top_scores", np.float32).clamp(min=-1e4)}
+
+
+def _ctr_tensors(t: pa.Table, meta: dict) -> dict:
+    return {"history": pad_list_array(t.column("history"), meta["ctr_history"]), "item": _np(t, "item", np.int64),
+            "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
+            "label": _np(t, "label", np.float32), "teacher": _np(t, "logit", np.float32)}
+
+
+def _intent_tensors(t: pa.Table, meta: dict) -> dict:
+    bag = t.column("bag").combine_chunks()
+    return {"bag_values": torch.from_numpy(pc.list_flatten(bag).to_numpy().astype(np.int64)),
+            "bag_offsets": torch.from_numpy(bag.offsets.to_numpy().astype(np.int64)),
+            "label": _np(t, "label", np.int64), "teacher": _stack(t, "logits", np.float32)}
+
+
+def _rec_forward(model, b: dict, items: torch.Tensor) -> tuple:
+    return model.rec_scores(b["history"], items), b["target"], b["top_ids"], b["top_scores"]
+
+
+def _ctr_forward(model, b: dict, items: torch.Tensor) -> tuple:
+    return model.ctr_logits(b["history"], b["item"], b["slot"], items), b["teacher"], b["label"]
+
+
+def _intent_forward(model, b: dict, items: torch.Tensor) -> tuple:
+    return model.intent_logits(b["bag_ids"], b["bag_offsets"]), b["teacher"], b["label"]
+
+
+@dataclass(frozen=True)
+class Task:
+    example_columns: tuple[str, ...]
+    label_columns: tuple[str, ...]
+    tensors: Callable[[pa.Table, dict], dict]  # a worker's whole shard -> tensors indexed by example
+    forward: Callable  # (student, batch, item vectors) -> the task loss module's arguments
+
+
+TASKS = {
+    "recommendation": Task(("example_id", "history", "item"), ("top_ids", "top_scores"), _rec_tensors, _rec_forward),
+    "ctr": Task(("example_id", "history", "item", "slot", "label"), ("logit",), _ctr_tensors, _ctr_forward),
+    "intent": Task(("example_id", "text", "label"), ("logits",), _intent_tensors, _intent_forward),
+}
+
+
+def _np(t: pa.Table, col: str, dtype) -> torch.Tensor:
+    return torch.from_numpy(t.column(col).to_numpy().astype(dtype))
+
+
+def _stack(t: pa.Table, col: str, dtype) -> torch.Tensor:
+    """list column of equal-length lists -> [N, K]."""
+    arr = t.column(col).combine_chunks()
+    flat = pc.list_flatten(arr).to_numpy().astype(dtype)
+    return torch.from_numpy(flat.reshape(len(arr), -1) if len(arr) else flat.reshape(0, 0))
+
+
+def _select(tensors: dict, idx: torch.Tensor, device) -> dict:
+    """Rows `idx` of a task's tensors; the intent bag is rebuilt as flat ids + offsets."""
+    out = {k: v[idx].to(device) for k, v in tensors.items() if k not in ("bag_values", "bag_offsets")}
+    if "bag_values" in tensors:
+        starts, ends = tensors["bag_offsets"][idx], tensors["bag_offsets"][idx + 1]
+        lengths = ends - starts
+        flat = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths) + torch.arange(int(lengths.sum()))
+        out["bag_ids"] = tensors["bag_values"][flat].to(device)
+        out["bag_offsets"] = (torch.cumsum(lengths, 0) - lengths).to(device)
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+class DistillLoss(nn.Module):
+    """The student plus one loss module per task: forward(batches) -> {task: loss, "total": sum w_t loss_t}.
+    One module, so DDP synchronizes one forward."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, tasks: list[str], kd: bool):
+        super().__init__()
+        self.model, self.tasks = model, tasks
+        self.weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
+        self.losses = nn.ModuleDict({t: LOSSES[t](getattr(cfg.tasks, t).temperature,
+                                                  getattr(cfg.tasks, t).alpha if kd else 0.0) for t in tasks})
+
+    def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
+        items = self.model.item_vectors()
+        out = {t: self.losses[t](*TASKS[t].forward(self.model, b, items)) for t, b in batches.items()}
+        out["total"] = sum(self.weights[t] * v for t, v in out.items())
+        return out
+
+
+def _shares(cfg: RunConfig, tasks: list[str]) -> dict[str, int]:
+    """Examples per task in each step's batch."""
+    missing = [t for t in tasks if cfg.distill.mix.get(t, 0) <= 0]
+    if missing:
+        raise StageError(f"distill.mix gives no share to the enabled task(s) {', '.join(missing)}: "
+                         f"set e.g. distill.mix.{missing[0]}=0.2, or disable it with tasks.{missing[0]}.enabled=false")
+    total = sum(cfg.distill.mix[t] for t in tasks)
+    return {t: max(1, round(cfg.distill.batch_size * cfg.distill.mix[t] / total)) for t in tasks}
+
+
+def combined_score(valid: dict, teacher_valid: dict) -> float:
+    """Mean over tasks of student metric / teacher metric (NDCG@10, AUC, macro-F1)."""
+    ratios = [valid[t][m] / teacher_valid[t][m] for t, m in SCORE_METRIC.items()
+              if t in valid and t in teacher_valid and teacher_valid[t][m] and not math.isnan(valid[t][m])]
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker function: one variant (student or student_no_kd)."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    dc, variant, out_dir = cfg.distill, config["variant"], config["out_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_threads(dc.cpus_per_worker)
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    tasks, meta, prepare_dir = config["tasks"], config["meta"], config["prepare_dir"]
+
+    from transformers import AutoTokenizer
+    with storage.local_copy(config["tokenizer_dir"]) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    student = S.build_for_run(meta, prepare_dir, tokenizer)
+    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "text.weight" not in n]
+    rest = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "text.weight" not in n)]
+    # the text bag's rare rows see few updates: no weight decay pulling them back to zero
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": dc.weight_decay},
+                               {"params": rest, "weight_decay": 0.0}], lr=dc.lr)
+    shares, steps = config["shares"], config["steps"]
+    total = steps * dc.epochs
+    warmup = int(dc.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
+    ck = ray.train.get_checkpoint()
+    if ck:
+        with ck.as_directory() as d:
+            student.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+            sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
+            state = json.load(open(os.path.join(d, "state.json")))
+        if rank == 0:
+            say(f"[distill] {variant}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
+    student.to(device)
+    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
+    model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else loss_fn
+    data = {}
+    for t in tasks:
+        parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
+        data[t] = TASKS[t].tensors(pa.concat_tables(parts), meta) if parts else None
+    sizes = {t: (len(v["bag_offsets"]) - 1 if "bag_offsets" in v else len(next(iter(v.values())))) if v else 0
+             for t, v in data.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    for epoch in range(state["epoch"], dc.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+        sums, n = {}, 0
+        for _ in range(steps):
+            batches = {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)
+                       for t in tasks if sizes[t]}
+            with autocast:
+                losses = model(batches)
+            optim.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n += 1
+        t_train = time.perf_counter() - t0
+        student.eval()
+        valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
+                                    n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
+        score = combined_score(valid, config["teacher_valid"])
+        improved = score > state["best"]
+        state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(n, 1) for k, v in sums.items()},
+                                 "valid": valid, "seconds": round(time.perf_counter() - t0, 1)})
+        state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if rank == 0:
+            line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
+            say(f"[distill] {variant} epoch {epoch + 1}/{dc.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
+                f"{line}  score={score:.4f} (of the teacher){'  *best' if improved else ''}  "
+                f"({state['history'][-1]['seconds']}s: {n} steps {t_train:.0f}s)")
+            if improved:
+                S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                from safetensors.torch import save_file
+                save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+                          os.path.join(d, "model.safetensors"))
+                torch.save(optim.state_dict(), os.path.join(d, "optimizer.pt"))
+                torch.save(sched.state_dict(), os.path.join(d, "scheduler.pt"))
+                json.dump(state, open(os.path.join(d, "state.json"), "w"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"epoch": epoch + 1, "valid_score": score}, checkpoint=checkpoint)
+        if state["bad_epochs"] > dc.patience:
+            if rank == 0:
+                say(f"[distill] {variant}: early stop, no better validation score for {state['bad_epochs']} epoch(s)")
+            break
+    if rank == 0:
+        storage.write_json(storage.join(out_dir, "history.json"), state["history"])
+
+
+# ------------------------------------------------------------------------------ the stage
+def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table:
+    """Train examples of `task` joined with their teacher labels by example id (every example must
+    have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
+    import pyarrow.parquet as pq
+
+    spec = TASKS[task]
+    ex_dir = storage.join(cfg.run_dir, "prepare", "examples", task, "train")
+    lab_dir = storage.join(cfg.run_dir, "label", task, "train")
+    fs, path = storage.resolve(ex_dir)
+    examples = pq.read_table(path, filesystem=fs, columns=list(spec.example_columns))
+    fs, path = storage.resolve(lab_dir)
+    labels = pq.read_table(path, filesystem=fs, columns=["example_id", *spec.label_columns])
+    # joined by position (Arrow's hash join does not carry list columns)
+    pos = pc.index_in(examples.column("example_id"), value_set=labels.column("example_id"))
+    matched = examples.num_rows - pos.null_count
+    if matched != examples.num_rows or labels.num_rows != examples.num_rows:
+        raise StageError(f"{task}/train: {examples.num_rows} examples in {ex_dir} but {labels.num_rows} labels in "
+                         f"{lab_dir} ({matched} matched by example_id). Re-run the label stage with --force.")
+    table = examples
+    for col in spec.label_columns:
+        table = table.append_column(col, labels.column(col).take(pos))
+    if task == "intent":  # the text bag is built once here, not every step
+        texts = table.column("text").to_pylist()
+        ids, offsets = S.text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
+        bounds = np.append(offsets.numpy(), len(ids)).astype(np.int32)
+        table = table.drop(["text"]).append_column("bag", pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.numpy(), pa.int32())))
+    return table
+
+
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    teacher_dir = storage.join(cfg.run_dir, "teacher", "model")
+    for need, stage in ((storage.join(teacher_dir, "teacher.json"), "teacher"),
+                        (storage.join(cfg.run_dir, "label", "manifest.json"), "label")):
+        if not storage.exists(need):
+            raise StageError(f"{need} is missing: run the {stage} stage first (--stages teacher,label,distill)")
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
+    tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["valid"]]
+    with storage.local_copy(teacher_dir) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    meta = S.student_meta(cfg, prepare_dir, tokenizer)
+    tables = {t: training_table(cfg, t, tokenizer, meta) for t in tasks}
+    datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in tables.items()}
+    counts = {t: tb.num_rows for t, tb in tables.items()}
+    shares = _shares(cfg, tasks)
+    steps = cfg.distill.steps_per_epoch or max(1, math.ceil(sum(counts.values()) / cfg.distill.batch_size
+                                                             / cfg.distill.num_workers))
+    say(f"[distill] {counts} train examples; {steps} steps per epoch of {shares} examples per worker")
+    summary = {}
+    for variant in VARIANTS:
+        vdir = storage.join(out_dir, variant)
+        if storage.exists(storage.join(vdir, "metrics.json")):  # finished before an interruption
+            summary[variant] = storage.read_json(storage.join(vdir, "metrics.json"))
+            say(f"[distill] {variant}: already trained, kept")
+            continue
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "out_dir": vdir,
+                               "prepare_dir": prepare_dir, "tokenizer_dir": teacher_dir, "meta": meta, "tasks": tasks,
+                               "shares": shares, "steps": steps, "teacher_valid": teacher_metrics["valid"]},
+            datasets=datasets,
+            scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
+                                         resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
+            run_config=TrainRunConfig(name=f"distill-{variant}", storage_path=storage.join(out_dir, "ray_train"),
+                                      failure_config=FailureConfig(max_failures=cfg.distill.max_failures),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        model, tok, _ = S.load(storage.join(vdir, "model"))
+        history = storage.read_json(storage.join(vdir, "history.json"))
+        best = max(history, key=lambda h: h["score"])
+        test = evaluation.evaluate(S.predictors(model, tok, meta, tasks), prepare_dir, "test", n_items=meta["n_items"],
+                                   max_history=meta["max_history"], seed=cfg.seed)
+        summary[variant] = {"valid": best["valid"], "test": test, "valid_score": best["score"],
+                            "best_epoch": best["epoch"] + 1, "epochs_run": len(history),
+                            "params": sum(p.numel() for p in model.parameters())}
+        storage.write_json(storage.join(vdir, "metrics.json"), summary[variant])
+    storage.remove(storage.join(out_dir, "ray_train"))
+    _print_table(teacher_metrics, summary)
+    return {"counts": {"train_examples": counts}, "steps_per_epoch": steps, "batch_shares": shares,
+            **{v: {"valid_score": s["valid_score"], "best_epoch": s["best_epoch"], "params": s["params"],
+                   "test": s["test"]} for v, s in summary.items()}}
+
+
+def _print_table(teacher_metrics: dict, summary: dict) -> None:
+    print("[distill] test metrics:")
+    print(f"  {'task':<15} {'metric':<9} {'teacher':>8} {'student':>8} {'no-KD':>8}")
+    for task, metric in SCORE_METRIC.items():
+        if task in summary["student"]["test"]:
+            print(f"  {task:<15} {metric:<9} {teacher_metrics['test'][task][metric]:>8.4f} "
+                  f"{summary['student']['test'][task][metric]:>8.4f} {summary['student_no_kd']['test'][task][metric]:>8.4f}")

@@ -1,0 +1,336 @@
+"""The `report` stage: teacher, students and baselines side by side in RUN_DIR/report/
+(report.json, report.md, PNG plots).
+
+report.json (a contract; later stages add their models under "models" and "tasks"):
+    {"dataset": {...counts...},
+     "models": {name: {"params", "bytes", "cpu_latency_ms": {"p50", "p99"},
+                       "cpu_throughput": {"batch1", "batch256"}}},
+     "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}}}
+
+Latency: one request = one example of every task (a user's history scored against the whole
+catalogue, one CTR candidate, one shopping text), tokenization included, item vectors cached as a
+server would, each model's per-task functions run as TorchScript traces (`_traced`). All models
+are timed in this one process on one thread (a Serve replica's CPU),
+interleaved in blocks of 20 requests in a shuffled order of models, so machine noise hits them
+alike and each runs warm, as on its own replica. Throughput is requests per second at batch 1
+(1000 / mean latency) and at batch 256.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from . import storage
+from . import student as S
+from .config import RunConfig
+from .data.examples import read_split
+from .errors import StageError
+from .progress import say
+from .teacher import SCORE_METRIC, load_model
+from .teacher_model import pad_histories, text_inputs
+
+METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],
+           "ctr": ["auc", "gauc", "logloss"], "intent": ["accuracy", "macro_f1"]}
+
+
+# ------------------------------------------------------------------------------ latency
+def _requests(prepare_dir: str, tasks, n: int, seed: int) -> list[dict]:
+    """n requests drawn from the test split, each with one example of every task."""
+    rng = np.random.default_rng(seed)
+    frames = {t: read_split(prepare_dir, t, "test") for t in tasks}
+    rows = {t: df.iloc[rng.integers(0, len(df), n)] for t, df in frames.items() if len(df)}
+    out = []
+    for i in range(n):
+        r = {}
+        if "recommendation" in rows:
+            r["rec_history"] = list(rows["recommendation"]["history"].iloc[i])
+        if "ctr" in rows:
+            row = rows["ctr"].iloc[i]
+            r["ctr"] = (list(row["history"]), int(row["item"]), -1 if row["slot"] != row["slot"] else int(row["slot"]))
+        if "intent" in rows:
+            r["text"] = rows["intent"]["text"].iloc[i]
+        out.append(r)
+    return out
+
+
+def _server(rec, ctr, intent, rec_history: int, ctr_history: int):
+    """serve(requests) -> seconds per task; inputs are built inside the timed part, as a server would."""
+    def serve(reqs: list[dict]) -> dict[str, float]:
+        took, t0 = {}, time.perf_counter()
+        if "rec_history" in reqs[0]:
+            rec(pad_histories([r["rec_history"] for r in reqs], rec_history)).topk(10, dim=1)
+            took["recommendation"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if "ctr" in reqs[0]:
+            torch.sigmoid(ctr(pad_histories([r["ctr"][0] for r in reqs], ctr_history),
+                              torch.tensor([r["ctr"][1] for r in reqs]), torch.tensor([r["ctr"][2] for r in reqs])))
+            took["ctr"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if "text" in reqs[0]:
+            intent([r["text"] for r in reqs]).softmax(-1)
+            took["intent"] = time.perf_counter() - t0
+        return took
+    return serve
+
+
+class _Call(torch.nn.Module):
+    """fn(model, *inputs) as a module, so that its trace can be frozen."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
+
+
+def _traced(model: torch.nn.Module, fn, *example):
+    """fn(model, *inputs) as a frozen TorchScript trace: eager PyTorch spends ~10 us of Python
+    dispatch per op on this CPU, most of a small model's time at batch 1. Teacher and students are
+    all timed this way, as a CPU server would run them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values baked into the graph
+        return torch.jit.freeze(torch.jit.trace(_Call(model, fn).eval(), example, check_trace=False))
+
+
+def _heads(model, items, rec_history: int, ctr_history: int):
+    h_rec, h_ctr = torch.zeros(2, rec_history, dtype=torch.long), torch.zeros(2, ctr_history, dtype=torch.long)
+    h_rec[:, -1] = h_ctr[:, -1] = 2
+    two = torch.tensor([2, 3])
+    rec = _traced(model, lambda m, h: m.rec_scores(h, items), h_rec)
+    ctr = _traced(model, lambda m, h, i, s: m.ctr_logits(h, i, s, items), h_ctr, two, torch.tensor([-1, 0]))
+    return rec, ctr
+
+
+@torch.inference_mode()
+def teacher_server(model, tokenizer, max_length: int, ctr_history: int):
+    model.eval().requires_grad_(False)  # a trace keeps the weights as constants
+    items = model.item_vectors()
+    rec_history = model.user_tower.pos.num_embeddings - 1
+    rec, ctr = _heads(model, items, rec_history, ctr_history)
+
+    def inputs(texts):
+        return tuple(text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets).values())
+
+    intent = _traced(model, lambda m, *x: m.intent_logits(*x), *inputs(["red gel pen", "a longer query about chairs"]))
+    return _server(rec, ctr, lambda texts: intent(*inputs(texts)), rec_history, ctr_history)
+
+
+@torch.inference_mode()
+def student_server(model, tokenizer, meta: dict):
+    model.eval().requires_grad_(False)
+    items = model.item_vectors()
+    rec_history, ctr_history = meta["max_history"], meta.get("ctr_history", meta["max_history"])
+    rec, ctr = _heads(model, items, rec_history, ctr_history)
+
+    def inputs(texts):
+        return S.text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
+
+    intent = _traced(model, lambda m, ids, offsets: m.intent_logits(ids, offsets),
+                     *inputs(["red gel pen", "a longer query about chairs"]))
+    return _server(rec, ctr, lambda texts: intent(*inputs(texts)), rec_history, ctr_history)
+
+
+@torch.inference_mode()
+def measure_latency(servers: dict, requests: list[dict], *, repeats_256: int = 3, warmup: int = 10,
+                    block: int = 20) -> dict:
+    """{name: {"cpu_latency_ms": {p50, p99}, "cpu_latency_ms_by_task": {task: p50},
+    "cpu_throughput": {batch1, batch256}}}; interleaved in blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {name: [] for name in servers}
+        for r in requests[:warmup]:
+            for serve in servers.values():
+                serve([r])
+        # Blocks of `block` requests per model, the models in a fresh order every round: drift on a
+        # noisy machine hits all alike, and each model runs warm as on its own replica rather than
+        # right after another model has swept the caches (that cost the students ~0.1 ms a request).
+        rng = np.random.default_rng(0)
+        for a in range(0, len(requests), block):
+            for name in rng.permutation(list(servers)):
+                for r in requests[a:a + block]:
+                    times[name].append({t: s * 1000 for t, s in servers[name]([r]).items()})
+        big = (requests * (256 // len(requests) + 1))[:256]
+        t256 = {name: [] for name in servers}
+        for _ in range(repeats_256):
+            for name, serve in servers.items():
+                t256[name].append(sum(serve(big).values()))
+    finally:
+        torch.set_num_threads(threads)
+    out = {}
+    for name, per_request in times.items():
+        total = [sum(r.values()) for r in per_request]
+        out[name] = {"cpu_latency_ms": {"p50": float(np.percentile(total, 50)), "p99": float(np.percentile(total, 99))},
+                     "cpu_latency_ms_by_task": {t: float(np.median([r[t] for r in per_request])) for t in per_request[0]},
+                     "cpu_throughput": {"batch1": 1000.0 / float(np.mean(total)),
+                                        "batch256": 256 / statistics.median(t256[name])}}
+    return out
+
+
+# ------------------------------------------------------------------------------ the stage
+def _size(model_dir: str) -> int:
+    fs, path = storage.resolve(storage.join(model_dir, "model.safetensors"))
+    return fs.get_file_info(path).size
+
+
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
+    tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["test"]]
+    teacher_dir = storage.join(cfg.run_dir, "teacher", "model")
+    teacher, t_tok, t_meta = load_model(teacher_dir)
+    variants = {}
+    for name in ("student", "student_no_kd"):
+        d = storage.join(cfg.run_dir, "distill", name)
+        if not storage.exists(storage.join(d, "metrics.json")):
+            raise StageError(f"{d}/metrics.json is missing: run the distill stage first (--stages distill,report)")
+        variants[name] = (*S.load(storage.join(d, "model")), storage.read_json(storage.join(d, "metrics.json")),
+                          storage.join(d, "model"))
+
+    say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
+    requests = _requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
+    servers = {"teacher": teacher_server(teacher, t_tok, t_meta["max_length"], cfg.tasks.ctr.max_history),
+               **{n: student_server(m, tok, meta) for n, (m, tok, meta, _, _) in variants.items()}}
+    speed = measure_latency(servers, requests)
+    models = {"teacher": {"params": sum(p.numel() for p in teacher.parameters()), "bytes": _size(teacher_dir),
+                          **speed["teacher"]}}
+    for n, (m, _, _, _, d) in variants.items():
+        models[n] = {"params": sum(p.numel() for p in m.parameters()), "bytes": _size(d), **speed[n]}
+
+    task_report = {}
+    for t in tasks:
+        task_report[t] = {"teacher": teacher_metrics["test"][t],
+                          **{n: v[3]["test"][t] for n, v in variants.items()},
+                          "baselines": teacher_metrics.get("baselines", {}).get(t, {})}
+    prep = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
+    report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
+              "models": models, "tasks": task_report}
+    histories = {"teacher": _read_history(storage.join(cfg.run_dir, "teacher", "history.json")),
+                 **{n: _read_history(storage.join(cfg.run_dir, "distill", n, "history.json")) for n in variants}}
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.write_json(os.path.join(tmp, "report.json"), report)
+        plots = write_plots(report, histories, tmp)
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(markdown(report, plots))
+        storage.upload_dir(tmp, out_dir)
+    print(summary_table(report))
+    return {"models": {n: {"params": m["params"], "p50_ms": round(m["cpu_latency_ms"]["p50"], 3)}
+                       for n, m in models.items()}, "plots": plots}
+
+
+def _read_history(path: str) -> list:
+    return storage.read_json(path) if storage.exists(path) else []
+
+
+# ------------------------------------------------------------------------------ rendering
+def summary_table(report: dict) -> str:
+    names = [n for n in report["models"]]
+    lines = [f"{'':<26}" + "".join(f"{n:>15}" for n in names) + f"{'baseline':>24}"]
+    for t, m in SCORE_METRIC.items():
+        if t in report["tasks"]:
+            row = report["tasks"][t]
+            base = next(iter(row["baselines"].items()), None)
+            lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>15.4f}" for n in names)
+                         + (f"{base[1][m]:>15.4f} ({base[0]})" if base else ""))
+    for key, label in (("params", "parameters"),):
+        lines.append(f"{label:<26}" + "".join(f"{report['models'][n][key]:>15,}" for n in names))
+    lines.append(f"{'latency p50 (ms, batch 1)':<26}" + "".join(f"{report['models'][n]['cpu_latency_ms']['p50']:>15.2f}" for n in names))
+    lines.append(f"{'throughput (req/s, b256)':<26}" + "".join(f"{report['models'][n]['cpu_throughput']['batch256']:>15,.0f}" for n in names))
+    t = report["models"]["teacher"]
+    s = report["models"].get("student")
+    if s:
+        by_task = ", ".join(f"{k} {t['cpu_latency_ms_by_task'][k] / v:.1f}x" for k, v in s["cpu_latency_ms_by_task"].items())
+        lines.append(f"student vs teacher: {t['params'] / s['params']:.1f}x fewer parameters, "
+                     f"{t['cpu_latency_ms']['p50'] / s['cpu_latency_ms']['p50']:.1f}x lower p50 latency at batch 1 "
+                     f"({by_task})")
+    return "[report]\n" + "\n".join("  " + line for line in lines)
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+    names = list(report["models"])
+    out = ["# distillery report", "", "## Test metrics", ""]
+    for t, row in report["tasks"].items():
+        cols = names + [f"{b} (baseline)" for b in row["baselines"]]
+        out += [f"### {t}", "", "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for m in METRICS[t]:
+            vals = [row[n].get(m) for n in names] + [b.get(m) for b in row["baselines"].values()]
+            if all(v is None for v in vals):
+                continue
+            label = m + (" (100 sampled negatives, SASRec protocol)" if m.endswith("_sampled100") else "")
+            out.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.4f}" for v in vals) + " |")
+        out.append("")
+    tasks = list(next(iter(report["models"].values())).get("cpu_latency_ms_by_task", {}))
+    out += ["## Models (CPU, one thread; one request = one example of every task)", "",
+            "| model | parameters | bytes | p50 ms | p99 ms | " + "".join(f"{t} p50 ms | " for t in tasks)
+            + "req/s batch 1 | req/s batch 256 |", "|---|" + "---:|" * (7 + len(tasks))]
+    for n, m in report["models"].items():
+        out.append(f"| {n} | {m['params']:,} | {m['bytes']:,} | {m['cpu_latency_ms']['p50']:.2f} | "
+                   f"{m['cpu_latency_ms']['p99']:.2f} | " + "".join(f"{m['cpu_latency_ms_by_task'][t]:.2f} | " for t in tasks)
+                   + f"{m['cpu_throughput']['batch1']:,.0f} | {m['cpu_throughput']['batch256']:,.0f} |")
+    out += ["", "## Dataset", "", "```", _json(report["dataset"]), "```", ""]
+    out += [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def _json(obj) -> str:
+    import json
+    return json.dumps(obj, indent=2)
+
+
+def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    tasks = [t for t in SCORE_METRIC if t in report["tasks"]]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        m, row = SCORE_METRIC[t], report["tasks"][t]
+        labels = names + list(row["baselines"])
+        vals = [row[n][m] for n in names] + [b[m] for b in row["baselines"].values()]
+        ax.bar(range(len(vals)), vals, color=["C0", "C1", "C2", "C3", "C4"][:len(names)] + ["0.6"] * len(row["baselines"]))
+        ax.set_xticks(range(len(vals)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"{t}: {m} (test)")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "tasks.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, n in enumerate(names):
+        mm = report["models"][n]
+        ax.scatter(mm["params"], mm["cpu_latency_ms"]["p50"], s=60, color=f"C{i}", label=n)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("p50 latency, batch 1 (ms, 1 CPU thread)")
+    ax.legend(fontsize=8)
+    ax.set_title("size vs latency")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "size_latency.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (n, hist) in enumerate(histories.items()):
+        if hist:
+            epochs = [h["epoch"] + 1 for h in hist]
+            axes[0].plot(epochs, [h["loss"].get("total", float("nan")) for h in hist], marker="o", color=f"C{i}", label=n)
+            axes[1].plot(epochs, [h["score"] for h in hist], marker="o", color=f"C{i}", label=n)
+    axes[0].set_title("training loss per epoch")
+    axes[1].set_title("validation score (teacher: mean metric; students: mean ratio to teacher)")
+    axes[1].title.set_fontsize(8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "training.png"), dpi=110)
+    plt.close(fig)
+    return ["tasks.png", "size_latency.png", "training.png"]

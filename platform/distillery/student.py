@@ -1,0 +1,101 @@
+"""Student model i/o and its predictor functions (`evaluation.evaluate`, the report, serving).
+
+A saved student is a folder: `model.safetensors` (never pickle), `student.json` (sizes, intent
+labels, text settings) and the teacher's tokenizer files, which the text bag indexes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from . import storage
+from .config import RunConfig
+from .data.examples import read_items, vocab_size
+from .student_model import Student, text_bag
+
+
+def student_meta(cfg: RunConfig, prepare_dir: str, tokenizer) -> dict:
+    teacher_meta = storage.read_json(storage.join(cfg.run_dir, "teacher", "model", "teacher.json"))
+    sc = cfg.student
+    return {"n_items": vocab_size(prepare_dir), "n_categories": teacher_meta["n_categories"],
+            "n_intents": teacher_meta["n_intents"], "intent_labels": teacher_meta["intent_labels"],
+            "vocab_size": tokenizer.vocab_size, "dim": sc.dim, "text_dim": sc.text_dim,
+            "ngram_buckets": sc.ngram_buckets, "heads": sc.heads, "layers": sc.layers, "dropout": sc.dropout,
+            "max_history": cfg.tasks.recommendation.max_history, "ctr_history": cfg.tasks.ctr.max_history,
+            "max_length": cfg.teacher.max_length,
+            "tasks": list(cfg.tasks.enabled())}
+
+
+def build(meta: dict, item_category: torch.Tensor | None = None, item_texts: list[str] | None = None,
+          tokenizer=None) -> Student:
+    """A fresh student; with `item_texts` (vocabulary order, from id 2) the item bags are built from
+    them, otherwise they are placeholders that `load_state_dict` fills."""
+    n = meta["n_items"]
+    if item_texts is not None:
+        ids, offsets = text_bag(tokenizer, ["", ""] + list(item_texts), max_length=meta["max_length"],
+                                buckets=meta["ngram_buckets"])
+    else:
+        ids, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    return Student(vocab_size=meta["vocab_size"], n_items=n, n_categories=meta["n_categories"],
+                   n_intents=meta["n_intents"],
+                   item_category=item_category if item_category is not None else torch.zeros(n, dtype=torch.long),
+                   item_bag_ids=ids, item_bag_offsets=offsets, dim=meta["dim"], text_dim=meta["text_dim"],
+                   ngram_buckets=meta["ngram_buckets"], heads=meta["heads"],
+                   max_history=max(meta["max_history"], meta.get("ctr_history", 0)),
+                   history_layers=meta["layers"], dropout=meta["dropout"])
+
+
+def build_for_run(meta: dict, prepare_dir: str, tokenizer) -> Student:
+    items = read_items(prepare_dir)
+    category = torch.tensor([0, 1] + items["category_idx"].tolist(), dtype=torch.long)
+    return build(meta, category, items["text"].tolist(), tokenizer)
+
+
+def save(model: Student, tokenizer, meta: dict, out: str) -> None:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "student.json"), "w") as f:
+            json.dump(meta, f)
+        storage.upload_dir(tmp, out)
+
+
+def load(path: str) -> tuple[Student, object, dict]:
+    """(student in eval mode, tokenizer, meta). The item bags' sizes come from the weights file."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    with storage.local_copy(path) as local:
+        meta = json.load(open(os.path.join(local, "student.json")))
+        state = load_file(os.path.join(local, "model.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    model = build(meta)
+    for name in ("item_bag_ids", "item_bag_offsets", "item_category"):
+        setattr(model, name, torch.empty_like(state[name]))  # buffers sized by the saved catalogue
+    model.load_state_dict(state)
+    return model.eval(), tokenizer, meta
+
+
+def predictors(model: Student, tokenizer, meta: dict, tasks, device="cpu") -> dict:
+    """The student as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_vectors()
+
+    def rec(hist):
+        return model.rec_scores(hist.to(device), items).float().cpu().numpy()
+
+    def ctr(hist, item, slot):
+        return torch.sigmoid(model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items)).cpu().numpy()
+
+    def intent(texts):
+        ids, offsets = text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
+        return model.intent_logits(ids.to(device), offsets.to(device)).argmax(-1).cpu().numpy()
+
+    return {t: f for t, f in {"recommendation": rec, "ctr": ctr, "intent": intent}.items() if t in tasks}

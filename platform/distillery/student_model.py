@@ -1,0 +1,117 @@
+"""The student: one small network for the three tasks, sharing its item and text embeddings.
+
+- text:   a bag (mean) of the teacher tokenizer's word pieces and of hashed word / character
+          n-grams (`lexical.py`) in one table of width `text_dim`, projected to `dim`. No
+          attention over the text: a request costs a few hundred lookups.
+- items:  item-ID embedding + projected text bag of the item's text (title | brand | category,
+          the teacher's) + category embedding. The item token bags are buffers saved with the
+          weights, so a loaded student needs no catalogue file to score.
+- users:  positions + one small transformer layer over the history's item vectors, then
+          attention pooling with a learned query. The pooling weights say which history items
+          weighed most (serving returns them as explanations).
+- heads:  recommendation = user . item + item bias over the whole catalogue; CTR = MLP over
+          (user, candidate, product, |difference|, candidate category, slot); intent = MLP over
+          the text vector.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lexical import text_features
+from .teacher_model import MAX_SLOTS
+
+PAD, UNKNOWN = 0, 1
+
+
+def text_bag(tokenizer, texts: list[str], *, max_length: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> (ids [N], offsets [B]) for `Student.text_vectors`: the word pieces (at most
+    `max_length`, no [CLS]/[SEP]) and, with `buckets` > 0, the n-gram ids shifted past the vocabulary."""
+    texts = [t or "" for t in texts]
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    ids: list[int] = []
+    offsets: list[int] = []
+    for text, p in zip(texts, pieces):
+        offsets.append(len(ids))
+        ids.extend(p)
+        if buckets:
+            ids.extend(i + tokenizer.vocab_size for i in text_features(text, buckets))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+
+class Student(nn.Module):
+    def __init__(self, *, vocab_size: int, n_items: int, n_categories: int, n_intents: int,
+                 item_category: torch.Tensor, item_bag_ids: torch.Tensor, item_bag_offsets: torch.Tensor,
+                 dim: int = 64, text_dim: int = 32, ngram_buckets: int = 16384, max_history: int = 50,
+                 heads: int = 2, history_layers: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.vocab_size, self.ngram_buckets, self.max_history = vocab_size, ngram_buckets, max_history
+        self.text = nn.EmbeddingBag(vocab_size + ngram_buckets, text_dim, mode="mean")
+        nn.init.normal_(self.text.weight, std=0.1)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.item = nn.Embedding(n_items, dim, padding_idx=PAD)
+        nn.init.normal_(self.item.weight, std=0.02)
+        self.category = nn.Embedding(max(n_categories, 1), dim)
+        nn.init.normal_(self.category.weight, std=0.02)
+        self.item_bias = nn.Embedding(n_items, 1)
+        nn.init.zeros_(self.item_bias.weight)
+        self.position = nn.Embedding(max_history + 1, dim)
+        self.history = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True),
+            history_layers, enable_nested_tensor=False) if history_layers else None
+        self.pool_query = nn.Parameter(torch.randn(dim) * 0.02)
+        self.slot = nn.Embedding(MAX_SLOTS + 1, 8)  # index 0 = unknown slot
+        self.ctr_mlp = nn.Sequential(nn.Linear(5 * dim + 8, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
+        self.intent_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(dim, max(n_intents, 1)))
+        self.register_buffer("item_category", item_category.long(), persistent=True)
+        self.register_buffer("item_bag_ids", item_bag_ids.long(), persistent=True)
+        self.register_buffer("item_bag_offsets", item_bag_offsets.long(), persistent=True)
+
+    # ---- shared parts
+    def text_vectors(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flat bag ids [N] and offsets [B] (`text_bag`) -> [B, dim]."""
+        return self.text_proj(self.text(ids, offsets))
+
+    def item_vectors(self) -> torch.Tensor:
+        """[n_items, dim] for the whole catalogue: cheap enough to recompute every step."""
+        return (self.item.weight + self.text_vectors(self.item_bag_ids, self.item_bag_offsets)
+                + self.category(self.item_category))
+
+    def user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history [B, H] item ids, right-aligned, 0 = padding; items [n_items, dim]
+        -> (users [B, dim], pooling weights [B, H]; all zero for an empty history)."""
+        mask = history != PAD
+        h = items[history] + self.position(torch.arange(history.shape[1], device=history.device).flip(0))[None]
+        if self.history is not None:
+            # a row with no history would attend to nothing (NaN): let it see its first pad
+            pad_mask = ~mask
+            pad_mask[:, 0] &= mask.any(1)
+            h = self.history(h, src_key_padding_mask=pad_mask)
+        logits = (h @ self.pool_query) / h.shape[-1] ** 0.5
+        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+        return (weights[..., None] * h).sum(1), weights
+
+    # ---- heads
+    def rec_scores(self, history: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H] -> [B, n_items]; padding and unknown ids score -inf."""
+        items = self.item_vectors() if items is None else items
+        users, _ = self.user_vectors(history, items)
+        scores = users @ items.T + self.item_bias.weight.T
+        scores[:, :2] = float("-inf")
+        return scores
+
+    def ctr_logits(self, history: torch.Tensor, item: torch.Tensor, slot: torch.Tensor,
+                   items: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, H], candidate item [B], slot [B] (-1 = unknown) -> [B] click logits."""
+        items = self.item_vectors() if items is None else items
+        users, _ = self.user_vectors(history, items)
+        cand = items[item]
+        x = torch.cat([users, cand, users * cand, (users - cand).abs(), self.category(self.item_category[item]),
+                       self.slot((slot + 1).clamp(0, MAX_SLOTS))], dim=-1)
+        return self.ctr_mlp(x).squeeze(-1)
+
+    def intent_logits(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flat bag ids [N], offsets [B] -> [B, n_intents]."""
+        return self.intent_mlp(self.text_vectors(ids, offsets))

@@ -1,0 +1,154 @@
+"""The distill stage end to end on a tiny run: the KD student and the no-KD baseline are trained by
+Ray Train from the label stage's output, saved, evaluated, and a re-run keeps what finished."""
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from distillery import distill, runner, storage
+from distillery.errors import StageError
+
+
+@pytest.fixture(scope="module")
+def labelled(prepared, tiny_bert, tmp_path_factory):
+    """A run dir with the shared prepare output, a tiny untrained teacher with its metrics, and labels."""
+    from distillery import teacher
+    from distillery.teacher_model import load_backbone
+
+    cfg, run_dir, _ = prepared
+    new = tmp_path_factory.mktemp("distillrun")
+    shutil.copytree(run_dir / "prepare", new / "prepare")
+    cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
+    backbone, tok = load_backbone(tiny_bert)
+    meta = teacher.model_meta(cfg, str(new / "prepare"))
+    torch.manual_seed(0)
+    model = teacher.build(backbone, meta).eval()
+    model.item_text.normal_()
+    teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
+    valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length)
+    test = teacher.evaluate(model, tok, str(new / "prepare"), "test", meta["tasks"], cfg.teacher.max_length)
+    storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": {}})
+    storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
+    # the label stage's output, computed in-process (the label tests run the stage itself)
+    import pyarrow.parquet as pq
+
+    from distillery import label
+    items = model.item_vectors()
+    for task in meta["tasks"]:
+        batch = pq.read_table(new / "prepare" / "examples" / task / "train")
+        if task == "recommendation":
+            cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=8, device="cpu")
+        elif task == "ctr":
+            cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
+        else:
+            cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
+        (new / "label" / task / "train").mkdir(parents=True)
+        pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
+                                schema=label.LABEL_SCHEMAS[task]), new / "label" / task / "train" / "part-0.parquet")
+    storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
+    return cfg, new
+
+
+def _small(cfg, **distill_kw):
+    return cfg.model_copy(update={
+        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
+        "distill": cfg.distill.model_copy(update={"epochs": 2, "steps_per_epoch": 4, "batch_size": 64,
+                                                  "cpus_per_worker": 1.0, **distill_kw})})
+
+
+def test_shares_split_the_batch_by_the_mix_and_refuse_a_task_without_one(prepared):
+    cfg = prepared[0]
+    assert distill._shares(cfg, ["recommendation", "ctr", "intent"]) == {"recommendation": 154, "ctr": 256, "intent": 102}
+    cfg2 = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"mix": {"ctr": 1.0}})})
+    assert distill._shares(cfg2, ["ctr"]) == {"ctr": 512}
+    with pytest.raises(StageError, match="distill.mix gives no share to the enabled task"):
+        distill._shares(cfg2, ["ctr", "intent"])
+
+
+def test_select_rebuilds_the_intent_bags_of_the_chosen_rows():
+    bag = pa.array([[1, 2], [], [3, 4, 5], [6]], pa.list_(pa.int32()))
+    t = pa.table({"bag": bag, "label": pa.array([0, 1, 2, 3], pa.int32()),
+                  "logits": pa.array([[0.0, 1.0]] * 4, pa.list_(pa.float32()))})
+    tensors = distill._intent_tensors(t, {})
+    out = distill._select(tensors, torch.tensor([2, 1, 0, 2]), "cpu")
+    assert out["bag_ids"].tolist() == [3, 4, 5, 1, 2, 3, 4, 5]
+    assert out["bag_offsets"].tolist() == [0, 3, 3, 5] and out["label"].tolist() == [2, 1, 0, 2]
+
+
+def test_combined_score_is_the_mean_ratio_to_the_teacher():
+    teacher = {"recommendation": {"ndcg@10": 0.2}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.5}}
+    student = {"recommendation": {"ndcg@10": 0.1}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.6}}
+    assert distill.combined_score(student, teacher) == pytest.approx((0.5 + 1.0 + 1.2) / 3)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_local")
+def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_variants(labelled, capfd):
+    cfg, run_dir = labelled
+    cfg = _small(cfg)
+    m = runner.run(cfg, ["distill"])["distill"]
+    assert "[distill] test metrics" in capfd.readouterr().out
+    for variant in distill.VARIANTS:
+        d = run_dir / "distill" / variant
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert set(metrics["test"]) == {"recommendation", "ctr", "intent"}
+        assert {"ndcg@10", "hr@10", "mrr"} <= set(metrics["test"]["recommendation"])
+        assert len(json.loads((d / "history.json").read_text())) == 2
+        assert (d / "model" / "model.safetensors").exists() and (d / "model" / "student.json").exists()
+        assert m[variant]["params"] > 0 and np.isfinite(m[variant]["valid_score"])
+    assert not (run_dir / "distill" / "ray_train").exists()
+    # the two variants differ only in alpha: same seed and data, different weights
+    from distillery import student as S
+    a = S.load(str(run_dir / "distill" / "student" / "model"))[0]
+    b = S.load(str(run_dir / "distill" / "student_no_kd" / "model"))[0]
+    assert not torch.equal(a.intent_mlp[-1].weight, b.intent_mlp[-1].weight)
+
+    # interrupted after the KD student finished: a re-run keeps it and trains only the baseline
+    kept = (run_dir / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns
+    (run_dir / "distill" / "manifest.json").unlink()
+    shutil.rmtree(run_dir / "distill" / "student_no_kd")
+    runner.run(cfg, ["distill"])
+    out = capfd.readouterr().out
+    assert "resuming an interrupted run" in out and "student: already trained, kept" in out
+    assert (run_dir / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns == kept
+    assert (run_dir / "distill" / "student_no_kd" / "metrics.json").exists()
+
+    # the report stage: the contract of report.json, the markdown and the plots
+    cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"latency_requests": 10})})
+    runner.run(cfg, ["report"])
+    rep = json.loads((run_dir / "report" / "report.json").read_text())
+    assert set(rep) == {"dataset", "models", "tasks"}
+    assert set(rep["models"]) == {"teacher", "student", "student_no_kd"}
+    for m in rep["models"].values():
+        assert m["params"] > 0 and m["bytes"] > 0
+        assert 0 < m["cpu_latency_ms"]["p50"] <= m["cpu_latency_ms"]["p99"]
+        assert set(m["cpu_throughput"]) == {"batch1", "batch256"} and min(m["cpu_throughput"].values()) > 0
+        assert set(m["cpu_latency_ms_by_task"]) == {"recommendation", "ctr", "intent"}
+    assert rep["models"]["teacher"]["params"] > 10 * rep["models"]["student"]["params"]
+    assert set(rep["tasks"]) == {"recommendation", "ctr", "intent"}
+    for task, metric in (("recommendation", "mrr"), ("ctr", "gauc"), ("intent", "macro_f1")):
+        assert set(rep["tasks"][task]) == {"teacher", "student", "student_no_kd", "baselines"}
+        assert all(metric in rep["tasks"][task][n] for n in ("teacher", "student", "student_no_kd"))
+    md = (run_dir / "report" / "report.md").read_text()
+    for png in ("tasks.png", "size_latency.png", "training.png"):
+        assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    assert "student vs teacher:" in capfd.readouterr().out
+
+
+def test_report_markdown_labels_the_sampled_protocol_and_the_summary_gives_the_ratios():
+    from distillery import report
+
+    speed = {"cpu_latency_ms": {"p50": 10.0, "p99": 12.0}, "cpu_latency_ms_by_task": {"intent": 10.0},
+             "cpu_throughput": {"batch1": 100.0, "batch256": 300.0}}
+    small = {**speed, "cpu_latency_ms": {"p50": 0.5, "p99": 0.9}, "cpu_latency_ms_by_task": {"intent": 0.5}}
+    rec = {"hr@10": 0.2, "ndcg@10": 0.1, "mrr": 0.1, "hr@10_sampled100": 0.6, "ndcg@10_sampled100": 0.3}
+    rep = {"dataset": {"users": 3}, "models": {"teacher": {"params": 1000, "bytes": 4000, **speed},
+                                               "student": {"params": 50, "bytes": 200, **small}},
+           "tasks": {"recommendation": {"teacher": rec, "student": rec, "baselines": {"popularity": rec}}}}
+    md = report.markdown(rep, ["tasks.png"])
+    assert "| ndcg@10_sampled100 (100 sampled negatives, SASRec protocol) | 0.3000 | 0.3000 | 0.3000 |" in md
+    assert "| student | 50 | 200 | 0.50 | 0.90 | 0.50 |" in md and "![tasks.png](tasks.png)" in md
+    assert "20.0x fewer parameters, 20.0x lower p50 latency at batch 1 (intent 20.0x)" in report.summary_table(rep)

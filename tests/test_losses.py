@@ -1,0 +1,108 @@
+"""Distillation losses against their formulas written out by hand, and their gradients."""
+import math
+
+import pytest
+import torch
+
+from distillery.losses import CtrKD, IntentKD, RecommendationKD
+
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_intent_loss_is_the_formula():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    t = torch.tensor([[1.0, 1.5, 0.0], [-1.0, 2.0, 0.5]])
+    y = torch.tensor([0, 2])
+    T, a = 3.0, 0.7
+    want = 0.0
+    for i in range(2):
+        ce = -math.log(_softmax(s[i].tolist())[y[i]])
+        p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        want += ((1 - a) * ce + a * T * T * kl) / 2
+    assert IntentKD(T, a)(s, t, y).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ctr_loss_is_the_formula():
+    s, t, y = torch.tensor([1.5, -0.5, 0.2]), torch.tensor([2.0, -3.0, 0.0]), torch.tensor([1.0, 0.0, 0.0])
+    T, a = 2.0, 0.4
+    want = 0.0
+    for si, ti, yi in zip(s.tolist(), t.tolist(), y.tolist()):
+        hard = -(yi * math.log(_sigmoid(si)) + (1 - yi) * math.log(1 - _sigmoid(si)))
+        p, q = _sigmoid(ti / T), _sigmoid(si / T)
+        soft = -(p * math.log(q) + (1 - p) * math.log(1 - q))
+        want += ((1 - a) * hard + a * T * T * soft) / 3
+    assert CtrKD(T, a)(s, t, y).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_recommendation_loss_is_softmax_ce_plus_kl_over_the_teachers_list():
+    scores = torch.tensor([[0.1, 2.0, -1.0, 0.5, 1.0], [1.0, 0.0, 0.3, -0.2, 2.0]])
+    target = torch.tensor([1, 4])
+    top_ids = torch.tensor([[1, 4, 3], [4, 0, 2]])
+    top_scores = torch.tensor([[5.0, 3.0, 1.0], [4.0, 2.5, 2.0]])
+    T, a = 4.0, 0.5
+    want = 0.0
+    for i in range(2):
+        ce = -math.log(_softmax(scores[i].tolist())[target[i]])
+        p = _softmax((top_scores[i] / T).tolist())
+        q = _softmax([scores[i, j].item() / T for j in top_ids[i].tolist()])
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        want += ((1 - a) * ce + a * T * T * kl) / 2
+    assert RecommendationKD(T, a)(scores, target, top_ids, top_scores).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_alpha_zero_is_the_hard_loss_alone_and_alpha_one_the_soft_loss_alone():
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    assert IntentKD(5.0, 0.0)(s, t, y).item() == pytest.approx(torch.nn.functional.cross_entropy(s, y).item())
+    assert IntentKD(1.0, 1.0)(s, s, y).item() == pytest.approx(0.0, abs=1e-6)  # same logits: no KL
+
+
+def test_t_squared_keeps_the_soft_gradient_on_scale():
+    """For large T the KL gradient shrinks as 1/T^2; times T^2 it tends to a constant
+    ((s - t) / C per logit, the logit-matching limit), so the soft term stays comparable."""
+    torch.manual_seed(0)
+    s0, t = torch.randn(8, 6), torch.randn(8, 6)
+    y = torch.zeros(8, dtype=torch.long)
+    norms = []
+    for T in (10.0, 100.0):
+        s = s0.clone().requires_grad_(True)
+        IntentKD(T, 1.0)(s, t, y).backward()
+        norms.append(s.grad.norm().item())
+    s = s0.clone().requires_grad_(True)
+    limit = ((s0 - s0.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))) / 6 / 8  # batchmean over 8
+    assert norms[1] == pytest.approx(limit.norm().item(), rel=1e-2)
+    assert norms[0] == pytest.approx(norms[1], rel=0.1)
+
+
+@pytest.mark.parametrize("loss", ["intent", "ctr", "recommendation"])
+def test_gradients_match_finite_differences(loss):
+    torch.manual_seed(0)
+    dt = torch.float64
+    if loss == "intent":
+        t, y = torch.randn(3, 4, dtype=dt), torch.tensor([0, 3, 1])
+        fn = lambda s: IntentKD(2.5, 0.6)(s, t, y)  # noqa: E731
+        s = torch.randn(3, 4, dtype=dt, requires_grad=True)
+    elif loss == "ctr":
+        t, y = torch.randn(5, dtype=dt), torch.tensor([1.0, 0, 0, 1, 0], dtype=dt)
+        fn = lambda s: CtrKD(3.0, 0.3)(s, t, y)  # noqa: E731
+        s = torch.randn(5, dtype=dt, requires_grad=True)
+    else:
+        ids, sc, tgt = torch.tensor([[1, 2], [0, 3]]), torch.randn(2, 2, dtype=dt), torch.tensor([2, 0])
+        fn = lambda s: RecommendationKD(2.0, 0.5)(s, tgt, ids, sc)  # noqa: E731
+        s = torch.randn(2, 5, dtype=dt, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        IntentKD(0.0, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        CtrKD(2.0, 1.5)

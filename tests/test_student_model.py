@@ -1,0 +1,71 @@
+"""The student network: shapes, empty histories, the text bag, save and load."""
+import numpy as np
+import pytest
+import torch
+
+from distillery.student_model import Student, text_bag
+from distillery.teacher_model import load_backbone
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_bert):
+    return load_backbone(tiny_bert)[1]
+
+
+def _student(tok, **kw):
+    texts = ["", "", "red gel pen", "bike helmet mips", "espresso beans dark roast", "stapler"]
+    ids, offsets = text_bag(tok, texts, max_length=16, buckets=kw.get("ngram_buckets", 256))
+    torch.manual_seed(0)
+    return Student(vocab_size=tok.vocab_size, n_items=6, n_categories=3, n_intents=4,
+                   item_category=torch.tensor([0, 1, 2, 2, 0, 1]), item_bag_ids=ids, item_bag_offsets=offsets,
+                   dim=16, text_dim=8, ngram_buckets=kw.get("ngram_buckets", 256), max_history=5,
+                   heads=2, history_layers=kw.get("layers", 1)).eval()
+
+
+def test_text_bag_is_word_pieces_then_ngrams_past_the_vocabulary(tok):
+    ids, offsets = text_bag(tok, ["Bike helmet", ""], max_length=16, buckets=100)
+    pieces = tok(["Bike helmet"], add_special_tokens=False)["input_ids"][0]
+    assert offsets.tolist() == [0, len(ids)]  # the empty text is an empty bag at the end
+    assert ids[:len(pieces)].tolist() == pieces
+    assert all(tok.vocab_size <= i < tok.vocab_size + 100 for i in ids[len(pieces):].tolist())
+    ids0, _ = text_bag(tok, ["Bike helmet"], max_length=16, buckets=0)
+    assert ids0.tolist() == pieces
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_heads_have_the_documented_shapes_and_empty_histories_are_finite(tok, layers):
+    m = _student(tok, layers=layers)
+    hist = torch.tensor([[0, 0, 2, 3, 4], [0, 0, 0, 0, 0]])  # the second user has no history
+    scores = m.rec_scores(hist)
+    assert scores.shape == (2, 6) and torch.isinf(scores[:, :2]).all() and torch.isfinite(scores[:, 2:]).all()
+    users, weights = m.user_vectors(hist, m.item_vectors())
+    assert torch.allclose(weights[0].sum(), torch.tensor(1.0)) and (weights[0, :2] == 0).all()
+    assert (weights[1] == 0).all() and torch.isfinite(users).all()
+    assert m.ctr_logits(hist, torch.tensor([5, 2]), torch.tensor([0, -1])).shape == (2,)
+    ids, offsets = text_bag(tok, ["red pen", "helmet", ""], max_length=16, buckets=256)
+    assert m.intent_logits(ids, offsets).shape == (3, 4)
+
+
+def test_padding_does_not_change_a_users_scores(tok):
+    m = _student(tok)
+    short = m.rec_scores(torch.tensor([[2, 3]]))
+    padded = m.rec_scores(torch.tensor([[0, 0, 0, 2, 3]]))
+    assert torch.allclose(short[:, 2:], padded[:, 2:], atol=1e-5)
+
+
+def test_save_and_load_give_the_same_outputs(tok, tmp_path):
+    from distillery import student as S
+
+    m = _student(tok)
+    meta = {"n_items": 6, "n_categories": 3, "n_intents": 4, "intent_labels": list("abcd"), "vocab_size": tok.vocab_size,
+            "dim": 16, "text_dim": 8, "ngram_buckets": 256, "heads": 2, "layers": 1, "dropout": 0.1,
+            "max_history": 5, "ctr_history": 5, "max_length": 16, "tasks": ["recommendation", "ctr", "intent"]}
+    S.save(m, tok, meta, str(tmp_path / "s"))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith("tokenizer") and
+                  p.name not in ("special_tokens_map.json", "vocab.txt")) == ["model.safetensors", "student.json"]
+    loaded, tok2, meta2 = S.load(str(tmp_path / "s"))
+    hist = torch.tensor([[0, 2, 3, 4, 5]])
+    assert torch.allclose(loaded.rec_scores(hist), m.rec_scores(hist))
+    p = S.predictors(loaded, tok2, meta2, ["intent"])
+    assert list(p) == ["intent"] and p["intent"](["red pen", "stapler"]).shape == (2,)
+    assert meta2 == meta and not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "s").iterdir())
