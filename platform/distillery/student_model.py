@@ -6,8 +6,8 @@
 - items:  item-ID embedding + projected text bag of the item's text (title | brand | category,
           the teacher's) + category embedding. The item token bags are buffers saved with the
           weights, so a loaded student needs no catalogue file to score.
-- users:  positions + one small transformer layer over the history's item vectors, then
-          attention pooling with a learned query. The pooling weights say which history items
+- users:  positions + `history_layers` small transformer layers (0: none, as both configs use)
+          over the history's item vectors, then attention pooling with a learned query. The pooling weights say which history items
           weighed most (serving returns them as explanations).
 - heads:  recommendation = user . item + item bias over the whole catalogue; CTR = MLP over
           (user, candidate, product, |difference|, candidate category, slot); intent = MLP over
