@@ -8,10 +8,7 @@ one loop over whichever tasks are enabled.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from . import evaluation, storage
+from . import evaluation, storage, trainstate
 from . import student as S
 from .config import RunConfig
 from .errors import StageError
@@ -145,7 +142,6 @@ def train_loop(config: dict) -> None:
     """Ray Train worker function: one variant (student or student_no_kd)."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
 
     cfg = RunConfig.model_validate(config["cfg"])
     dc, variant, out_dir = cfg.distill, config["variant"], config["out_dir"]
@@ -167,17 +163,11 @@ def train_loop(config: dict) -> None:
                                {"params": rest, "weight_decay": 0.0}], lr=dc.lr)
     shares, steps = config["shares"], config["steps"]
     total = steps * dc.epochs
-    warmup = int(dc.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    sched = trainstate.warmup_linear(optim, total, dc.warmup_ratio)
     state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
-    ck = ray.train.get_checkpoint()
-    if ck:
-        with ck.as_directory() as d:
-            student.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
-            state = json.load(open(os.path.join(d, "state.json")))
+    restored = trainstate.restore(student, optim, sched)
+    if restored:
+        state = restored
         if rank == 0:
             say(f"[distill] {variant}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     student.to(device)
@@ -226,17 +216,7 @@ def train_loop(config: dict) -> None:
                 f"({state['history'][-1]['seconds']}s: {n} steps {t_train:.0f}s)")
             if improved:
                 S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                from safetensors.torch import save_file
-                save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
-                          os.path.join(d, "model.safetensors"))
-                torch.save(optim.state_dict(), os.path.join(d, "optimizer.pt"))
-                torch.save(sched.state_dict(), os.path.join(d, "scheduler.pt"))
-                json.dump(state, open(os.path.join(d, "state.json"), "w"))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"epoch": epoch + 1, "valid_score": score}, checkpoint=checkpoint)
+        trainstate.report_epoch(student, optim, sched, state, {"epoch": epoch + 1, "valid_score": score}, rank)
         if state["bad_epochs"] > dc.patience:
             if rank == 0:
                 say(f"[distill] {variant}: early stop, no better validation score for {state['bad_epochs']} epoch(s)")

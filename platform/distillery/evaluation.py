@@ -17,6 +17,18 @@ from .data.examples import read_split
 from .teacher_model import pad_histories
 
 
+def item_head_predictors(model, items: torch.Tensor, device="cpu") -> dict:
+    """The recommendation and CTR predictors of any model with `rec_scores(history, items)` and
+    `ctr_logits(history, item, slot, items)` (teacher and student alike), item vectors given once."""
+    def rec(hist):
+        return model.rec_scores(hist.to(device), items).float().cpu().numpy()
+
+    def ctr(hist, item, slot):
+        return torch.sigmoid(model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items).float()).cpu().numpy()
+
+    return {"recommendation": rec, "ctr": ctr}
+
+
 @torch.no_grad()
 def evaluate(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
              seed: int = 0, batch: int = 512) -> dict:

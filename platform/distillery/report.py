@@ -238,8 +238,7 @@ def summary_table(report: dict) -> str:
             base = next(iter(row["baselines"].items()), None)
             lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>15.4f}" for n in names)
                          + (f"{base[1][m]:>15.4f} ({base[0]})" if base else ""))
-    for key, label in (("params", "parameters"),):
-        lines.append(f"{label:<26}" + "".join(f"{report['models'][n][key]:>15,}" for n in names))
+    lines.append(f"{'parameters':<26}" + "".join(f"{report['models'][n]['params']:>15,}" for n in names))
     lines.append(f"{'latency p50 (ms, batch 1)':<26}" + "".join(f"{report['models'][n]['cpu_latency_ms']['p50']:>15.2f}" for n in names))
     lines.append(f"{'throughput (req/s, b256)':<26}" + "".join(f"{report['models'][n]['cpu_throughput']['batch256']:>15,.0f}" for n in names))
     t = report["models"]["teacher"]

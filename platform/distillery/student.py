@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from . import storage
+from . import evaluation, storage
 from .config import RunConfig
 from .data.examples import read_items, vocab_size
 from .student_model import Student, text_bag
@@ -88,14 +88,9 @@ def predictors(model: Student, tokenizer, meta: dict, tasks, device="cpu") -> di
     with torch.no_grad():
         items = model.item_vectors()
 
-    def rec(hist):
-        return model.rec_scores(hist.to(device), items).float().cpu().numpy()
-
-    def ctr(hist, item, slot):
-        return torch.sigmoid(model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items)).cpu().numpy()
-
     def intent(texts):
         ids, offsets = text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
         return model.intent_logits(ids.to(device), offsets.to(device)).argmax(-1).cpu().numpy()
 
-    return {t: f for t, f in {"recommendation": rec, "ctr": ctr, "intent": intent}.items() if t in tasks}
+    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+            if t in tasks}

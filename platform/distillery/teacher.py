@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import baselines, evaluation, metrics as M, storage
+from . import baselines, evaluation, metrics as M, storage, trainstate
 from .config import RunConfig
 from .data.examples import read_items, vocab_size
 from .progress import say
@@ -96,17 +96,12 @@ def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") 
     with torch.no_grad():
         items = model.item_vectors()
 
-    def rec(hist):
-        return model.rec_scores(hist.to(device), items).float().cpu().numpy()
-
-    def ctr(hist, item, slot):
-        return torch.sigmoid(model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items).float()).cpu().numpy()
-
     def intent(texts):
         inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
         return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
 
-    return {t: f for t, f in {"recommendation": rec, "ctr": ctr, "intent": intent}.items() if t in tasks}
+    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+            if t in tasks}
 
 
 def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max_length: int,
@@ -216,7 +211,6 @@ def train_loop(config: dict) -> None:
     """Ray Train worker function."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
 
     cfg = RunConfig.model_validate(config["cfg"])
     prepare_dir, out_dir = config["prepare_dir"], config["out_dir"]
@@ -242,18 +236,12 @@ def train_loop(config: dict) -> None:
         else max(1, math.ceil(max(counts.values()) / world / cfg.teacher.batch_size))  # no intent: one pass of the largest task
     sizes = {t: cfg.teacher.intent_batch_size if t == "intent" else cfg.teacher.batch_size for t in tasks}
     total = steps * cfg.teacher.epochs
-    warmup = int(cfg.teacher.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    sched = trainstate.warmup_linear(optim, total, cfg.teacher.warmup_ratio)
     state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
 
-    ck = ray.train.get_checkpoint()
-    if ck:
-        with ck.as_directory() as d:
-            teacher.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
-            state = json.load(open(os.path.join(d, "state.json")))
+    restored = trainstate.restore(teacher, optim, sched)
+    if restored:
+        state = restored
         if rank == 0:
             say(f"[teacher] resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     teacher.to(device)
@@ -306,15 +294,7 @@ def train_loop(config: dict) -> None:
                 f"{t_items:.0f}s, {n} steps {t_train:.0f}s, valid {time.perf_counter() - t0 - t_items - t_train:.0f}s)")
             if improved:
                 save_model(teacher, tokenizer, meta, storage.join(out_dir, "model"))
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                save_weights(teacher, os.path.join(d, "model.safetensors"))
-                torch.save(optim.state_dict(), os.path.join(d, "optimizer.pt"))
-                torch.save(sched.state_dict(), os.path.join(d, "scheduler.pt"))
-                json.dump(state, open(os.path.join(d, "state.json"), "w"))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"epoch": epoch + 1, "valid_score": score}, checkpoint=checkpoint)
+        trainstate.report_epoch(teacher, optim, sched, state, {"epoch": epoch + 1, "valid_score": score}, rank)
         if state["bad_epochs"] > cfg.teacher.patience:
             if rank == 0:
                 say(f"[teacher] early stop: no better validation score for {state['bad_epochs']} epoch(s)")
