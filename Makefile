@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/labeling.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/tune_compress.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,7 +17,9 @@ def ray_local():
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # the dashboard (loopback) as `distillery run` starts it: Train V2 cleans up placement
+        # groups through the State API, which needs it
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -89,3 +91,50 @@ def tiny_teacher(tiny_bert):
     model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
                     dim=16, max_history=5)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def labelled(prepared, tiny_bert, tmp_path_factory):
+    """(config, run dir) shared by the distill and tune/compress tests: the prepare output, a tiny
+    untrained teacher with its metrics, and labels. Later stages skip what an earlier test ran
+    with the same config (their manifests match)."""
+    import shutil
+
+    import pyarrow as pa
+    import torch
+
+    from distillery import storage, teacher
+    from distillery.teacher_model import load_backbone
+
+    cfg, run_dir, _ = prepared
+    new = tmp_path_factory.mktemp("distillrun")
+    shutil.copytree(run_dir / "prepare", new / "prepare")
+    cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
+    backbone, tok = load_backbone(tiny_bert)
+    meta = teacher.model_meta(cfg, str(new / "prepare"))
+    torch.manual_seed(0)
+    model = teacher.build(backbone, meta).eval()
+    model.item_text.normal_()
+    teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
+    valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length)
+    test = teacher.evaluate(model, tok, str(new / "prepare"), "test", meta["tasks"], cfg.teacher.max_length)
+    storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": {}})
+    storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
+    # the label stage's output, computed in-process (the label tests run the stage itself)
+    import pyarrow.parquet as pq
+
+    from distillery import label
+    items = model.item_vectors()
+    for task in meta["tasks"]:
+        batch = pq.read_table(new / "prepare" / "examples" / task / "train")
+        if task == "recommendation":
+            cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=8, device="cpu")
+        elif task == "ctr":
+            cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
+        else:
+            cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
+        (new / "label" / task / "train").mkdir(parents=True)
+        pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
+                                schema=label.LABEL_SCHEMAS[task]), new / "label" / task / "train" / "part-0.parquet")
+    storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
+    return cfg, new

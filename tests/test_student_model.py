@@ -1,5 +1,4 @@
 """The student network: shapes, empty histories, the text bag, save and load."""
-import numpy as np
 import pytest
 import torch
 

@@ -55,7 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slots", type=int, default=8, help="items shown per impression (default 8)")
     gen.add_argument("--query-rate", type=float, default=0.4, help="share of sessions that are searches (default 0.4)")
     gen.add_argument("--review-rate", type=float, default=0.3, help="share of clicks that get a review (default 0.3)")
+
+    ver = sub.add_parser("verify", help="check a model bundle against its manifest",
+                         description="Recompute the sha256 of every file of BUNDLE and compare it with its "
+                                     "manifest.json. Exits 0 for a good bundle; otherwise 1, naming each file "
+                                     "that is missing, altered or not in the manifest.")
+    ver.add_argument("bundle", help="bundle folder (path or URI), e.g. runs/demo/bundle")
+
+    exp = sub.add_parser("export", help="copy a run's verified bundle out of it",
+                         description="Copy RUN_DIR/bundle to OUT (path or URI), verifying it before and after.")
+    exp.add_argument("run_dir", help="a run directory whose compress stage wrote RUN_DIR/bundle")
+    exp.add_argument("out", help="destination folder (replaced)")
     return parser
+
+
+def cmd_verify(args) -> int:
+    from . import bundle
+
+    try:
+        manifest = bundle.verify(args.bundle)
+    except bundle.BundleError as err:
+        print(f"distillery: {err}", file=sys.stderr)
+        return 1
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"{args.bundle}: OK, {len(manifest['files'])} files ({total / 1e6:.2f} MB) match manifest.json "
+          f"(created {manifest['created']}, distillery {manifest['distillery_version']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import bundle
+
+    manifest = bundle.export(args.run_dir, args.out)
+    print(f"{args.out}: bundle exported and verified ({len(manifest['files'])} files)")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -101,7 +134,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     try:
-        return {"run": cmd_run, "generate-data": cmd_generate}[args.command](args)
+        return {"run": cmd_run, "generate-data": cmd_generate, "verify": cmd_verify,
+                "export": cmd_export}[args.command](args)
     except DistilleryError as err:
         print(f"distillery: error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ overrides (values parsed as YAML scalars/lists), and validates. Unknown keys and
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -218,14 +219,74 @@ class DistillConfig(_Section):
         return self
 
 
+class Range(_Section):
+    """A numeric search range; `log` samples it on a log scale (low must then be > 0)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0 (got {self.low})")
+        return self
+
+
+class TuneSpace(_Section):
+    """What the sweep searches. The per-task ranges are sampled for each enabled task separately
+    (T_t, a_t, w_t); a field set to null is not searched and keeps the run config's value."""
+
+    temperature: Optional[Range] = Field(Range(low=1.0, high=10.0, log=True), description="per-task T_t")
+    alpha: Optional[Range] = Field(Range(low=0.0, high=1.0), description="per-task soft/hard mix a_t")
+    weight: Optional[Range] = Field(Range(low=0.5, high=2.0, log=True), description="per-task loss weight w_t")
+    lr: Optional[Range] = Field(Range(low=1e-3, high=1e-2, log=True), description="AdamW learning rate")
+    dim: Optional[list[int]] = Field(None, description="student widths to choose from (null: keep student.dim)")
+
+    @model_validator(mode="after")
+    def _in_domain(self):
+        if self.temperature is not None and self.temperature.low <= 0:
+            raise ValueError(f"temperature.low must be > 0 (got {self.temperature.low})")
+        if self.alpha is not None and (self.alpha.low < 0 or self.alpha.high > 1):
+            raise ValueError(f"alpha must lie in [0, 1] (got [{self.alpha.low}, {self.alpha.high}])")
+        if self.weight is not None and self.weight.low < 0:
+            raise ValueError(f"weight.low must be >= 0 (got {self.weight.low})")
+        if self.lr is not None and self.lr.low <= 0:
+            raise ValueError(f"lr.low must be > 0 (got {self.lr.low})")
+        if self.dim is not None and (not self.dim or min(self.dim) < 4):
+            raise ValueError(f"dim must be a non-empty list of widths >= 4 (got {self.dim})")
+        return self
+
+
 class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    num_samples: int = Field(16, ge=1, description="trials in the sweep")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once; each takes distill.num_workers "
+                                                             "workers of distill.cpus_per_worker CPUs")
+    search: Literal["optuna", "random"] = Field("optuna", description="optuna: TPE through Ray Tune's OptunaSearch "
+                                                "(learns from finished trials); random: Ray Tune's random sampling")
+    epochs: Optional[int] = Field(None, ge=1, description="epoch budget per trial (default: distill.epochs)")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor at each rung")
+    space: TuneSpace = TuneSpace()
 
 
 class CompressConfig(_Section):
-    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5])
-    max_relative_drop: float = Field(0.01, ge=0, le=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5],
+                                    description="global magnitude pruning levels tried (fractions of weights zeroed)")
+    finetune_steps: int = Field(100, ge=0, description="distillation steps after pruning, masks kept")
+    int8: bool = Field(True, description="also try 8-bit weights (each variant, pruned or not)")
+    max_relative_drop: float = Field(0.01, ge=0, le=1, description="largest validation drop on any task, "
+                                     "relative to the uncompressed student, a kept variant may have")
+    cpus: float = Field(1.0, gt=0, description="CPUs of the Ray task that fine-tunes and evaluates the variants")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        bad = [s for s in self.sparsities if not 0 < s < 1]
+        if bad:
+            raise ValueError(f"sparsities must lie strictly between 0 and 1 (got {bad})")
+        return self
 
 
 class ReportConfig(_Section):
@@ -270,12 +331,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], defaults: dict | None = None) -> dict:
+    """Set each key.sub=value in `raw`. A section the file leaves out is first filled in from
+    `defaults`, so that `tune.space.lr.low=1e-4` changes one bound, not the whole range."""
     for text in overrides:
         parts, value = parse_override(text)
-        node = raw
+        node, default = raw, defaults or {}
         for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            default = default.get(part) if isinstance(default, dict) else None
+            if part not in node:
+                node[part] = copy.deepcopy(default) if isinstance(default, dict) else {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = child
@@ -324,7 +390,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
         source = str(path)
-    raw = apply_overrides(raw, list(overrides or []))
+    raw = apply_overrides(raw, list(overrides or []), RunConfig().model_dump(mode="json"))
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -8,6 +8,7 @@ one loop over whichever tasks are enabled.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ def train_loop(config: dict) -> None:
 
     cfg = RunConfig.model_validate(config["cfg"])
     dc, variant, out_dir = cfg.distill, config["variant"], config["out_dir"]
+    name = config.get("name", variant)  # how progress lines call this run (a Tune trial's id)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(dc.cpus_per_worker)
@@ -169,7 +171,7 @@ def train_loop(config: dict) -> None:
     if restored:
         state = restored
         if rank == 0:
-            say(f"[distill] {variant}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
+            say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     student.to(device)
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
@@ -211,15 +213,17 @@ def train_loop(config: dict) -> None:
         state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
         if rank == 0:
             line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
-            say(f"[distill] {variant} epoch {epoch + 1}/{dc.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
+            say(f"[distill] {name} epoch {epoch + 1}/{dc.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
                 f"{line}  score={score:.4f} (of the teacher){'  *best' if improved else ''}  "
                 f"({state['history'][-1]['seconds']}s: {n} steps {t_train:.0f}s)")
             if improved:
                 S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
-        trainstate.report_epoch(student, optim, sched, state, {"epoch": epoch + 1, "valid_score": score}, rank)
+        trainstate.report_epoch(student, optim, sched, state,
+                                {"epoch": epoch + 1, "valid_score": score,
+                                 **{f"{t}_{m}": valid[t][m] for t, m in SCORE_METRIC.items() if t in valid}}, rank)
         if state["bad_epochs"] > dc.patience:
             if rank == 0:
-                say(f"[distill] {variant}: early stop, no better validation score for {state['bad_epochs']} epoch(s)")
+                say(f"[distill] {name}: early stop, no better validation score for {state['bad_epochs']} epoch(s)")
             break
     if rank == 0:
         storage.write_json(storage.join(out_dir, "history.json"), state["history"])
@@ -255,10 +259,28 @@ def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table
     return table
 
 
-def run(cfg: RunConfig, out_dir: str) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class Inputs:
+    """What every distillation run of one RUN_DIR shares (the distill stage's two variants, the tune
+    stage's trials): the train tables joined with their labels, the student's meta and the batch plan."""
+    cfg: RunConfig
+    tasks: list[str]
+    meta: dict
+    tables: dict[str, pa.Table]
+    shares: dict[str, int]
+    steps: int
+    teacher_metrics: dict
+
+    @property
+    def prepare_dir(self) -> str:
+        return storage.join(self.cfg.run_dir, "prepare")
+
+    @property
+    def teacher_dir(self) -> str:
+        return storage.join(self.cfg.run_dir, "teacher", "model")
+
+
+def inputs(cfg: RunConfig) -> Inputs:
     from transformers import AutoTokenizer
 
     teacher_dir = storage.join(cfg.run_dir, "teacher", "model")
@@ -273,12 +295,56 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(local)
     meta = S.student_meta(cfg, prepare_dir, tokenizer)
     tables = {t: training_table(cfg, t, tokenizer, meta) for t in tasks}
-    datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in tables.items()}
     counts = {t: tb.num_rows for t, tb in tables.items()}
-    shares = _shares(cfg, tasks)
     steps = cfg.distill.steps_per_epoch or max(1, math.ceil(sum(counts.values()) / cfg.distill.batch_size
                                                              / cfg.distill.num_workers))
-    say(f"[distill] {counts} train examples; {steps} steps per epoch of {shares} examples per worker")
+    return Inputs(cfg, tasks, meta, tables, _shares(cfg, tasks), steps, teacher_metrics)
+
+
+def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: dict, *, run_name: str,
+            storage_path: str, meta: dict | None = None, callbacks: tuple = ()):
+    """The TorchTrainer of one distillation run (`cfg` may differ from `inp.cfg` in loss and optimizer
+    settings and the student's width, as a Tune trial's does). Re-created with the same run_name and
+    storage_path, it resumes from its last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "name": run_name,
+                           "out_dir": out_dir, "prepare_dir": inp.prepare_dir, "tokenizer_dir": inp.teacher_dir,
+                           "meta": meta or inp.meta, "tasks": inp.tasks, "shares": inp.shares, "steps": inp.steps,
+                           "teacher_valid": inp.teacher_metrics["valid"]},
+        datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
+                                     resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
+        run_config=TrainRunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
+                                  failure_config=FailureConfig(max_failures=cfg.distill.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+
+
+def finish(inp: Inputs, out_dir: str, meta: dict | None = None) -> dict:
+    """metrics.json of a trained run in `out_dir` (its best epoch's validation, test metrics)."""
+    meta = meta or inp.meta
+    model, tok, _ = S.load(storage.join(out_dir, "model"))
+    history = storage.read_json(storage.join(out_dir, "history.json"))
+    best = max(history, key=lambda h: h["score"])
+    test = evaluation.evaluate(S.predictors(model, tok, meta, inp.tasks), inp.prepare_dir, "test",
+                               n_items=meta["n_items"], max_history=meta["max_history"], seed=inp.cfg.seed)
+    metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
+               "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    import ray
+
+    inp = inputs(cfg)
+    datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
+    counts = {t: tb.num_rows for t, tb in inp.tables.items()}
+    say(f"[distill] {counts} train examples; {inp.steps} steps per epoch of {inp.shares} examples per worker")
     summary = {}
     for variant in VARIANTS:
         vdir = storage.join(out_dir, variant)
@@ -286,33 +352,15 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             summary[variant] = storage.read_json(storage.join(vdir, "metrics.json"))
             say(f"[distill] {variant}: already trained, kept")
             continue
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "out_dir": vdir,
-                               "prepare_dir": prepare_dir, "tokenizer_dir": teacher_dir, "meta": meta, "tasks": tasks,
-                               "shares": shares, "steps": steps, "teacher_valid": teacher_metrics["valid"]},
-            datasets=datasets,
-            scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
-                                         resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
-            run_config=TrainRunConfig(name=f"distill-{variant}", storage_path=storage.join(out_dir, "ray_train"),
-                                      failure_config=FailureConfig(max_failures=cfg.distill.max_failures),
-                                      checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        )
-        result = trainer.fit()
+        result = trainer(inp, cfg, variant, vdir, datasets, run_name=f"distill-{variant}",
+                         storage_path=storage.join(out_dir, "ray_train")).fit()
+        gc.collect()  # release the finished run's controller and so its workers' CPUs (see runner)
         if result.error:
             raise result.error
-        model, tok, _ = S.load(storage.join(vdir, "model"))
-        history = storage.read_json(storage.join(vdir, "history.json"))
-        best = max(history, key=lambda h: h["score"])
-        test = evaluation.evaluate(S.predictors(model, tok, meta, tasks), prepare_dir, "test", n_items=meta["n_items"],
-                                   max_history=meta["max_history"], seed=cfg.seed)
-        summary[variant] = {"valid": best["valid"], "test": test, "valid_score": best["score"],
-                            "best_epoch": best["epoch"] + 1, "epochs_run": len(history),
-                            "params": sum(p.numel() for p in model.parameters())}
-        storage.write_json(storage.join(vdir, "metrics.json"), summary[variant])
+        summary[variant] = finish(inp, vdir)
     storage.remove(storage.join(out_dir, "ray_train"))
-    _print_table(teacher_metrics, summary)
-    return {"counts": {"train_examples": counts}, "steps_per_epoch": steps, "batch_shares": shares,
+    _print_table(inp.teacher_metrics, summary)
+    return {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,
             **{v: {"valid_score": s["valid_score"], "best_epoch": s["best_epoch"], "params": s["params"],
                    "test": s["test"]} for v, s in summary.items()}}
 

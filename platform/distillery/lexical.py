@@ -19,16 +19,20 @@ MIN_N, MAX_N = 3, 5
 
 
 @lru_cache(maxsize=1 << 17)
-def word_features(word: str, buckets: int) -> tuple[int, ...]:
-    """Ids of "<word>" and of its 3..5-character n-grams (words repeat a lot: cached)."""
+def word_features(word: str, buckets: int, shift: int = 0) -> tuple[int, ...]:
+    """Ids (+ `shift`) of "<word>" and of its 3..5-character n-grams (words repeat a lot: cached)."""
     w = f"<{word}>"
     grams = [w] + [w[i:i + n] for n in range(MIN_N, MAX_N + 1) for i in range(len(w) - n + 1)
                    if w[i:i + n] != w]
-    return tuple(zlib.crc32(g.encode("utf-8", "surrogatepass")) % buckets for g in grams)
+    return tuple(zlib.crc32(g.encode("utf-8", "surrogatepass")) % buckets + shift for g in grams)
 
 
-def text_features(text: str, buckets: int) -> list[int]:
-    return [i for word in (text or "").lower().split() for i in word_features(word, buckets)]
+def text_features(text: str, buckets: int, shift: int = 0) -> list[int]:
+    """The features of every lower-cased whitespace-separated word, in order, each id + `shift`."""
+    out: list[int] = []
+    for word in (text or "").lower().split():
+        out += word_features(word, buckets, shift)
+    return out
 
 
 def bag_inputs(texts: list[str], buckets: int) -> tuple[torch.Tensor, torch.Tensor]:

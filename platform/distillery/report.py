@@ -8,12 +8,12 @@ report.json (a contract; later stages add their models under "models" and "tasks
      "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}}}
 
 Latency: one request = one example of every task (a user's history scored against the whole
-catalogue, one CTR candidate, one shopping text), tokenization included, item vectors cached as a
-server would, each model's per-task functions run as TorchScript traces (`_traced`). All models
-are timed in this one process on one thread (a Serve replica's CPU),
-interleaved in blocks of 20 requests in a shuffled order of models, so machine noise hits them
-alike and each runs warm, as on its own replica. Throughput is requests per second at batch 1
-(1000 / mean latency) and at batch 256.
+catalogue, one CTR candidate, one shopping text), tokenization and input tensors included, item
+vectors cached as a server would. The teacher's per-task functions run as frozen TorchScript traces
+(`_traced`), the students through `runtime.StudentRuntime`, the code that serves them. All models
+are timed in this one process on one thread (a Serve replica's CPU), interleaved in blocks of 20
+requests in a shuffled order of models, so machine noise hits them alike and each runs warm, as on
+its own replica. Throughput is requests per second at batch 1 (1000 / mean latency) and at batch 256.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from .data.examples import read_split
 from .errors import StageError
 from .progress import say
 from .teacher import SCORE_METRIC, load_model
-from .teacher_model import pad_histories, text_inputs
+from .runtime import StudentRuntime, pad
+from .student_model import longs
+from .teacher_model import text_inputs
 
 METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],
            "ctr": ["auc", "gauc", "logloss"], "intent": ["accuracy", "macro_f1"]}
@@ -58,16 +60,17 @@ def _requests(prepare_dir: str, tasks, n: int, seed: int) -> list[dict]:
     return out
 
 
-def _server(rec, ctr, intent, rec_history: int, ctr_history: int):
-    """serve(requests) -> seconds per task; inputs are built inside the timed part, as a server would."""
+def _server(rec, ctr, intent, histories):
+    """serve(requests) -> seconds per task; inputs are built inside the timed part, as a server
+    would. histories(id lists, task) -> the padded history tensor the model's rec/ctr take."""
     def serve(reqs: list[dict]) -> dict[str, float]:
         took, t0 = {}, time.perf_counter()
         if "rec_history" in reqs[0]:
-            rec(pad_histories([r["rec_history"] for r in reqs], rec_history)).topk(10, dim=1)
+            rec(histories([r["rec_history"] for r in reqs], "recommendation")).topk(10, dim=1)
             took["recommendation"], t0 = time.perf_counter() - t0, time.perf_counter()
         if "ctr" in reqs[0]:
-            torch.sigmoid(ctr(pad_histories([r["ctr"][0] for r in reqs], ctr_history),
-                              torch.tensor([r["ctr"][1] for r in reqs]), torch.tensor([r["ctr"][2] for r in reqs])))
+            torch.sigmoid(ctr(histories([r["ctr"][0] for r in reqs], "ctr"),
+                              longs([r["ctr"][1] for r in reqs]), longs([r["ctr"][2] for r in reqs])))
             took["ctr"], t0 = time.perf_counter() - t0, time.perf_counter()
         if "text" in reqs[0]:
             intent([r["text"] for r in reqs]).softmax(-1)
@@ -118,22 +121,15 @@ def teacher_server(model, tokenizer, max_length: int, ctr_history: int):
         return tuple(text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets).values())
 
     intent = _traced(model, lambda m, *x: m.intent_logits(*x), *inputs(["red gel pen", "a longer query about chairs"]))
-    return _server(rec, ctr, lambda texts: intent(*inputs(texts)), rec_history, ctr_history)
+    return _server(rec, ctr, lambda texts: intent(*inputs(texts)),
+                   lambda h, task: pad(h, rec_history if task == "recommendation" else ctr_history))
 
 
-@torch.inference_mode()
 def student_server(model, tokenizer, meta: dict):
-    model.eval().requires_grad_(False)
-    items = model.item_vectors()
-    rec_history, ctr_history = meta["max_history"], meta.get("ctr_history", meta["max_history"])
-    rec, ctr = _heads(model, items, rec_history, ctr_history)
-
-    def inputs(texts):
-        return S.text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
-
-    intent = _traced(model, lambda m, ids, offsets: m.intent_logits(ids, offsets),
-                     *inputs(["red gel pen", "a longer query about chairs"]))
-    return _server(rec, ctr, lambda texts: intent(*inputs(texts)), rec_history, ctr_history)
+    """The student as served: `runtime.StudentRuntime` (item and text products folded at load)."""
+    rt = StudentRuntime(model, tokenizer, meta)
+    return _server(rt.rec_scores, rt.ctr_logits, lambda texts: rt.intent_logits(*rt.text_inputs(texts)),
+                   rt.histories)
 
 
 @torch.inference_mode()
@@ -193,6 +189,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         variants[name] = (*S.load(storage.join(d, "model")), storage.read_json(storage.join(d, "metrics.json")),
                           storage.join(d, "model"))
 
+    extra = _later_stages(cfg.run_dir)
+    variants.update(extra)
+
     say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
     requests = _requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
     servers = {"teacher": teacher_server(teacher, t_tok, t_meta["max_length"], cfg.tasks.ctr.max_history),
@@ -202,6 +201,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                           **speed["teacher"]}}
     for n, (m, _, _, _, d) in variants.items():
         models[n] = {"params": sum(p.numel() for p in m.parameters()), "bytes": _size(d), **speed[n]}
+        if n in extra:
+            models[n]["nonzero_params"] = sum(int((p != 0).sum()) for p in m.parameters())
 
     task_report = {}
     for t in tasks:
@@ -211,6 +212,10 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     prep = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
               "models": models, "tasks": task_report}
+    for stage, name in (("tune", "best.json"), ("compress", "variants.json")):
+        path = storage.join(cfg.run_dir, stage, name)
+        if storage.exists(path):
+            report[stage] = storage.read_json(path)
     histories = {"teacher": _read_history(storage.join(cfg.run_dir, "teacher", "history.json")),
                  **{n: _read_history(storage.join(cfg.run_dir, "distill", n, "history.json")) for n in variants}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +229,26 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                        for n, m in models.items()}, "plots": plots}
 
 
+def _later_stages(run_dir: str) -> dict:
+    """{name: (model, tokenizer, meta, metrics, model folder)} of the tune stage's winner
+    ("student_tuned") and the compress stage's kept variant (loaded from the verified bundle), when
+    those stages ran. The kept variant is left out when it is the uncompressed winner itself."""
+    from . import bundle
+
+    out = {}
+    best = storage.join(run_dir, "tune", "best")
+    if storage.exists(storage.join(best, "metrics.json")):
+        out["student_tuned"] = (*S.load(storage.join(best, "model")), storage.read_json(storage.join(best, "metrics.json")),
+                                storage.join(best, "model"))
+    chosen = storage.join(run_dir, "compress", "metrics.json")
+    if storage.exists(chosen):
+        metrics = storage.read_json(chosen)
+        if metrics["variant"] != "student":
+            model, tok, config, _, _ = bundle.load(storage.join(run_dir, "bundle"))
+            out[metrics["variant"]] = (model, tok, config, metrics, storage.join(run_dir, "bundle"))
+    return out
+
+
 def _read_history(path: str) -> list:
     return storage.read_json(path) if storage.exists(path) else []
 
@@ -231,23 +256,32 @@ def _read_history(path: str) -> list:
 # ------------------------------------------------------------------------------ rendering
 def summary_table(report: dict) -> str:
     names = [n for n in report["models"]]
-    lines = [f"{'':<26}" + "".join(f"{n:>15}" for n in names) + f"{'baseline':>24}"]
+    w = {n: max(15, len(n) + 2) for n in names}
+    lines = [f"{'':<26}" + "".join(f"{n:>{w[n]}}" for n in names) + f"{'baseline':>24}"]
     for t, m in SCORE_METRIC.items():
         if t in report["tasks"]:
             row = report["tasks"][t]
             base = next(iter(row["baselines"].items()), None)
-            lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>15.4f}" for n in names)
+            lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>{w[n]}.4f}" for n in names)
                          + (f"{base[1][m]:>15.4f} ({base[0]})" if base else ""))
-    lines.append(f"{'parameters':<26}" + "".join(f"{report['models'][n]['params']:>15,}" for n in names))
-    lines.append(f"{'latency p50 (ms, batch 1)':<26}" + "".join(f"{report['models'][n]['cpu_latency_ms']['p50']:>15.2f}" for n in names))
-    lines.append(f"{'throughput (req/s, b256)':<26}" + "".join(f"{report['models'][n]['cpu_throughput']['batch256']:>15,.0f}" for n in names))
-    t = report["models"]["teacher"]
-    s = report["models"].get("student")
+    models = report["models"]
+    lines.append(f"{'parameters':<26}" + "".join(f"{models[n]['params']:>{w[n]},}" for n in names))
+    lines.append(f"{'weights file (MB)':<26}" + "".join(f"{models[n]['bytes'] / 1e6:>{w[n]}.2f}" for n in names))
+    lines.append(f"{'latency p50 (ms, batch 1)':<26}" + "".join(f"{models[n]['cpu_latency_ms']['p50']:>{w[n]}.2f}" for n in names))
+    lines.append(f"{'throughput (req/s, b256)':<26}" + "".join(f"{models[n]['cpu_throughput']['batch256']:>{w[n]},.0f}" for n in names))
+    t = models["teacher"]
+    s = models.get("student")
     if s:
         by_task = ", ".join(f"{k} {t['cpu_latency_ms_by_task'][k] / v:.1f}x" for k, v in s["cpu_latency_ms_by_task"].items())
         lines.append(f"student vs teacher: {t['params'] / s['params']:.1f}x fewer parameters, "
                      f"{t['cpu_latency_ms']['p50'] / s['cpu_latency_ms']['p50']:.1f}x lower p50 latency at batch 1 "
                      f"({by_task})")
+    kept = report.get("compress") and next((n for n in names if n.startswith("student_") and
+                                            n not in ("student_no_kd", "student_tuned")), None)
+    if kept:
+        ref = models.get("student_tuned") or s
+        lines.append(f"{kept} vs the float32 student it came from: {ref['bytes'] / models[kept]['bytes']:.1f}x smaller file, "
+                     f"{models[kept]['cpu_throughput']['batch256'] / ref['cpu_throughput']['batch256']:.2f}x throughput at batch 256")
     return "[report]\n" + "\n".join("  " + line for line in lines)
 
 
@@ -294,7 +328,7 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
         m, row = SCORE_METRIC[t], report["tasks"][t]
         labels = names + list(row["baselines"])
         vals = [row[n][m] for n in names] + [b[m] for b in row["baselines"].values()]
-        ax.bar(range(len(vals)), vals, color=["C0", "C1", "C2", "C3", "C4"][:len(names)] + ["0.6"] * len(row["baselines"]))
+        ax.bar(range(len(vals)), vals, color=[f"C{i}" for i in range(len(names))] + ["0.6"] * len(row["baselines"]))
         ax.set_xticks(range(len(vals)), labels, rotation=25, ha="right", fontsize=8)
         ax.set_title(f"{t}: {m} (test)")
         for i, v in enumerate(vals):

@@ -8,12 +8,13 @@ same as in the interrupted attempt; otherwise the dir is cleared and the stage r
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, distill, label, prepare, report, storage, teacher
+from . import __version__, compress, distill, label, prepare, report, storage, teacher, tune
 from .config import RunConfig, stable_hash
 from .errors import StageError
 
@@ -27,6 +28,7 @@ class Stage:
     config: Callable[[RunConfig], Any]  # the part of the config whose change invalidates the stage
     inputs: Callable[[RunConfig], list[str]]
     upstream: tuple[str, ...] = ()
+    optional_upstream: tuple[str, ...] = ()  # used when they have run (the report of a run without a sweep)
     resumable: bool = False  # keeps an interrupted attempt's outputs (checkpoints) for the stage to resume
 
 
@@ -62,8 +64,12 @@ AVAILABLE: dict[str, Stage] = {
     "label": Stage("label", label.run, _label_config, lambda cfg: [], upstream=("prepare", "teacher"), resumable=True),
     "distill": Stage("distill", distill.run, _distill_config, lambda cfg: [], upstream=("prepare", "teacher", "label"),
                      resumable=True),
+    "tune": Stage("tune", tune.run, lambda cfg: {**_distill_config(cfg), "tune": cfg.tune.model_dump(mode="json")},
+                  lambda cfg: [], upstream=("prepare", "teacher", "label", "distill"), resumable=True),
+    "compress": Stage("compress", compress.run, lambda cfg: {"compress": cfg.compress.model_dump(mode="json", exclude={"cpus"})},
+                      lambda cfg: [], upstream=("prepare", "teacher", "label", "distill"), optional_upstream=("tune",)),
     "report": Stage("report", report.run, lambda cfg: {"seed": cfg.seed, "report": cfg.report.model_dump(mode="json")},
-                    lambda cfg: [], upstream=("prepare", "teacher", "distill")),
+                    lambda cfg: [], upstream=("prepare", "teacher", "distill"), optional_upstream=("tune", "compress")),
 }
 
 
@@ -98,6 +104,10 @@ def _expected(stage: Stage, cfg: RunConfig) -> dict:
             raise StageError(f"stage {stage.name} needs the {name} stage's output in {cfg.run_dir}: "
                              f"run with --stages {name},{stage.name}")
         upstream[name] = stable_hash(m)
+    for name in stage.optional_upstream:
+        m = read_manifest(cfg.run_dir, name)
+        if m is not None:
+            upstream[name] = stable_hash(m)
     return {
         "config_hash": stable_hash(stage.config(cfg)),
         "inputs": {p: storage.fingerprint(p) for p in stage.inputs(cfg)},
@@ -151,6 +161,9 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
         print(f"[{name}] running -> {out_dir}")
         start = time.perf_counter()
         result = stage.run(cfg, out_dir)
+        # A finished TorchTrainer's controller actor lives until its handle is collected, and with
+        # it the placement group of its workers: the next stage's trainers would wait for those CPUs.
+        gc.collect()
         manifest = {
             "stage": name, "status": "complete", "distillery_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -137,6 +137,18 @@ def upload_dir(local_dir: str, dest: str) -> None:
     pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def upload_file(local_file: str, dest: str) -> None:
+    """Write file `dest` (path or URI) with the contents of `local_file`, replacing it whole."""
+    if not is_uri(dest):
+        import shutil
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        shutil.copyfile(local_file, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        return
+    fs, p = resolve(dest)
+    pafs.copy_files(local_file, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 class local_copy:
     """`with local_copy(path_or_uri) as folder:` a local folder with the same files."""
 

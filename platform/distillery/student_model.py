@@ -15,8 +15,8 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lexical import text_features
@@ -29,15 +29,34 @@ def text_bag(tokenizer, texts: list[str], *, max_length: int, buckets: int) -> t
     """Texts -> (ids [N], offsets [B]) for `Student.text_vectors`: the word pieces (at most
     `max_length`, no [CLS]/[SEP]) and, with `buckets` > 0, the n-gram ids shifted past the vocabulary."""
     texts = [t or "" for t in texts]
-    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # the Rust tokenizer directly: ~15 us a text against ~45 us through the Python wrapper,
+        # a third of a served intent request's time. The wrapper re-sets these on each of its calls.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        encodings = ([backend.encode(texts[0], add_special_tokens=False)] if len(texts) == 1
+                     else backend.encode_batch(texts, add_special_tokens=False))
+        pieces = [e.ids[:max_length] for e in encodings]
+    else:
+        pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
     ids: list[int] = []
     offsets: list[int] = []
+    shift = tokenizer.vocab_size
     for text, p in zip(texts, pieces):
         offsets.append(len(ids))
-        ids.extend(p)
+        ids += p
         if buckets:
-            ids.extend(i + tokenizer.vocab_size for i in text_features(text, buckets))
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+            ids += text_features(text, buckets, shift)
+    return longs(ids), longs(offsets)
+
+
+def longs(values) -> torch.Tensor:
+    """A list of ints (or of equal-length int lists) -> an int64 tensor. Through numpy: ~3x faster
+    than torch.tensor on a list, which a batch-1 request pays several times."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 class Student(nn.Module):
@@ -82,15 +101,17 @@ class Student(nn.Module):
     def user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """history [B, H] item ids, right-aligned, 0 = padding; items [n_items, dim]
         -> (users [B, dim], pooling weights [B, H]; all zero for an empty history)."""
-        mask = history != PAD
-        h = items[history] + self.position(torch.arange(history.shape[1], device=history.device).flip(0))[None]
+        pad = history == PAD
+        # fewest ops at batch 1, where each costs ~5 us: the position rows are a slice of the
+        # table (most recent item = row 0), the 1/sqrt(dim) scale is folded into the query
+        h = items[history] + self.position.weight[:history.shape[1]].flip(0)
         if self.history is not None:
             # a row with no history would attend to nothing (NaN): let it see its first pad
-            pad_mask = ~mask
-            pad_mask[:, 0] &= mask.any(1)
+            pad_mask = pad.clone()
+            pad_mask[:, 0] &= ~pad.all(1)
             h = self.history(h, src_key_padding_mask=pad_mask)
-        logits = (h @ self.pool_query) / h.shape[-1] ** 0.5
-        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)
+        logits = h @ (self.pool_query / h.shape[-1] ** 0.5)
+        weights = torch.softmax(logits.masked_fill(pad, float("-inf")), dim=1).nan_to_num(0.0)
         return (weights[..., None] * h).sum(1), weights
 
     # ---- heads

@@ -1,0 +1,195 @@
+"""The tune and compress stages and the bundle: search space, 8-bit weights, pruning, the choice of
+variant, bundle verification, and the stages end to end on a tiny run."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from distillery import bundle, cli, compress, quant, runner, tune
+from distillery.config import load_config
+from distillery.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------ search space
+@pytest.mark.parametrize("override, key", [
+    ("tune.space.temperature.low=-1", "tune.space.temperature"),
+    ("tune.space.alpha.high=1.5", "alpha must lie in [0, 1]"),
+    ("tune.space.dim=[]", "dim must be a non-empty list"),
+    ("tune.space.lr.low=0.1", "low (0.1) must be below high (0.01)"),
+    ("compress.sparsities=[0.5,1.0]", "sparsities must lie strictly between 0 and 1"),
+])
+def test_an_invalid_search_space_fails_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_one_bound_can_be_overridden_without_restating_the_range():
+    cfg = load_config("configs/demo.yaml", ["tune.space.lr.low=1e-4"])
+    assert (cfg.tune.space.lr.low, cfg.tune.space.lr.high, cfg.tune.space.lr.log) == (1e-4, 1e-2, True)
+
+
+def test_trial_config_puts_sampled_values_in_their_places():
+    cfg = load_config("configs/demo.yaml", ["tune.space.dim=[32,64]"])
+    space = tune.param_space(cfg.tune.space, ["recommendation", "intent"])
+    assert set(space) == {"temperature", "alpha", "weight", "lr", "dim"} and set(space["alpha"]) == {"recommendation", "intent"}
+    params = {"temperature": {"recommendation": 3.5, "intent": 1.5}, "alpha": {"intent": 0.25}, "lr": 0.004, "dim": 32}
+    t = tune.trial_config(cfg, params)
+    assert (t.tasks.recommendation.temperature, t.tasks.intent.temperature, t.tasks.intent.alpha) == (3.5, 1.5, 0.25)
+    assert t.tasks.ctr.temperature == cfg.tasks.ctr.temperature  # not searched: unchanged
+    assert (t.distill.lr, t.student.dim, t.distill.epochs) == (0.004, 32, cfg.tune.epochs)
+
+
+def test_the_defaults_are_the_first_point_clamped_into_the_space():
+    cfg = load_config("configs/demo.yaml", ["tasks.ctr.temperature=20", "tune.space.dim=[32,96]"])
+    point = tune.defaults_point(cfg, cfg.tune.space, ["ctr", "intent"])
+    assert point["temperature"] == {"ctr": 10.0, "intent": 2.0} and point["alpha"] == {"ctr": 0.5, "intent": 0.5}
+    assert point["lr"] == cfg.distill.lr and point["dim"] == 32  # 64 is not a choice: the first one
+
+
+def test_trial_folders_and_errors_are_read_back():
+    assert tune._trial_dir_parts("/x/sweep/_trial_760af7e8_2_ctr=0.6_2026-11-23_04-28-04") == ("760af7e8", 2)
+    assert tune._trial_dir_parts("/x/_trial_3fa1c_00004_5_lr=0.01_2026") == ("3fa1c_00004", 5)
+    err = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n  File x\nValueError: bad trial\n")
+    assert tune._error_line(err) == "ValueError: bad trial"
+
+
+# ------------------------------------------------------------------------------ 8-bit weights
+def test_rowwise_int8_keeps_every_entry_within_half_a_step_of_its_row():
+    torch.manual_seed(0)
+    w = torch.randn(50, 16) * torch.logspace(-3, 1, 50)[:, None]  # rows of very different scales
+    codes, scale, lo = quant.quantize(w)
+    assert codes.dtype == torch.uint8 and scale.shape == lo.shape == (50,)
+    err = (quant.dequantize(codes, scale, lo) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (err.max(1).values / w.abs().max(1).values).max() < 0.01  # small rows keep their precision
+
+
+def test_quantized_state_round_trips_and_leaves_other_tensors_alone():
+    state = {"emb.weight": torch.randn(10, 8), "lin.bias": torch.randn(8), "narrow.weight": torch.randn(10, 1),
+             "ids": torch.arange(5)}
+    q = quant.quantize_state(state)
+    assert set(q) == {"emb.weight.q8", "emb.weight.scale", "emb.weight.min", "lin.bias", "narrow.weight", "ids.i32"}
+    assert q["ids.i32"].dtype == torch.int32 and back_dtype_is_int64(q)
+    assert quant.is_quantized(q) and not quant.is_quantized(state)
+    back = quant.dequantize_state(q)
+    assert set(back) == set(state) and torch.equal(back["ids"], state["ids"])
+    assert torch.allclose(back["emb.weight"], state["emb.weight"], atol=0.02)
+
+
+def back_dtype_is_int64(q):
+    return quant.dequantize_state(q)["ids"].dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------ pruning, choice
+def test_global_magnitude_pruning_zeroes_the_smallest_weights_across_layers():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.arange(16.0).reshape(4, 4) + 1)      # 1..16
+        net[1].weight.copy_(torch.arange(8.0).reshape(2, 4) * 0.1)     # 0..0.7: all smaller
+    masks = compress.prune_masks(net, 0.5)
+    compress.apply_masks(net, masks)
+    assert (net[1].weight == 0).all() and int((net[0].weight == 0).sum()) == 4  # 12 of 24 zeroed, globally
+    assert (net[0].weight.flatten()[4:] != 0).all() and net[0].bias.abs().sum() > 0  # biases untouched
+
+
+def test_the_smallest_variant_within_budget_is_kept():
+    base = {"ctr": {"auc": 0.80}, "intent": {"macro_f1": 0.50}}
+    drops = compress.relative_drops({"ctr": {"auc": 0.79}, "intent": {"macro_f1": 0.51}}, base)
+    assert drops == pytest.approx({"ctr": 0.0125, "intent": -0.02})
+    v = [{"name": "student", "bytes": 400, "drops": {"ctr": 0.0}, "within_budget": True},
+         {"name": "student_int8", "bytes": 100, "drops": {"ctr": 0.008}, "within_budget": True},
+         {"name": "student_pruned50_int8", "bytes": 100, "drops": {"ctr": 0.004}, "within_budget": True},
+         {"name": "student_pruned90_int8", "bytes": 90, "drops": {"ctr": 0.2}, "within_budget": False}]
+    assert compress.choose(v, 0.01)["name"] == "student_pruned50_int8"
+
+
+# ------------------------------------------------------------------------------ bundle
+@pytest.fixture
+def a_bundle(tmp_path, tiny_bert):
+    import pyarrow as pa
+
+    from distillery.teacher_model import load_backbone
+
+    tok = load_backbone(tiny_bert)[1]
+    out = tmp_path / "bundle"
+    bundle.write(str(out), state=quant.quantize_state({"w": torch.randn(4, 8)}), tokenizer=tok,
+                 config={"weights": "int8-rowwise"}, items=pa.table({"idx": [2], "item_id": ["a"]}),
+                 metrics={"test": {}})
+    return out
+
+
+def test_a_written_bundle_verifies_and_lists_every_file(a_bundle, capsys):
+    manifest = bundle.verify(str(a_bundle))
+    assert set(bundle.REQUIRED) <= set(manifest["files"])
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert cli.main(["verify", str(a_bundle)]) == 0 and "OK" in capsys.readouterr().out
+
+
+def test_a_flipped_byte_a_missing_file_or_an_added_one_is_refused(a_bundle, capsys):
+    weights = a_bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert cli.main(["verify", str(a_bundle)]) == 1
+    assert "model.safetensors: altered" in capsys.readouterr().err
+    (a_bundle / "metrics.json").unlink()
+    (a_bundle / "extra.bin").write_bytes(b"x")
+    with pytest.raises(bundle.BundleError) as err:
+        bundle.load(str(a_bundle))  # loading verifies
+    assert "metrics.json: missing" in str(err.value) and "extra.bin: not in the manifest" in str(err.value)
+    shutil.rmtree(a_bundle)
+    assert cli.main(["verify", str(a_bundle)]) == 1
+
+
+# ------------------------------------------------------------------------------ the stages
+def _small(cfg):
+    return cfg.model_copy(update={
+        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
+        "distill": cfg.distill.model_copy(update={"epochs": 2, "steps_per_epoch": 4, "batch_size": 64,
+                                                  "cpus_per_worker": 1.0}),
+        "tune": cfg.tune.model_copy(update={"num_samples": 3, "epochs": 2, "grace_period": 1}),
+        "compress": cfg.compress.model_copy(update={"sparsities": [0.5], "finetune_steps": 5, "max_relative_drop": 1.0}),
+        "report": cfg.report.model_copy(update={"latency_requests": 10})})
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_local")
+def test_sweep_compress_bundle_and_report_end_to_end(labelled, capfd, monkeypatch, tmp_path):
+    cfg, run_dir = labelled
+    cfg = _small(cfg)
+    runner.run(cfg, ["distill"])
+    monkeypatch.setenv(tune.FAULT_ENV, "2")  # the second trial crashes: reported, and the sweep goes on
+    m = runner.run(cfg, ["tune"])["tune"]
+    out = capfd.readouterr().out
+    assert "[tune] best trial" in out
+    rows = (run_dir / "tune" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("trial_id,defaults,status,score,best_epoch,epochs_run")
+    assert sum(r.split(",")[1] == "True" for r in rows[1:]) == 1  # the first trial ran the defaults
+    assert sum(",failed," in r for r in rows) == 1 and "fault injected" in (run_dir / "tune" / "trials.csv").read_text()
+    assert m["counts"] == {"trials": 3, "failed": 1}
+    best = json.loads((run_dir / "tune" / "best.json").read_text())
+    assert {"temperature", "alpha", "weight", "lr"} <= set(best["params"]) and best["winner"] in ("tune", "distill")
+    assert (run_dir / "tune" / "tune.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "tune" / "best" / "model" / "model.safetensors").exists()
+
+    c = runner.run(cfg, ["compress"])["compress"]
+    variants = json.loads((run_dir / "compress" / "variants.json").read_text())
+    assert [v["name"] for v in variants] == ["student", "student_pruned50", "student_int8", "student_pruned50_int8"]
+    assert variants[0]["drops"] == {t: 0.0 for t in variants[0]["drops"]}
+    assert variants[2]["bytes"] < variants[0]["bytes"] / 2
+    assert variants[1]["nonzero_2d_weights"] < 0.55 * variants[0]["nonzero_2d_weights"]
+    assert c["chosen"].endswith("_int8")  # the smallest, with the budget opened wide
+    assert cli.main(["verify", str(run_dir / "bundle")]) == 0
+    config = json.loads((run_dir / "bundle" / "config.json").read_text())
+    assert config["weights"] == "int8-rowwise" and config["variant"] == c["chosen"]
+
+    runner.run(cfg, ["report"])
+    rep = json.loads((run_dir / "report" / "report.json").read_text())
+    assert {"teacher", "student", "student_no_kd", c["chosen"]} <= set(rep["models"])
+    assert rep["models"][c["chosen"]]["bytes"] < rep["models"]["student"]["bytes"]
+    assert all(c["chosen"] in rep["tasks"][t] for t in rep["tasks"])
+    assert {"tune", "compress"} <= set(rep)
+    assert cli.main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
+    model, tok, config, items, manifest = bundle.load(str(tmp_path / "exported"))
+    assert len(items) == config["n_items"] - 2 and model.item.num_embeddings == config["n_items"]
