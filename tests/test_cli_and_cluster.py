@@ -14,7 +14,7 @@ def test_help_explains_every_option(capsys):
             main(argv)
         assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--stages", "--force", "key=value", "--users", "--items", "--seed", "--slots"):
+    for opt in ("--stages", "--force", "key=value", "--users", "--items", "--seed", "--slots", "verify", "export"):
         assert opt in out
 
 
@@ -22,13 +22,16 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "data.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "data.nope: unknown key" in err and "Traceback" not in err
-    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", "tune"]) == 2
-    assert "not available" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", "serve"]) == 2
+    assert "unknown stage(s) serve; stages are prepare," in capsys.readouterr().err
+    assert main(["verify", "/nonexistent/bundle"]) == 1
+    assert "not a folder" in capsys.readouterr().err
 
 
 def test_jobs_are_thin_entrypoints():
     jobs = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
-    assert jobs == ["distill.py", "label.py", "pipeline.py", "prepare.py", "report.py", "train_teacher.py"]
+    assert jobs == ["compress.py", "distill.py", "label.py", "pipeline.py", "prepare.py", "report.py",
+                    "train_teacher.py", "tune.py"]
     for job in jobs:  # each one the CLI's job_main, a stage name and a docstring
         text = (ROOT / "jobs" / job).read_text()
         assert len(text.splitlines()) < 20 and "job_main(" in text and "ray job submit" in text
