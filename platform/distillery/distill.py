@@ -8,7 +8,6 @@ one loop over whichever tasks are enabled.
 """
 from __future__ import annotations
 
-import gc
 import math
 import time
 from dataclasses import dataclass
@@ -207,10 +206,7 @@ def train_loop(config: dict) -> None:
         valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
                                     n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
         score = combined_score(valid, config["teacher_valid"])
-        improved = score > state["best"]
-        state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(n, 1) for k, v in sums.items()},
-                                 "valid": valid, "seconds": round(time.perf_counter() - t0, 1)})
-        state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        improved = trainstate.record_epoch(state, epoch, score, valid, sums, n, time.perf_counter() - t0)
         if rank == 0:
             line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
             say(f"[distill] {name} epoch {epoch + 1}/{dc.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
@@ -354,7 +350,6 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             continue
         result = trainer(inp, cfg, variant, vdir, datasets, run_name=f"distill-{variant}",
                          storage_path=storage.join(out_dir, "ray_train")).fit()
-        gc.collect()  # release the finished run's controller and so its workers' CPUs (see runner)
         if result.error:
             raise result.error
         summary[variant] = finish(inp, vdir)

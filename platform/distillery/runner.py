@@ -8,7 +8,6 @@ same as in the interrupted attempt; otherwise the dir is cleared and the stage r
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -161,9 +160,6 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
         print(f"[{name}] running -> {out_dir}")
         start = time.perf_counter()
         result = stage.run(cfg, out_dir)
-        # A finished TorchTrainer's controller actor lives until its handle is collected, and with
-        # it the placement group of its workers: the next stage's trainers would wait for those CPUs.
-        gc.collect()
         manifest = {
             "stage": name, "status": "complete", "distillery_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -283,10 +283,7 @@ def train_loop(config: dict) -> None:
         t_train = time.perf_counter() - t0 - t_items
         valid = evaluate(teacher, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, device, seed=cfg.seed)
         score = combined_score(valid)
-        improved = score > state["best"]
-        state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(n, 1) for k, v in sums.items()},
-                                 "valid": valid, "seconds": round(time.perf_counter() - t0, 1)})
-        state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        improved = trainstate.record_epoch(state, epoch, score, valid, sums, n, time.perf_counter() - t0)
         if rank == 0:
             line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
             say(f"[teacher] epoch {epoch + 1}/{cfg.teacher.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "

@@ -33,6 +33,16 @@ def restore(model: torch.nn.Module, optim, sched) -> dict | None:
         return json.load(open(os.path.join(d, "state.json")))
 
 
+def record_epoch(state: dict, epoch: int, score: float, valid: dict, sums: dict, steps: int, seconds: float) -> bool:
+    """Append the epoch to state["history"] (mean losses over `steps`), advance the epoch, best
+    score and patience counter; True when the score is a new best."""
+    improved = score > state["best"]
+    state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(steps, 1) for k, v in sums.items()},
+                             "valid": valid, "seconds": round(seconds, 1)})
+    state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
+    return improved
+
+
 def report_epoch(model: torch.nn.Module, optim, sched, state: dict, metrics: dict, rank: int) -> None:
     """`ray.train.report(metrics)` with a checkpoint written by rank 0 (every rank must report)."""
     import ray.train

@@ -5,9 +5,9 @@ Each trial is a Tune function that builds and fits one distillation `TorchTraine
 pattern; `TuneReportCallback` passes each epoch's validation metrics on to Tune).
 
 - Search: Optuna's TPE through `OptunaSearch` (`tune.search=optuna`). With ~11 continuous
-  dimensions and 16 trials, a model of which regions scored well after the first random trials
-  spends the rest of the budget better than random or grid search. BOHB would need hpbandster and
-  ConfigSpace, and HyperOpt is TPE too but less maintained.
+  dimensions and 16 trials, TPE spends the trials after the first random ones near the regions
+  that scored well, where random or grid search keeps spreading them (not measured against random
+  here). BOHB would need hpbandster and ConfigSpace, and HyperOpt is TPE too but less maintained.
 - Early stopping: ASHA on the validation combined score (mean student/teacher ratio of NDCG@10,
   AUC and macro-F1), one rung per `grace_period` * reduction_factor^k epochs.
 - The first trial runs the config's own values (clamped into the space), so the best trial is
