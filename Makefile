@@ -4,9 +4,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/demo.yaml
+RUN_DIR ?= runs/demo
 ARGS    ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-slow test-fast bench clean
 
 setup: $(STAMP)
 
@@ -18,20 +19,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# every stage, then the endpoint: started, one request of each kind sent and printed, stopped
 demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
+	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
+# the default suite (~8 min on 2 cores); test-slow adds the kill-and-resume runs (~3.5 min)
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration" $(ARGS)
+	$(BIN)/python -m pytest -m "not integration and not slow" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/labeling.py
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/tune_compress.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf runs .pytest_cache

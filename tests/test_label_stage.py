@@ -115,6 +115,7 @@ def _read(run_dir: Path, task: str) -> pa.Table:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(trained, capsys):
     """Killed partway on one worker, resumed on two: the finished parts are kept, and every example

@@ -18,6 +18,7 @@ METRIC_NAMES = {"recommendation": {"hr@10", "ndcg@10", "mrr"}, "ctr": {"auc", "g
                 "intent": {"accuracy", "macro_f1"}}
 
 
+@pytest.mark.slow
 def test_teacher_trains_resumes_after_a_kill_and_writes_its_metrics(prepared, tiny_bert, capsys):
     import ray
 

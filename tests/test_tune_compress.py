@@ -191,5 +191,5 @@ def test_sweep_compress_bundle_and_report_end_to_end(labelled, capfd, monkeypatc
     assert all(c["chosen"] in rep["tasks"][t] for t in rep["tasks"])
     assert {"tune", "compress"} <= set(rep)
     assert cli.main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
-    model, tok, config, items, manifest = bundle.load(str(tmp_path / "exported"))
+    model, tok, config, items, manifest, _ = bundle.load(str(tmp_path / "exported"))
     assert len(items) == config["n_items"] - 2 and model.item.num_embeddings == config["n_items"]

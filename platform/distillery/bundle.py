@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import NamedTuple
 
 import torch
 
@@ -108,8 +109,17 @@ def verify(path: str) -> dict:
         return json.load(open(os.path.join(local, MANIFEST)))
 
 
-def load(path: str):
-    """(student, tokenizer, config, items DataFrame, manifest) from a verified bundle."""
+class Loaded(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: object
+    config: dict
+    items: object  # pandas DataFrame of items.parquet
+    manifest: dict
+    metrics: dict
+
+
+def load(path: str) -> Loaded:
+    """The student, tokenizer, config, catalogue, manifest and metrics of a verified bundle."""
     import pandas as pd
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -125,11 +135,12 @@ def load(path: str):
         state = quant.dequantize_state(load_file(os.path.join(local, "model.safetensors")))
         tokenizer = AutoTokenizer.from_pretrained(local)
         items = pd.read_parquet(os.path.join(local, "items.parquet"))
+        metrics = json.load(open(os.path.join(local, "metrics.json")))
     model = S.build(config)
     for name in ("item_bag_ids", "item_bag_offsets", "item_category"):
         setattr(model, name, torch.empty_like(state[name]))
     model.load_state_dict(state)
-    return model.eval(), tokenizer, config, items, manifest
+    return Loaded(model.eval(), tokenizer, config, items, manifest, metrics)
 
 
 def export(run_dir: str, out: str) -> dict:

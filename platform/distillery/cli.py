@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import __version__, runner
+from .api import API_KEY_ENV
 from .errors import DistilleryError
 
 RUN_EPILOG = """\
@@ -66,7 +67,54 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Copy RUN_DIR/bundle to OUT (path or URI), verifying it before and after.")
     exp.add_argument("run_dir", help="a run directory whose compress stage wrote RUN_DIR/bundle")
     exp.add_argument("out", help="destination folder (replaced)")
+
+    srv = sub.add_parser("serve", help="serve a model bundle over HTTP on a local Ray (foreground)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Verify BUNDLE, start a local Ray and Serve, and answer the HTTP API\n"
+                                     "(/healthz, /v1/recommend, /v1/ctr, /v1/intent, /v1/items, /v1/model;\n"
+                                     "OpenAPI docs at /docs) until Ctrl-C or SIGTERM.\n"
+                                     "On a cluster use `serve deploy serve/config.yaml` instead.",
+                         epilog=f"Set ${API_KEY_ENV} to require 'Authorization: Bearer <key>' on every /v1 call.\n"
+                                "Defaults come from the serve section of the run config (distillery.config.ServeConfig).")
+    defaults = _serve_defaults()
+    srv.add_argument("bundle", help="bundle folder (path or URI), e.g. runs/demo/bundle")
+    srv.add_argument("--host", default=defaults.host,
+                     help=f"interface to bind (default {defaults.host}; 0.0.0.0 exposes it to the network)")
+    srv.add_argument("--port", type=int, default=defaults.port, help=f"HTTP port (default {defaults.port})")
+    srv.add_argument("--replicas", type=int, default=defaults.replicas,
+                     help=f"model replicas, each {defaults.model_cpus:g} CPU (default {defaults.replicas})")
+    srv.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                     help=f"requests per batched model call (default {defaults.max_batch_size})")
+    srv.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_timeout_s * 1000,
+                     help=f"longest wait to fill a batch, ms (default {defaults.batch_wait_timeout_s * 1000:g})")
+    srv.add_argument("--threads", type=int, default=defaults.threads,
+                     help=f"torch threads per model replica (default {defaults.threads})")
+    srv.add_argument("--split", action="store_true",
+                     help="run the model in its own deployment behind the HTTP one (one more process hop "
+                          "a request; the two then scale apart)")
+    srv.add_argument("--demo", action="store_true",
+                     help="send one request of each kind over HTTP, print the answers, and stop")
     return parser
+
+
+def _serve_defaults():
+    from .config import ServeConfig
+
+    return ServeConfig()
+
+
+def cmd_serve(args) -> int:
+    from pydantic import ValidationError
+
+    from .config import ServeConfig
+    from . import serving
+
+    try:
+        cfg = ServeConfig(host=args.host, port=args.port, replicas=args.replicas, max_batch_size=args.max_batch_size,
+                          batch_wait_timeout_s=args.batch_wait_ms / 1000, threads=args.threads, split=args.split)
+    except ValidationError as err:
+        raise DistilleryError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+    return serving.run(args.bundle, cfg, demo=args.demo)
 
 
 def cmd_verify(args) -> int:
@@ -135,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     try:
         return {"run": cmd_run, "generate-data": cmd_generate, "verify": cmd_verify,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except DistilleryError as err:
         print(f"distillery: error: {err}", file=sys.stderr)
         return 2

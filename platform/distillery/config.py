@@ -294,10 +294,20 @@ class ReportConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """The HTTP endpoint (`distillery serve`, `serve/config.yaml`): one place for its defaults."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; loopback unless told otherwise")
     port: int = Field(8000, ge=1, le=65535)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_batch_size: int = Field(32, ge=1, le=4096, description="requests per @serve.batch call of the model")
+    batch_wait_timeout_s: float = Field(0.001, ge=0, le=10, description="longest wait to fill a batch (each "
+                                        "request may wait this long; benchmarks/serve_load.py measured 1 ms best)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    threads: int = Field(1, ge=1, le=256, description="torch threads per model replica")
+    model_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
+    ingress_cpus: float = Field(0.25, ge=0, description="CPUs reserved per HTTP ingress replica")
+    replicas: int = Field(1, ge=1, description="model replicas (fixed; serve/config.yaml autoscales)")
+    split: bool = Field(False, description="the model in its own deployment behind the HTTP one (one more "
+                                           "process hop a request; the two then scale apart)")
 
 
 class RunConfig(_Section):

@@ -244,7 +244,7 @@ def _later_stages(run_dir: str) -> dict:
     if storage.exists(chosen):
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
-            model, tok, config, _, _ = bundle.load(storage.join(run_dir, "bundle"))
+            model, tok, config, *_ = bundle.load(storage.join(run_dir, "bundle"))
             out[metrics["variant"]] = (model, tok, config, metrics, storage.join(run_dir, "bundle"))
     return out
 

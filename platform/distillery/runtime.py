@@ -99,16 +99,30 @@ class StudentRuntime:
     @torch.inference_mode()
     def rec_scores(self, history: torch.Tensor) -> torch.Tensor:
         """[B, H] -> [B, n_items]; padding and unknown ids score -inf."""
-        return torch.addmm(self.rec_bias, self.users(history)[0], self.items_t)
+        return self.rec_from_users(self.users(history)[0])
+
+    @torch.inference_mode()
+    def rec_from_users(self, u: torch.Tensor) -> torch.Tensor:
+        """users [B, dim] -> [B, n_items] scores (padding and unknown ids -inf)."""
+        return torch.addmm(self.rec_bias, u, self.items_t)
 
     @torch.inference_mode()
     def ctr_logits(self, history: torch.Tensor, item: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """history [B, H], candidate [B], slot [B] (-1 = unknown) -> [B] click logits."""
-        u = self.users(history)[0]
+        return self.ctr_from_users(self.users(history)[0], item, slot)
+
+    @torch.inference_mode()
+    def ctr_from_users(self, u: torch.Tensor, item: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """users [N, dim], candidate [N], slot [N] -> [N] click logits. A served request scores many
+        candidates for one history: its user vector is computed once and repeated."""
         c, item_term = self.ctr_item[item].split(u.shape[1], 1)
         z = torch.addmm(item_term + self.ctr_slot[slot.clamp(-1, MAX_SLOTS)],
                         torch.cat([u, u * c, (u - c).abs_()], 1), self.ctr_user)
         return F.linear(F.gelu(z), *self.ctr_out).squeeze(-1)
+
+    def intent_texts(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> [B, n_intents] logits."""
+        return self.intent_logits(*self.text_inputs(texts))
 
     @torch.inference_mode()
     def intent_logits(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""What the API answers, with no Ray and no HTTP in it: item ids in and out, unknown ids listed,
+cold starts, explanations, and every call batched (a list of requests in, a list of answers out),
+as `@serve.batch` hands them over.
+
+The model side is any `runtime` with the methods `StudentRuntime` has (`histories`, `users`,
+`rec_from_users`, `ctr_from_users`, `intent_texts`), so the serve benchmark can put the teacher
+behind the very same code.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+EXPLAIN_TOP = 5
+MAX_OCCLUDED_WORDS = 128  # the student reads at most 64 word pieces; later words change little
+
+
+class Service:
+    def __init__(self, runtime, items, *, labels: list[str], card: dict):
+        """`items`: the bundle's catalogue (idx, item_id, title, category, clicks)."""
+        self.rt, self.labels, self.card = runtime, list(labels), card
+        items = items.sort_values("idx")
+        size = int(items["idx"].max()) + 1
+        self.index = dict(zip(items["item_id"].astype(str), items["idx"].astype(int)))
+        self.item_ids = np.full(size, "", dtype=object)
+        self.titles = np.full(size, "", dtype=object)
+        self.item_ids[items["idx"]] = items["item_id"].astype(str).to_numpy()
+        self.titles[items["idx"]] = items["title"].fillna("").astype(str).to_numpy()
+        by_clicks = items.sort_values(["clicks", "idx"], ascending=[False, True], kind="stable")
+        self.popular = by_clicks["idx"].to_numpy()
+        self.popular_clicks = by_clicks["clicks"].to_numpy()
+        self.catalogue = [{"item_id": str(i), "title": "" if t is None else str(t), "category": "" if c is None else str(c)}
+                          for i, t, c in zip(items["item_id"], items["title"], items["category"])]
+
+    @classmethod
+    def from_bundle(cls, path: str) -> "Service":
+        from . import bundle
+        from .runtime import StudentRuntime
+
+        b = bundle.load(path)
+        return cls(StudentRuntime(b.model, b.tokenizer, b.config), b.items, labels=b.config["intent_labels"],
+                   card=model_card(b.config, b.manifest, b.metrics, len(b.items)))
+
+    # ---- ids
+    def _known(self, ids: list[str]) -> tuple[list[int], list[str]]:
+        known, unknown = [], []
+        for i in ids:
+            idx = self.index.get(i)
+            if idx is None:
+                unknown.append(i)
+            else:
+                known.append(idx)
+        return known, list(dict.fromkeys(unknown))
+
+    def _explain(self, used: list[int], weights: torch.Tensor) -> list[dict]:
+        """Pooling weights over a right-aligned history row -> the history items that weighed most
+        (an item seen twice adds its weights)."""
+        per_item: dict[int, float] = {}
+        for idx, w in zip(used, weights[len(weights) - len(used):].tolist()):
+            per_item[idx] = per_item.get(idx, 0.0) + w
+        top = sorted(per_item.items(), key=lambda kv: -kv[1])[:EXPLAIN_TOP]
+        return [{"item_id": self.item_ids[i], "title": self.titles[i], "weight": round(w, 6)} for i, w in top]
+
+    def _users(self, histories: list[list[int]], task: str):
+        """Known-id histories -> (users, pooling weights, the ids each row used)."""
+        length = self.rt.rec_history if task == "recommendation" else self.rt.ctr_history
+        used = [h[-length:] for h in histories]
+        users, weights = self.rt.users(self.rt.histories(used, task))
+        return users, weights, used
+
+    # ---- tasks
+    @torch.inference_mode()
+    def recommend(self, requests: list[dict]) -> list[dict]:
+        parsed = [self._known(r["history"]) for r in requests]
+        out: list[dict | None] = [None] * len(requests)
+        warm = [i for i, (known, _) in enumerate(parsed) if known]
+        if warm:
+            users, weights, used = self._users([parsed[i][0] for i in warm], "recommendation")
+            scores = self.rt.rec_from_users(users)
+            for row, i in enumerate(warm):
+                r, (known, unknown) = requests[i], parsed[i]
+                s = scores[row]
+                if r.get("exclude_history", True):
+                    s[torch.as_tensor(known)] = float("-inf")
+                top = torch.topk(s, min(r["k"], s.shape[0]))
+                items = [{"item_id": self.item_ids[j], "title": self.titles[j], "score": round(v, 6)}
+                         for v, j in zip(top.values.tolist(), top.indices.tolist()) if v > float("-inf")]
+                out[i] = {"items": items, "cold_start": False, "unknown_ids": unknown,
+                          "explanation": self._explain(used[row], weights[row]) if r.get("explain") else None}
+        for i, r in enumerate(requests):
+            if out[i] is None:  # no known history: the most clicked items
+                n = min(r["k"], len(self.popular))
+                items = [{"item_id": self.item_ids[j], "title": self.titles[j], "score": float(c)}
+                         for j, c in zip(self.popular[:n], self.popular_clicks[:n])]
+                out[i] = {"items": items, "cold_start": True, "unknown_ids": parsed[i][1],
+                          "explanation": [] if r.get("explain") else None}
+        return out
+
+    @torch.inference_mode()
+    def ctr(self, requests: list[dict]) -> list[dict]:
+        histories, candidates, slots, unknown = [], [], [], []
+        for r in requests:
+            known, missing = self._known(r["history"])
+            wanted = r.get("slots") or [-1] * len(r["candidates"])
+            cand = [(self.index.get(c), s) for c, s in zip(r["candidates"], wanted)]
+            missing += [c for c, (idx, _) in zip(r["candidates"], cand) if idx is None]
+            histories.append(known)
+            candidates.append([idx for idx, _ in cand if idx is not None])
+            slots.append([s for idx, s in cand if idx is not None])
+            unknown.append(list(dict.fromkeys(missing)))
+        users, weights, used = self._users(histories, "ctr")
+        counts = torch.tensor([len(c) for c in candidates])
+        flat = [c for cs in candidates for c in cs]
+        probs = []
+        if flat:
+            logits = self.rt.ctr_from_users(users.repeat_interleave(counts, 0), torch.as_tensor(flat),
+                                            torch.as_tensor([s for ss in slots for s in ss]))
+            probs = torch.sigmoid(logits).tolist()
+        out, at = [], 0
+        for i, r in enumerate(requests):
+            p = probs[at:at + len(candidates[i])]
+            at += len(candidates[i])
+            out.append({"predictions": [{"item_id": self.item_ids[c], "probability": round(v, 6)}
+                                        for c, v in zip(candidates[i], p)],
+                        "cold_start": not histories[i], "unknown_ids": unknown[i],
+                        "explanation": self._explain(used[i], weights[i]) if r.get("explain") else None})
+        return out
+
+    @torch.inference_mode()
+    def intent(self, requests: list[dict]) -> list[dict]:
+        texts = [t for r in requests for t in r["texts"]]
+        probs = torch.softmax(self.rt.intent_texts(texts), -1)
+        top_p, top_i = probs.topk(min(3, probs.shape[1]), -1)
+        out, at = [], 0
+        for r in requests:
+            preds = []
+            for row in range(at, at + len(r["texts"])):
+                top = [{"label": self.labels[j], "probability": round(p, 6)}
+                       for p, j in zip(top_p[row].tolist(), top_i[row].tolist())]
+                preds.append({**top[0], "top": top,
+                              "explanation": self._words(texts[row], int(top_i[row, 0]), float(top_p[row, 0]))
+                              if r.get("explain") else None})
+            at += len(r["texts"])
+            out.append({"predictions": preds})
+        return out
+
+    def _words(self, text: str, label: int, p: float) -> list[dict]:
+        """Occlusion: how far the label's probability falls when each word is left out. Exact for
+        any model, and one batched call per text."""
+        words = text.split()[:MAX_OCCLUDED_WORDS]
+        if len(words) < 2:
+            return [{"token": w, "weight": round(p, 6)} for w in words]
+        variants = [" ".join(words[:j] + words[j + 1:]) for j in range(len(words))]
+        drops = p - torch.softmax(self.rt.intent_texts(variants), -1)[:, label]
+        order = drops.argsort(descending=True)[:EXPLAIN_TOP].tolist()
+        return [{"token": words[j], "weight": round(float(drops[j]), 6)} for j in order]
+
+    def items(self, limit: int, offset: int) -> dict:
+        return {"total": len(self.catalogue), "offset": offset, "limit": limit,
+                "items": self.catalogue[offset:offset + limit]}
+
+
+def model_card(config: dict, manifest: dict, metrics: dict, catalogue_size: int) -> dict:
+    """GET /v1/model. The version is a digest of every file's hash: any change to the bundle changes it."""
+    files = manifest["files"]
+    digest = hashlib.sha256("".join(f"{n}:{f['sha256']}" for n, f in sorted(files.items())).encode()).hexdigest()
+    return {"version": digest[:16], "created": manifest["created"], "distillery_version": manifest["distillery_version"],
+            "variant": config.get("variant"), "source": config.get("source"), "weights": config.get("weights"),
+            "tasks": config.get("tasks"), "intent_labels": config.get("intent_labels"),
+            "catalogue_size": catalogue_size, "metrics": metrics,
+            "bundle": {name: {"sha256": f["sha256"], "bytes": f["bytes"]} for name, f in sorted(files.items())}}
