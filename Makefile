@@ -7,7 +7,7 @@ CONFIG  ?= configs/demo.yaml
 RUN_DIR ?= runs/demo
 ARGS    ?=
 
-.PHONY: setup demo test test-slow test-fast bench clean
+.PHONY: setup demo test test-slow test-cluster test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,15 +24,19 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (~8 min on 2 cores); test-slow adds the kill-and-resume runs (~3.5 min)
+# the default suite (~7 min on 2 cores); test-slow: the kill-and-resume runs (~4 min, CI runs
+# them too); test-cluster: the pipeline as a submitted Ray job on its own head (~6.5 min)
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster $(ARGS)
+
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration and not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not integration and not slow and not cluster" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
@@ -40,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/tune_compress.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/render.py
 
 clean:
 	rm -rf runs .pytest_cache

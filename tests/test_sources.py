@@ -136,3 +136,28 @@ def test_huggingface_amazon_2023_schema(tmp_path):
     assert src["reviews"].to_pandas()["item_id"].tolist() == ["B1"]
     items = src["items"].to_pandas()
     assert items["item_id"].tolist() == ["B3"] and items["category"].tolist() == ["Office Products > Paper"]
+
+
+def test_tables_are_written_under_a_file_uri(tmp_path):
+    import pyarrow as pa
+
+    from distillery import storage
+    from distillery.prepare import write_tables
+
+    assert storage.parent(f"file://{tmp_path}/a/b.parquet") == f"file://{tmp_path}/a"
+    paths = write_tables({"items": pa.table({"x": [1, 2]})}, f"file://{tmp_path}/out")
+    assert paths["items"] == f"file://{tmp_path}/out/items.parquet"
+    assert (tmp_path / "out" / "items.parquet").is_file()  # a file, not a folder named after it
+
+
+def test_folders_and_files_upload_to_a_file_uri_whose_parents_do_not_exist(tmp_path):
+    from distillery import storage
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.txt").write_text("b")
+    storage.upload_dir(str(src), f"file://{tmp_path}/x/y/model")
+    assert (tmp_path / "x" / "y" / "model" / "sub" / "b.txt").read_text() == "b"
+    storage.upload_file(str(src / "a.txt"), f"file://{tmp_path}/p/q/a.txt")
+    assert (tmp_path / "p" / "q" / "a.txt").read_text() == "a"

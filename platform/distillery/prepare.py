@@ -64,7 +64,7 @@ def write_tables(tables: dict[str, pa.Table], out_dir: str) -> dict[str, str]:
 
 def _write_single(table: pa.Table, path: str) -> None:
     fs, p = storage.resolve(path)
-    storage.makedirs(storage.join(path, ".."))
+    storage.makedirs(storage.parent(path))
     pq.write_table(table, p + ".tmp", filesystem=fs)
     fs.move(p + ".tmp", p)
 

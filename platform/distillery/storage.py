@@ -32,6 +32,12 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def parent(path: str) -> str:
+    """The folder holding `path` (a URI's ".." is not resolved by the filesystem: it would make a
+    folder named after the file)."""
+    return posixpath.dirname(path.rstrip("/")) if is_uri(path) else os.path.dirname(os.path.abspath(path))
+
+
 def absolute(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
@@ -134,6 +140,7 @@ def upload_dir(local_dir: str, dest: str) -> None:
     fs, p = resolve(dest)
     if exists(dest):
         fs.delete_dir(p)
+    fs.create_dir(p, recursive=True)  # copy_files does not make missing folders on every filesystem
     pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
@@ -146,6 +153,7 @@ def upload_file(local_file: str, dest: str) -> None:
         os.replace(dest + ".tmp", dest)
         return
     fs, p = resolve(dest)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
     pafs.copy_files(local_file, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 

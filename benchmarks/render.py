@@ -1,0 +1,151 @@
+"""The README's "Results" section, generated from benchmarks/results/*.json (never typed by hand).
+
+    python benchmarks/render.py [--readme README.md] [--check]
+
+Rewrites what lies between the `<!-- results:begin -->` and `<!-- results:end -->` markers. A table
+whose JSON file is missing is left out with a line that says which script writes it. `--check`
+exits 1 when the README is out of date (the tests run it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _missing(name: str, script: str) -> str:
+    return f"_No `results/{name}.json` yet: run `python benchmarks/{script}`._\n"
+
+
+def quality() -> str:
+    q = _load("quality_office")
+    if q is None:
+        return _missing("quality_office", "quality.py")
+    lines = [f"**Quality on Amazon Office** (test split; students: mean ± std over {len(q['seeds'])} seeds; "
+             "`results/quality_office.json`)", "",
+             "| task | metric | teacher | KD student | no-KD student | baseline | student / teacher |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for task, s in q["summary"].items():
+        metric = s["metric"]
+        base_name, base = next(iter(q["baselines"][task].items()))
+        lines.append(f"| {task} | {metric} | {s['teacher']:.4f} | {s['student']['mean']:.4f} ± {s['student']['std']:.4f} "
+                     f"| {s['student_no_kd']['mean']:.4f} ± {s['student_no_kd']['std']:.4f} "
+                     f"| {base[metric]:.4f} ({base_name}) | {s['student_over_teacher']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compression() -> str:
+    t = _load("tune_compress")
+    if t is None:
+        return _missing("tune_compress", "tune_compress.py")
+    s, c = t["sweep"], t["int8_vs_fp32"]
+    drops = ", ".join(f"{task} {100 * d:+.2f}%" for task, d in c["valid_relative_drop"].items())
+    return "\n".join([
+        "**Sweep and compression on Office** (`results/tune_compress.json`)", "",
+        "| | value |", "|---|---:|",
+        f"| trials (stopped early by ASHA) | {t['trials']} ({s['stopped_early']}) |",
+        f"| best validation score / the defaults trial's | {s['best_valid_score']:.2f} / {s['defaults_trial_score']:.2f} "
+        f"({100 * s['relative_gain_over_defaults']:+.0f}%) |",
+        f"| student file, float32 / 8-bit | {c['bytes']['float32'] / 1e6:.2f} MB / {c['bytes']['int8'] / 1e6:.2f} MB "
+        f"({c['bytes']['ratio']:.2f}x smaller) |",
+        f"| 8-bit validation change by task | {drops} |",
+        f"| batch-1 p50, float32 / 8-bit | {c['batch1_p50_ms']['float32']:.2f} ms / {c['batch1_p50_ms']['int8']:.2f} ms |",
+        f"| batch-256 CPU throughput, float32 / 8-bit | {c['batch256_req_per_s']['float32']:,.0f} / "
+        f"{c['batch256_req_per_s']['int8']:,.0f} req/s ({c['batch256_ratio']:.2f}x) |",
+    ]) + "\n"
+
+
+def serving() -> str:
+    r = _load("serve")
+    if r is None:
+        return _missing("serve", "serve_load.py")
+    c = 8 if 8 in r["levels"] else r["levels"][0]
+    names = {"serve-student": "Serve, one deployment (default)", "serve-student-split": "Serve, split",
+             "serve-student-direct": "Serve, direct ingress", "bare-student": "bare uvicorn, no Ray",
+             "serve-teacher": "teacher, Serve", "bare-teacher": "teacher, bare uvicorn"}
+    endpoints = [e for e in ("recommend", "ctr", "intent", "healthz") if e in next(iter(r["results"].values()))]
+    lines = [f"**Serving** ({c} concurrent closed-loop clients on loopback, p50 / p99 ms and requests/s; "
+             f"catalogue of {r['catalogue_size']:,} items; CTR with 100 candidates; `results/serve.json`)", "",
+             "| server | " + " | ".join(endpoints) + " |", "|---|" + "---:|" * len(endpoints)]
+    for name, res in r["results"].items():
+        cells = []
+        for e in endpoints:
+            row = next(x for x in res[e] if x["clients"] == c)
+            cells.append(f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} ({row['throughput_rps']:,.0f})")
+        lines.append(f"| {names.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def labeling() -> str:
+    lab = _load("labeling")
+    if lab is None:
+        return _missing("labeling", "labeling.py")
+    lines = ["**Labeling against a plain PyTorch loop** (same teacher and examples, tokenization included; "
+             "`results/labeling.json`)", "",
+             "| machine | teacher | rows | plain loop rows/s | stage | labeling rows/s | ratio | end-to-end ratio |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for section in ("cpu", "gpu"):
+        run = lab.get(section)
+        if not run:
+            continue
+        machine = run.get("gpu_name") or f"CPU, {run['machine']['cpus']} cores"
+        for workers, st in run["stage"].items():
+            lines.append(f"| {machine} | {run['teacher']} | {run['rows']:,} | {run['plain']['rows_per_s']:,.0f} "
+                         f"| {workers} worker(s), {st['cpus_per_worker']:g} CPU | {st['rows_per_s']:,.0f} "
+                         f"| {st['ratio_labeling']:.2f} | {st['ratio_end_to_end']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def prepare() -> str:
+    p = _load("prepare")
+    if p is None:
+        return _missing("prepare", "prepare.py")
+    lines = ["**Prepare** (Ray Data, median of the runs; `results/prepare.json`)", "",
+             "| interactions | shuffle | median s | rows/s |", "|---:|---|---:|---:|"]
+    for row in p["results"]:
+        lines.append(f"| {row['interactions']:,} | {row['shuffle']} | {row['median_s']:.1f} "
+                     f"| {row['interactions'] / row['median_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render() -> str:
+    parts = [quality(), compression(), serving(), labeling(), prepare()]
+    return (f"{BEGIN}\n<!-- generated by `python benchmarks/render.py` from benchmarks/results/*.json; "
+            f"edits here are overwritten -->\n\n" + "\n".join(parts) + f"\n{END}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", default=str(ROOT / "README.md"), help="the file with the markers (default README.md)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the file is out of date, change nothing")
+    args = ap.parse_args()
+    path = Path(args.readme)
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{path}: no {BEGIN} ... {END} markers; add them where the results belong")
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    new = head + render() + tail
+    if args.check:
+        if new != text:
+            print(f"{path}: the results section is out of date: run python benchmarks/render.py")
+            return 1
+        return 0
+    path.write_text(new)
+    print(f"{path}: results section rewritten from {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
