@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (~7 min on 2 cores); test-slow: the kill-and-resume runs (~4 min, CI runs
+# the default suite (7-8 min on 2 cores); test-slow: the kill-and-resume runs (~4 min, CI runs
 # them too); test-cluster: the pipeline as a submitted Ray job on its own head (~6.5 min)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OpenAPI docs at /docs) until Ctrl-C or SIGTERM.\n"
                                      "On a cluster use `serve deploy serve/config.yaml` instead.",
                          epilog=f"Set ${API_KEY_ENV} to require 'Authorization: Bearer <key>' on every /v1 call.\n"
-                                "Defaults come from the serve section of the run config (distillery.config.ServeConfig).")
+                                "Defaults are those of distillery.config.ServeConfig (a run config's serve section).")
     defaults = _serve_defaults()
     srv.add_argument("bundle", help="bundle folder (path or URI), e.g. runs/demo/bundle")
     srv.add_argument("--host", default=defaults.host,

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 EXPLAIN_TOP = 5
-MAX_OCCLUDED_WORDS = 128  # the student reads at most 64 word pieces; later words change little
+# Occlusion costs one text per word: capped, so that 256 long texts stay a bounded request. The
+# student reads at most 64 word pieces, so later words weigh little anyway.
+MAX_OCCLUDED_WORDS = 64
 
 
 class Service:

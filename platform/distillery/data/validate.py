@@ -211,9 +211,12 @@ def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1
 def mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
     """Within one user bucket, flag every exact copy of an earlier clean row as `duplicate`.
 
-    All copies of a row share its user_id, so they share a bucket: bucket-local is global.
+    All copies of a row share its user_id, so they share a bucket: bucket-local is global. The
+    shuffle that builds the bucket does not keep file order, so rows are ordered by source file
+    first: the copy kept is the one from the file that sorts first, on every run.
     """
-    df = group.reset_index(drop=True)
+    df = group.sort_values("_source", kind="stable") if "_source" in group.columns else group
+    df = df.reset_index(drop=True)
     keys = [c for c in df.columns if c not in INTERNAL]
     clean = df["_reason"].isna()
     if clean.any():
