@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from distillery.serving import wait_ready  # noqa: E402
+
 ENDPOINTS = ("recommend", "ctr", "intent")
 
 
@@ -138,12 +140,6 @@ def bare_server(bundle_path: str, port: int, teacher_dir: str | None) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def wait_up(base: str, timeout_s: float = 180) -> None:
-    from distillery.serving import wait_ready
-
-    wait_ready(base, timeout_s)
-
-
 # ------------------------------------------------------------------------------ load
 def make_requests(bundle_path: str, n: int, seed: int) -> dict[str, list[dict]]:
     import pandas as pd
@@ -218,7 +214,7 @@ def serve_app(load, bundle_path: str, port: int, split: bool, batch_wait_ms: flo
     serve.run(build_app(AppArgs(bundle=bundle_path, split=split, **wait), load=load),
               name=APP_NAME, route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    wait_up(base)
+    wait_ready(base, 180)
     return base
 
 
@@ -303,7 +299,7 @@ def main() -> int:
         teacher = ["--teacher", teacher_dir] if kind == "bare-teacher" else []
         proc = subprocess.Popen([sys.executable, __file__, "--bundle", bundle_path, "--bare", str(port), *teacher])
         try:
-            wait_up(f"http://127.0.0.1:{port}")
+            wait_ready(f"http://127.0.0.1:{port}", 180)
             results[kind] = measure(kind, f"http://127.0.0.1:{port}", requests, levels, args.seconds)
         finally:
             proc.terminate()

@@ -124,7 +124,8 @@ class HandleBackend:
 class Endpoint:
     """The HTTP app (`api.create_app`). Given a `Model` handle, it forwards to it; given a `load()`
     callable, the model lives in this replica with batching: no hop between processes, which cost
-    ~7 ms a request on the 2-CPU machine of benchmarks/serve_load.py."""
+    ~6 ms a request on a 2-CPU machine (benchmarks/results/serve.json: /healthz at 1 client, split
+    against one deployment)."""
 
     def __init__(self, model, max_body_bytes: int, max_batch_size: int, batch_wait_timeout_s: float, threads: int):
         from ray.serve.handle import DeploymentHandle
