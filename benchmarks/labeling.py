@@ -121,8 +121,8 @@ def plain_loop(cfg, run_dir: Path, device: str) -> dict[str, float]:
                     cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
                 else:
                     cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device=device)
-            parts.append(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
-                                  schema=label.LABEL_SCHEMAS[task]))
+            parts.append(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
+                                   "fingerprint": label.fingerprints(task, batch)}, schema=label.LABEL_SCHEMAS[task]))
         pq.write_table(pa.concat_tables(parts), out_dir / f"{task}.parquet")
         seconds[task] = time.perf_counter() - t0
     return seconds

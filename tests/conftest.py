@@ -134,7 +134,8 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
         else:
             cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
         (new / "label" / task / "train").mkdir(parents=True)
-        pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
+        pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
+                                 "fingerprint": label.fingerprints(task, batch)},
                                 schema=label.LABEL_SCHEMAS[task]), new / "label" / task / "train" / "part-0.parquet")
     storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
     return cfg, new

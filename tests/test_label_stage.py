@@ -74,7 +74,8 @@ def test_part_writer_groups_splits_and_writes_whole_files(tmp_path):
     w = label.PartWriter(str(tmp_path), "ctr", "abc-000", rows_per_file=3)
     for a in range(0, 8, 2):
         w.add(pa.table({"example_id": [f"e{a}", f"e{a + 1}"], "split": ["train", "valid" if a == 4 else "train"],
-                        "logit": pa.array([0.0, 1.0], pa.float32())}, schema=label.LABEL_SCHEMAS["ctr"]))
+                        "logit": pa.array([0.0, 1.0], pa.float32()), "fingerprint": pa.array([a, a + 1], pa.int64())},
+                       schema=label.LABEL_SCHEMAS["ctr"]))
     w.close()
     train = sorted((tmp_path / "ctr" / "train").glob("part-*.parquet"))
     assert len(train) == 2 and [pq.read_metadata(f).num_rows for f in train] == [4, 3]

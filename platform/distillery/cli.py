@@ -14,6 +14,8 @@ overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAM
   distillery run configs/amazon.yaml --stages prepare \\
       data.interactions=../shared/data/amazon14_office_products_lcrec/interactions.parquet \\
       data.items=../shared/data/amazon14_office_products_lcrec/items.parquet run_dir=/tmp/office
+  distillery run configs/demo.yaml --warm-start runs/demo/bundle \\
+      data.format=native data.items=ITEMS data.interactions=NEW_WINDOW run_dir=runs/demo-next
 Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.
 """
 
@@ -30,6 +32,11 @@ def _add_run_args(p: argparse.ArgumentParser, positional_config: bool) -> None:
                         f"(default: every available stage; available now: {','.join(runner.AVAILABLE)})")
     p.add_argument("--force", action="store_true",
                    help="redo the stages even when their manifest matches the config and inputs")
+    p.add_argument("--warm-start", metavar="BUNDLE", default=None,
+                   help="continue from an earlier run's bundle on a new window of data (same catalogue): reuse "
+                        "its teacher, label only examples it has no label for, start the student from it, and "
+                        "compare old and new student on the new window. Needs a new run_dir; skips tune. "
+                        "Same as the override warm_start=BUNDLE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +149,11 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    stages = runner.parse_stages(args.stages)
+    overrides = list(args.overrides) + ([f"warm_start={args.warm_start}"] if args.warm_start else [])
+    cfg = load_config(args.config, overrides)
+    stages = runner.parse_stages(args.stages, warm_start=bool(cfg.warm_start))
+    if cfg.warm_start and not args.stages:
+        print("warm start: running " + ",".join(stages) + " (no tune: its trials would train from scratch)")
     runner.run(cfg, stages, force=args.force)
     return 0
 

@@ -124,7 +124,9 @@ def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: s
         variants.append({"name": name, "sparsity": sparsity, "int8": quant.is_quantized(state), "bytes": _bytes(state),
                          "nonzero_2d_weights": nonzero, "valid": valid, "drops": drops,
                          "within_budget": all(d <= cc.max_relative_drop for d in drops.values())})
-        line = "  ".join(f"{t}={valid[t][m]:.4f} ({-drops[t]:+.2%})" for t, m in SCORE_METRIC.items() if t in valid)
+        # no relative drop where the uncompressed score is 0 (an untrained or degenerate task)
+        line = "  ".join(f"{t}={valid[t][m]:.4f}" + (f" ({-drops[t]:+.2%})" if t in drops else "")
+                         for t, m in SCORE_METRIC.items() if t in valid)
         say(f"[compress] {name:<24} {variants[-1]['bytes'] / 1e6:6.2f} MB  {line}"
             f"{'' if variants[-1]['within_budget'] else '  (over budget)'}")
     chosen = choose(variants, cc.max_relative_drop)

@@ -316,6 +316,8 @@ class RunConfig(_Section):
 
     run_dir: str = Field("runs/demo", description="where stages write their outputs (path or URI)")
     seed: int = 0
+    warm_start: Optional[str] = Field(None, description="bundle of an earlier run to continue from: its teacher and "
+                                      "labels are reused and the student starts from it (warmstart.py)")
     data: DataConfig = DataConfig()
     tasks: TasksConfig = TasksConfig()
     teacher: TeacherConfig = TeacherConfig()

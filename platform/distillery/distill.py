@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from . import evaluation, storage, trainstate
+from . import evaluation, storage, trainstate, warmstart
 from . import student as S
 from .config import RunConfig
 from .errors import StageError
@@ -157,6 +157,10 @@ def train_loop(config: dict) -> None:
     with storage.local_copy(config["tokenizer_dir"]) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
     student = S.build_for_run(meta, prepare_dir, tokenizer)
+    if config.get("init"):  # a warm start; a checkpoint restored below takes precedence
+        student.load_state_dict(warmstart.initial_state(config["init"]))
+        if rank == 0:
+            say(f"[distill] {name}: starting from the weights of {config['init']}")
     decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "text.weight" not in n]
     rest = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "text.weight" not in n)]
     # the text bag's rare rows see few updates: no weight decay pulling them back to zero
@@ -298,10 +302,10 @@ def inputs(cfg: RunConfig) -> Inputs:
 
 
 def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: dict, *, run_name: str,
-            storage_path: str, meta: dict | None = None, callbacks: tuple = ()):
+            storage_path: str, meta: dict | None = None, callbacks: tuple = (), init: str | None = None):
     """The TorchTrainer of one distillation run (`cfg` may differ from `inp.cfg` in loss and optimizer
     settings and the student's width, as a Tune trial's does). Re-created with the same run_name and
-    storage_path, it resumes from its last checkpoint."""
+    storage_path, it resumes from its last checkpoint. `init`: a bundle whose weights it starts from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -310,7 +314,7 @@ def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: d
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "name": run_name,
                            "out_dir": out_dir, "prepare_dir": inp.prepare_dir, "tokenizer_dir": inp.teacher_dir,
                            "meta": meta or inp.meta, "tasks": inp.tasks, "shares": inp.shares, "steps": inp.steps,
-                           "teacher_valid": inp.teacher_metrics["valid"]},
+                           "teacher_valid": inp.teacher_metrics["valid"], "init": init},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
                                      resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
@@ -338,6 +342,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     import ray
 
     inp = inputs(cfg)
+    src = warmstart.source(cfg)
+    if src:
+        warmstart.check_student(cfg, inp.meta)
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
     counts = {t: tb.num_rows for t, tb in inp.tables.items()}
     say(f"[distill] {counts} train examples; {inp.steps} steps per epoch of {inp.shares} examples per worker")
@@ -348,16 +355,27 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             summary[variant] = storage.read_json(storage.join(vdir, "metrics.json"))
             say(f"[distill] {variant}: already trained, kept")
             continue
+        # the no-KD baseline always starts from scratch: it is the "without a teacher" reference
         result = trainer(inp, cfg, variant, vdir, datasets, run_name=f"distill-{variant}",
-                         storage_path=storage.join(out_dir, "ray_train")).fit()
+                         storage_path=storage.join(out_dir, "ray_train"),
+                         init=src.bundle if src and variant == "student" else None).fit()
         if result.error:
             raise result.error
         summary[variant] = finish(inp, vdir)
     storage.remove(storage.join(out_dir, "ray_train"))
     _print_table(inp.teacher_metrics, summary)
-    return {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,
-            **{v: {"valid_score": s["valid_score"], "best_epoch": s["best_epoch"], "params": s["params"],
-                   "test": s["test"]} for v, s in summary.items()}}
+    out = {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,
+           **{v: {"valid_score": s["valid_score"], "best_epoch": s["best_epoch"], "params": s["params"],
+                  "test": s["test"]} for v, s in summary.items()}}
+    if src:
+        previous = warmstart.previous_metrics(cfg, inp.tasks)
+        comparison = {"bundle": src.bundle, "previous_run": src.run_dir, "previous": previous,
+                      "new": {"valid": summary["student"]["valid"], "test": summary["student"]["test"]}}
+        storage.write_json(storage.join(out_dir, "warm_start.json"), comparison)
+        print(f"[distill] warm start: the earlier student ({src.bundle}) and the new one on this window's test split:")
+        print("\n".join(warmstart.comparison_table(previous["test"], summary["student"]["test"], SCORE_METRIC)))
+        out["warm_start"] = {"bundle": src.bundle, "previous_test": previous["test"]}
+    return out
 
 
 def _print_table(teacher_metrics: dict, summary: dict) -> None:

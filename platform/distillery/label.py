@@ -11,6 +11,11 @@ with `teacher.shard=fsdp`). Output, one row per example, joined to the examples 
 Recommendation scores are over the whole catalogue with the user's history masked, as the ranking
 metrics do; `target_score` is the true next item's score before masking.
 
+Every label row also carries the example's `fingerprint`: a hash of what the teacher sees of it
+(history and item, slot, or text; not its id, user or split). A warm-started run (`warmstart.py`)
+copies the labels of fingerprints that the previous run's teacher already labelled with the same
+settings, and sends only the others to the teacher.
+
 Exactly once: Ray's default shard split evens shards by dropping rows, so this stage splits without
 it. Workers write parts through a temporary name, and a (re)started worker first reads the example
 ids already written and skips them, so neither a worker restart (FailureConfig) nor a re-run of an
@@ -19,6 +24,7 @@ task and split are exactly the prepared ones.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -30,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .config import RunConfig
+from .config import RunConfig, stable_hash
 from .data.examples import SPLITS
 from .errors import StageError
 from .lexical import text_features
@@ -40,13 +46,59 @@ from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs
 LABEL_SCHEMAS = {
     "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
                                  ("top_ids", pa.list_(pa.int32())), ("top_scores", pa.list_(pa.float32())),
-                                 ("target_score", pa.float32())]),
-    "ctr": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logit", pa.float32())]),
-    "intent": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logits", pa.list_(pa.float32()))]),
+                                 ("target_score", pa.float32()), ("fingerprint", pa.int64())]),
+    "ctr": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logit", pa.float32()),
+                      ("fingerprint", pa.int64())]),
+    "intent": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logits", pa.list_(pa.float32())),
+                         ("fingerprint", pa.int64())]),
 }
+LABEL_COLUMNS = {t: [f.name for f in s if f.name not in ("example_id", "split", "fingerprint")]
+                 for t, s in LABEL_SCHEMAS.items()}
 COLUMNS = {"recommendation": ["example_id", "split", "history", "item"],
            "ctr": ["example_id", "split", "history", "item", "slot"],
            "intent": ["example_id", "split", "text"]}
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def fingerprints(task: str, batch: pa.Table) -> pa.Array:
+    """[B] int64: a hash of the teacher's inputs of each example (recommendation: history and next
+    item; ctr: history, candidate and slot; intent: the normalized text). Ids, users and splits are
+    left out, so an example that a new window of data repeats keeps its fingerprint."""
+    n = batch.num_rows
+    if task == "intent":
+        return pa.array([_hash64(b"intent\0" + (t or "").encode("utf-8", "surrogatepass"))
+                         for t in batch.column("text").to_pylist()], pa.int64())
+    hist = batch.column("history")
+    hist = hist.combine_chunks() if isinstance(hist, pa.ChunkedArray) else hist
+    offsets = hist.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # a sliced list array keeps its parent's offsets
+    values = pc.list_flatten(hist).to_numpy(zero_copy_only=False).astype("<i4").tobytes()
+    item = batch.column("item").to_numpy(zero_copy_only=False).astype("<i4")
+    slot = (pc.fill_null(batch.column("slot"), -1).to_numpy(zero_copy_only=False).astype("<i4") if task == "ctr"
+            else np.full(n, -1, "<i4"))
+    tag = task.encode() + b"\0"
+    return pa.array([_hash64(tag + item[i].tobytes() + slot[i].tobytes() + values[4 * offsets[i]:4 * offsets[i + 1]])
+                     for i in range(n)], pa.int64())
+
+
+def with_fingerprints(batch: pa.Table, task: str) -> pa.Table:
+    """Ray Data map: the examples with their `fingerprint` column."""
+    return batch.append_column("fingerprint", fingerprints(task, batch))
+
+
+def settings(cfg: RunConfig) -> dict:
+    """What besides the teacher's weights decides a label's value (batch sizes, workers and devices
+    only change how fast labels come)."""
+    return {"top_k": cfg.label.top_k, "max_length": cfg.teacher.max_length, "ctr_history": cfg.tasks.ctr.max_history}
+
+
+def cache_key(cfg: RunConfig, teacher_sha256: str) -> str:
+    """Labels of two runs with the same key are interchangeable, fingerprint for fingerprint."""
+    return stable_hash({"teacher_sha256": teacher_sha256, **settings(cfg)})
 
 
 # ------------------------------------------------------------------------------ per-task labelers
@@ -89,8 +141,8 @@ def tokenize_batch(batch: pa.Table, *, tokenizer, max_length: int, buckets: int)
     # One task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
-    cols = {"example_id": batch.column("example_id"), "split": batch.column("split"),
-            "input_ids": pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"],
+    cols = {name: batch.column(name) for name in ("example_id", "split", "fingerprint") if name in batch.column_names}
+    cols |= {"input_ids": pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"],
                                   pa.list_(pa.int32()))}
     if buckets:
         cols["bag_ids"] = pa.array([text_features(t, buckets) for t in texts], pa.list_(pa.int32()))
@@ -258,8 +310,8 @@ def label_loop(config: dict) -> None:
                     cols = label_intent_tokens(model, batch, pad_id=tokenizer.pad_token_id or 0, device=device)
                 else:
                     cols = label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
-            writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols},
-                                schema=LABEL_SCHEMAS[task]))
+            writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
+                                 "fingerprint": batch.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
             if time.perf_counter() - last > 15:
                 last = time.perf_counter()
                 say(f"[label] worker {rank} {task}: {seen:,} rows read, {writer.rows:,} written "
@@ -358,13 +410,31 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
     prepare_dir = storage.join(cfg.run_dir, "prepare", "examples")
     lc = cfg.label
+    teacher_sha256 = storage.sha256(storage.join(model_dir, "model.safetensors"))
+    key = cache_key(cfg, teacher_sha256)
     # Materialized before the workers start: a worker holding most CPUs of a small machine would
     # otherwise starve the read tasks of its own input.
-    # Blocks of a few batches each, so the workers share every task, however the files were cut.
-    datasets = {t: ray.data.read_parquet(storage.join(prepare_dir, t), columns=COLUMNS[t])
-                .repartition(target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size))
-                .materialize() for t in tasks}
-    total = sum(ds.count() for ds in datasets.values())
+    examples = {t: ray.data.read_parquet(storage.join(prepare_dir, t), columns=COLUMNS[t])
+                .map_batches(with_fingerprints, fn_kwargs={"task": t}, batch_format="pyarrow").materialize()
+                for t in tasks}
+    totals = {t: ds.count() for t, ds in examples.items()}
+    total = sum(totals.values())
+    from . import warmstart
+
+    reused = reuse_labels(examples, out_dir, warmstart.label_source(cfg), key, lc.rows_per_file)
+    datasets = {}
+    for t, ds in examples.items():
+        done = done_ids(out_dir, t)  # from the cache, or from an interrupted attempt
+        if len(done):
+            ds = ds.map_batches(_without, fn_kwargs={"ids": done}, batch_format="pyarrow")
+        # blocks of a few batches each, so the workers share every task, however the files were cut
+        datasets[t] = ds.repartition(
+            target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size)).materialize()
+        if len(done) > reused.get(t, 0):
+            say(f"[label] {t}: {len(done) - reused.get(t, 0):,} examples were labelled by an interrupted attempt; kept")
+    todo = {t: ds.count() for t, ds in datasets.items()}  # for the teacher in this attempt
+    say(f"[label] to the teacher: {sum(todo.values()):,} of {total:,} examples "
+        + ", ".join(f"{t}={todo[t]:,}/{totals[t]:,}" for t in tasks))
     if "intent" in datasets and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
         with storage.local_copy(model_dir) as local:
             from transformers import AutoTokenizer
@@ -388,18 +458,72 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     )
     storage.remove(storage.join(out_dir, "_timings"))  # an interrupted attempt's timings are not this run's
     start = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    if sum(todo.values()):
+        result = trainer.fit()
+        if result.error:
+            raise result.error
     took = time.perf_counter() - start
     counts = verify(cfg, out_dir, tasks)
     seconds = _labeling_seconds(out_dir)
     for path in ("ray_train", "_timings"):
         storage.remove(storage.join(out_dir, path))
     _remove_temporaries(out_dir)
-    return {"examples": counts, "counts": {"labels": total, "rows_per_s": round(total / took, 1)},
-            "labeling_seconds": seconds, "train_job_seconds": round(took, 2),
+    labelled = {t: totals[t] - reused.get(t, 0) for t in tasks}  # by the teacher, in this or an interrupted attempt
+    return {"examples": counts,
+            "counts": {"labels": total, "labelled": sum(labelled.values()), "reused": sum(reused.values()),
+                       "rows_per_s": round(sum(todo.values()) / took, 1) if sum(todo.values()) else None},
+            "labelled": labelled, "reused": reused, "labeling_seconds": seconds, "train_job_seconds": round(took, 2),
+            "teacher_sha256": teacher_sha256, "cache_key": key,
             "top_k": lc.top_k, "workers": lc.num_workers, "use_gpu": lc.use_gpu}
+
+
+def _without(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column("example_id"), value_set=ids)))
+
+
+def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, rows_per_file: int) -> dict[str, int]:
+    """Copy into `out_dir` the labels that the label stage in `source` (a previous run's) made for
+    the same fingerprints, when its cache key is `key`; returns the copies per task (an interrupted
+    attempt's included: they are not made twice). Copies keep this run's example ids and splits."""
+    import ray
+
+    if source is None:
+        return {}
+    manifest = storage.read_json(storage.join(source, "manifest.json")) \
+        if storage.exists(storage.join(source, "manifest.json")) else None
+    if manifest is None or manifest.get("status") != "complete":
+        say(f"[label] no finished label stage in {source} to reuse labels from: the teacher labels every example")
+        return {}
+    if manifest.get("cache_key") != key:
+        say(f"[label] the labels in {source} came from another teacher or other settings "
+            "(weights, label.top_k, teacher.max_length or tasks.ctr.max_history): the teacher labels every example")
+        return {}
+    reused = {}
+    for task, ds in examples.items():
+        need = pa.concat_tables([ray.get(r) for r in ds.select_columns(["example_id", "split", "fingerprint"]).to_arrow_refs()])
+        need = need.filter(pc.invert(pc.is_in(need.column("example_id"), value_set=done_ids(out_dir, task))))
+        writer = PartWriter(out_dir, task, f"cache-{uuid.uuid4().hex[:8]}", rows_per_file)
+        cached = storage.join(source, task)
+        for path in storage.list_files(cached, (".parquet",)) if storage.exists(cached) else []:
+            if not need.num_rows:
+                break
+            fs, p = storage.resolve(path)
+            part = pq.read_table(p, filesystem=fs, columns=["fingerprint", *LABEL_COLUMNS[task]])
+            at = pc.index_in(need.column("fingerprint"), value_set=part.column("fingerprint"))
+            hit = pc.is_valid(at)
+            if not pc.any(hit).as_py():
+                continue
+            rows, labels = need.filter(hit), part.take(at.filter(hit))
+            writer.add(pa.table({"example_id": rows.column("example_id"), "split": rows.column("split"),
+                                 **{c: labels.column(c) for c in LABEL_COLUMNS[task]},
+                                 "fingerprint": rows.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
+            need = need.filter(pc.invert(hit))
+        writer.close()
+        reused[task] = sum(pq.read_metadata(storage.resolve(f)[1], filesystem=storage.resolve(f)[0]).num_rows
+                           for f in storage.list_files(storage.join(out_dir, task), (".parquet",))
+                           if f.rsplit("/", 1)[-1].startswith("part-cache-"))
+    say("[label] reused from " + source + ": " + ", ".join(f"{t}={n:,}" for t, n in reused.items()))
+    return reused
 
 
 def _labeling_seconds(out_dir: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ import ray.data
 from ray.data.context import ShuffleStrategy
 from ray.data.expressions import col
 
-from . import storage
+from . import storage, warmstart
 from .config import DataConfig, RunConfig, stable_hash
 from .data import examples as ex
 from .data import synthetic
@@ -205,6 +205,7 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     real_impressions = n_inter > int(clicks.sum())
     users = sorted(_counts(inter, ["user_id"])["user_id"])
     _write_vocabularies(items, clicks, users, out_dir)
+    warmstart.check_catalogue(cfg, storage.join(out_dir, "items.parquet"))
 
     examples_dir = storage.join(out_dir, "examples")
     counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
@@ -306,8 +307,14 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
         raise DataError(f"tasks.intent.sources={task.sources}, but the data has none of them: "
                         "add item_titles, or disable the task with tasks.intent.enabled=false")
     merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
-    df, names = ex.intent_examples(_counts(merged, ["text", "label"]), min_class_count=task.min_class_count,
-                                   fractions=task.split_fractions)
+    pair_counts = _counts(merged, ["text", "label"])
+    classes = warmstart.intent_labels(cfg)
+    df, names = ex.intent_examples(pair_counts, min_class_count=task.min_class_count,
+                                   fractions=task.split_fractions, classes=classes)
+    texts = pair_counts["text"].nunique() if len(pair_counts) else 0
+    if classes is not None and len(df) < texts:
+        print(f"[prepare] warm start keeps the earlier intent classes: {texts - len(df):,} texts of other classes "
+            "have no intent example (the earlier run had no 'other' class to put them in)")
     counts = {}
     for split in ex.SPLITS:
         part = df[df["split"] == split]
@@ -315,7 +322,8 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
         _write_dir(ds, storage.join(examples_dir, "intent", split), ex.INTENT_SCHEMA)
         counts[split] = int(len(part))
     storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
-    return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum())}
+    return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
+                    "texts_outside_classes": int(texts - len(df))}
 
 
 def _by_table(summary: pd.DataFrame) -> dict[str, int]:

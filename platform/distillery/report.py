@@ -191,6 +191,14 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     extra = _later_stages(cfg.run_dir)
     variants.update(extra)
+    warm = storage.join(cfg.run_dir, "distill", "warm_start.json")
+    warm_start = storage.read_json(warm) if storage.exists(warm) else None
+    if warm_start:  # the student this run continued from, measured on this run's window
+        from . import bundle
+
+        model, tok, config, *_ = bundle.load(warm_start["bundle"])
+        variants["student_previous"] = (model, tok, config, warm_start["previous"], warm_start["bundle"])
+        extra["student_previous"] = variants["student_previous"]
 
     say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
     requests = _requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
@@ -212,6 +220,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     prep = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
               "models": models, "tasks": task_report}
+    if warm_start:
+        report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
     for stage, name in (("tune", "best.json"), ("compress", "variants.json")):
         path = storage.join(cfg.run_dir, stage, name)
         if storage.exists(path):
@@ -287,7 +297,11 @@ def summary_table(report: dict) -> str:
 
 def markdown(report: dict, plots: list[str]) -> str:
     names = list(report["models"])
-    out = ["# distillery report", "", "## Test metrics", ""]
+    out = ["# distillery report", ""]
+    if "warm_start" in report:
+        out += [f"A warm-started run: `student_previous` is the bundle it continued from "
+                f"(`{report['warm_start']['bundle']}`), measured on this run's data.", ""]
+    out += ["## Test metrics", ""]
     for t, row in report["tasks"].items():
         cols = names + [f"{b} (baseline)" for b in row["baselines"]]
         out += [f"### {t}", "", "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, compress, distill, label, prepare, report, storage, teacher, tune
+from . import __version__, compress, distill, label, prepare, report, storage, teacher, tune, warmstart
 from .config import RunConfig, stable_hash
 from .errors import StageError
 
@@ -31,35 +31,46 @@ class Stage:
     resumable: bool = False  # keeps an interrupted attempt's outputs (checkpoints) for the stage to resume
 
 
+def _warm_start(cfg: RunConfig) -> dict:
+    """The identity of the bundle a warm-started run continues from (its manifest's hash)."""
+    src = warmstart.source(cfg)
+    return {"warm_start": stable_hash(storage.read_json(storage.join(src.bundle, "manifest.json")))} if src else {}
+
+
 def _prepare_config(cfg: RunConfig) -> dict:
     data = cfg.data.model_dump(mode="json", exclude={"show_rejects"})
     tasks = {name: getattr(cfg.tasks, name).model_dump(mode="json", exclude=set(getattr(cfg.tasks, name).LOSS_FIELDS))
              for name in type(cfg.tasks).model_fields}
-    return {"seed": cfg.seed, "data": data, "tasks": tasks}
+    return {"seed": cfg.seed, "data": data, "tasks": tasks, **_warm_start(cfg)}
 
 
 def _teacher_config(cfg: RunConfig) -> dict:
+    if cfg.warm_start:  # the earlier run's teacher, whatever the teacher section says
+        return {"seed": cfg.seed, "tasks": cfg.tasks.enabled(), "max_length": cfg.teacher.max_length, **_warm_start(cfg)}
     return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json", exclude={"shard"}),
             "tasks": cfg.tasks.model_dump(mode="json")}
+
+
+def _teacher_run(cfg: RunConfig, out_dir: str) -> dict:
+    return warmstart.reuse_teacher(cfg, out_dir) if cfg.warm_start else teacher.run(cfg, out_dir)
 
 
 def _label_config(cfg: RunConfig) -> dict:
     # what changes the labels' values; worker counts, devices and batch sizes only change how fast
     # they come, so changing those resumes an interrupted labeling instead of redoing it
-    return {"top_k": cfg.label.top_k, "max_length": cfg.teacher.max_length, "tasks": cfg.tasks.enabled(),
-            "ctr_history": cfg.tasks.ctr.max_history}
+    return {**label.settings(cfg), "tasks": cfg.tasks.enabled()}
 
 
 def _distill_config(cfg: RunConfig) -> dict:
     # devices and CPUs change speed, not the result (the worker count changes the steps per epoch)
     return {"seed": cfg.seed, "student": cfg.student.model_dump(mode="json"),
             "distill": cfg.distill.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker"}),
-            "tasks": cfg.tasks.model_dump(mode="json")}
+            "tasks": cfg.tasks.model_dump(mode="json"), **_warm_start(cfg)}
 
 
 AVAILABLE: dict[str, Stage] = {
     "prepare": Stage("prepare", prepare.run, _prepare_config, prepare.input_paths),
-    "teacher": Stage("teacher", teacher.run, _teacher_config, lambda cfg: [], upstream=("prepare",), resumable=True),
+    "teacher": Stage("teacher", _teacher_run, _teacher_config, lambda cfg: [], upstream=("prepare",), resumable=True),
     "label": Stage("label", label.run, _label_config, lambda cfg: [], upstream=("prepare", "teacher"), resumable=True),
     "distill": Stage("distill", distill.run, _distill_config, lambda cfg: [], upstream=("prepare", "teacher", "label"),
                      resumable=True),
@@ -72,9 +83,9 @@ AVAILABLE: dict[str, Stage] = {
 }
 
 
-def parse_stages(text: str | None) -> list[str]:
+def parse_stages(text: str | None, warm_start: bool = False) -> list[str]:
     if not text or text == "all":
-        return [s for s in STAGES if s in AVAILABLE]
+        return [s for s in STAGES if s in AVAILABLE and not (warm_start and s == "tune")]
     asked = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in asked if s not in STAGES]
     if unknown:
@@ -128,10 +139,15 @@ def init_ray() -> None:
 
 def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:
     """Run `stages` (default: all available) in pipeline order; return their manifests."""
-    names = stages or parse_stages(None)
+    names = stages or parse_stages(None, warm_start=bool(cfg.warm_start))
     for n in names:
         if n not in AVAILABLE:
             raise StageError(f"stage {n!r} is not available (available: {', '.join(AVAILABLE)})")
+    if cfg.warm_start and "tune" in names:
+        raise StageError("a warm-started run does not tune: the sweep's trials train students from scratch, some of "
+                         "other widths. Leave tune out of --stages, or tune in a run without --warm-start")
+    if cfg.warm_start:
+        warmstart.source(cfg)  # a bad bundle fails here, before any stage runs
     cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir)})
     storage.makedirs(cfg.run_dir)
     storage.write_json(storage.join(cfg.run_dir, "config.json"), cfg.model_dump(mode="json"))

@@ -127,6 +127,22 @@ def fingerprint(path: str) -> dict:
     return {"path": path, "files": len(infos), "bytes": total, "sha256": h.hexdigest()}
 
 
+def sha256(path: str) -> str:
+    """sha256 of a file's bytes (path or URI), read in 1 MiB blocks."""
+    fs, p = resolve(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(p) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_dir(src: str, dest: str) -> None:
+    """Replace folder `dest` with a copy of folder `src` (each a path or URI)."""
+    with local_copy(src) as local:
+        upload_dir(local, dest)
+
+
 def upload_dir(local_dir: str, dest: str) -> None:
     """Replace folder `dest` (path or URI) with the contents of `local_dir`."""
     if not is_uri(dest):

@@ -334,13 +334,13 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     report = {"valid": best["valid"], "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
               "best_epoch": best["epoch"] + 1, "epochs_run": len(history)}
     storage.write_json(storage.join(out_dir, "metrics.json"), report)
-    _print_table(report)
+    print_metrics(report)
     storage.remove(storage.join(out_dir, "ray_train"))  # checkpoints only matter while the stage is unfinished
     return {"counts": {"train_examples": counts, "params": sum(p.numel() for p in model.parameters())},
             "best_epoch": report["best_epoch"], "valid_score": best["score"], "test": test}
 
 
-def _print_table(report: dict) -> None:
+def print_metrics(report: dict) -> None:
     print("[teacher] test metrics (teacher vs baseline):")
     for task, metric in SCORE_METRIC.items():
         if task in report["test"]:

@@ -176,22 +176,31 @@ def intent_pairs(batch: pd.DataFrame, *, text_col: str, item_ids: np.ndarray, it
     return out[keep].reset_index(drop=True)
 
 
-def intent_examples(pair_counts: pd.DataFrame, *, min_class_count: int, fractions) -> tuple[pd.DataFrame, list[str]]:
+def intent_examples(pair_counts: pd.DataFrame, *, min_class_count: int, fractions,
+                    classes: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """From (text, label, count) rows: one example per text with its majority label.
 
     Ties go to the alphabetically first label, so the result does not depend on row order.
+    With `classes` (a warm start keeps the earlier run's, which its teacher was trained on), those
+    are the classes, none is merged for being rare here, and a label outside them becomes "other";
+    when "other" is not among them, such texts get no example (the caller counts them).
     """
     if pair_counts.empty:
-        return pd.DataFrame(columns=[f.name for f in INTENT_SCHEMA]), []
+        return pd.DataFrame(columns=[f.name for f in INTENT_SCHEMA]), list(classes or [])
     pc = pair_counts.sort_values(["text", "count", "label"], ascending=[True, False, True])
     total = pc.groupby("text", sort=False)["count"].sum()
     best = pc.drop_duplicates("text", keep="first").set_index("text")
     ex = pd.DataFrame({"text": best.index, "label_name": best["label"].to_numpy(),
                        "count": total.loc[best.index].to_numpy()})
-    per_class = ex["label_name"].value_counts()
-    rare = set(per_class[per_class < min_class_count].index)
-    ex.loc[ex["label_name"].isin(rare), "label_name"] = OTHER
-    names = sorted(set(ex["label_name"]) - {OTHER}) + ([OTHER] if OTHER in set(ex["label_name"]) else [])
+    if classes is not None:
+        names = list(classes)
+        ex.loc[~ex["label_name"].isin(names), "label_name"] = OTHER
+        ex = ex[ex["label_name"].isin(names)].reset_index(drop=True)
+    else:
+        per_class = ex["label_name"].value_counts()
+        rare = set(per_class[per_class < min_class_count].index)
+        ex.loc[ex["label_name"].isin(rare), "label_name"] = OTHER
+        names = sorted(set(ex["label_name"]) - {OTHER}) + ([OTHER] if OTHER in set(ex["label_name"]) else [])
     ex["label"] = ex["label_name"].map({n: i for i, n in enumerate(names)}).astype(np.int32)
     ex["split"] = [split_of_text(t, fractions) for t in ex["text"]]
     ex["example_id"] = [f"intent:{text_hash(t):016x}" for t in ex["text"]]

@@ -1,0 +1,194 @@
+"""Incremental re-distillation: a run that continues from an earlier run's bundle.
+
+    distillery run CONFIG --warm-start BUNDLE data.interactions=NEW_WINDOW run_dir=NEW_RUN
+
+sets `warm_start=BUNDLE`. The bundle's config names the run that built it (its `run_dir`), and
+that run's teacher and labels are reused:
+
+- prepare   builds the new window's examples as usual, but keeps the earlier run's intent classes
+            (the teacher's intent head has those outputs) and refuses a catalogue that differs from
+            the earlier run's (item ids, categories and texts: the teacher's item vectors and the
+            student's item table are indexed by it).
+- teacher   copies the earlier run's fine-tuned teacher instead of training one, and evaluates it
+            on the new window.
+- label     copies the earlier labels of every example whose fingerprint (`label.fingerprints`)
+            the earlier teacher labelled with the same settings; the teacher labels the rest.
+- distill   starts the student from the bundle's weights (8-bit ones dequantized), and compares
+            the earlier student with the new one on the new window. The no-KD baseline still
+            starts from scratch: it is the "what without a teacher" reference, not a second model.
+- tune      is not run: its trials train students of other shapes from scratch.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import bundle, storage
+from .config import RunConfig
+from .errors import DataError, StageError
+from .progress import say
+
+# the student's shape: a bundle's weights fit a new student only where all of these are equal
+SHAPE_KEYS = ("n_items", "n_categories", "n_intents", "intent_labels", "vocab_size", "dim", "text_dim",
+              "ngram_buckets", "heads", "layers", "max_history", "ctr_history", "max_length", "tasks")
+
+
+class Source(NamedTuple):
+    bundle: str
+    config: dict  # the bundle's config.json
+    run_dir: str  # the run that wrote the bundle
+
+    @property
+    def teacher_dir(self) -> str:
+        return storage.join(self.run_dir, "teacher", "model")
+
+    @property
+    def label_dir(self) -> str:
+        return storage.join(self.run_dir, "label")
+
+    @property
+    def items(self) -> str:
+        return storage.join(self.run_dir, "prepare", "items.parquet")
+
+
+def source(cfg: RunConfig) -> Source | None:
+    """The earlier run of a warm-started config (None without `warm_start`), checked: the bundle
+    verifies, its run is another one, and that run still has its teacher and catalogue."""
+    if not cfg.warm_start:
+        return None
+    path = storage.absolute(cfg.warm_start)
+    bundle.verify(path)
+    config = storage.read_json(storage.join(path, "config.json"))
+    run_dir = config.get("run_dir")
+    if not run_dir:
+        raise StageError(f"warm_start={cfg.warm_start}: the bundle does not say which run built it (no run_dir in "
+                         "its config.json; bundles of distillery 0.1 and later do)")
+    if storage.absolute(run_dir).rstrip("/") == storage.absolute(cfg.run_dir).rstrip("/"):
+        raise StageError(f"warm_start={cfg.warm_start} was built in run_dir={cfg.run_dir} itself: give the new "
+                         "window a new run_dir (the new run replaces stage outputs that the warm start reads)")
+    src = Source(path, config, run_dir)
+    for need in (storage.join(src.teacher_dir, "model.safetensors"), src.items):
+        if not storage.exists(need):
+            raise StageError(f"warm_start={cfg.warm_start}: {need} is missing. The bundle's run ({run_dir}) must keep "
+                             "its teacher and prepare outputs; copy them back, or run without --warm-start")
+    return src
+
+
+def label_source(cfg: RunConfig) -> str | None:
+    src = source(cfg)
+    return src.label_dir if src else None
+
+
+def intent_labels(cfg: RunConfig) -> list[str] | None:
+    """The intent classes a warm-started run must keep (the bundle's), or None."""
+    src = source(cfg)
+    return list(src.config["intent_labels"]) if src and "intent" in src.config.get("tasks", []) else None
+
+
+def check_catalogue(cfg: RunConfig, items_path: str) -> None:
+    """DataError unless the prepared catalogue at `items_path` is the earlier run's: same item ids in
+    the same order, with the same categories and texts."""
+    import pyarrow.parquet as pq
+
+    src = source(cfg)
+    if src is None:
+        return
+    cols = ["item_id", "category", "text"]
+
+    def read(path):
+        fs, p = storage.resolve(path)
+        return pq.read_table(p, filesystem=fs, columns=cols).to_pandas()
+
+    old, new = read(src.items), read(items_path)
+    added = sorted(set(new["item_id"]) - set(old["item_id"]))
+    gone = sorted(set(old["item_id"]) - set(new["item_id"]))
+    if added or gone:
+        raise DataError(
+            f"warm start needs the catalogue of the run it continues ({src.run_dir}): {cfg.data.items or 'the data'} "
+            f"adds {len(added)} items (e.g. {added[:3]}) and lacks {len(gone)} (e.g. {gone[:3]}). The student's item "
+            "table cannot grow in place: run without --warm-start to distil a student for the new catalogue")
+    changed = old["item_id"][(old[cols[1:]].fillna("").to_numpy() != new[cols[1:]].fillna("").to_numpy()).any(axis=1)]
+    if len(changed):
+        raise DataError(
+            f"warm start needs the catalogue of the run it continues ({src.run_dir}): {len(changed)} items changed "
+            f"their category or text (e.g. {changed.tolist()[:3]}), and the teacher's item vectors come from them. "
+            "Run without --warm-start")
+
+
+# ------------------------------------------------------------------------------ teacher
+def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
+    """The teacher stage of a warm-started run: the earlier teacher, copied, evaluated on this window."""
+    from . import baselines, teacher
+
+    src = source(cfg)
+    model_dir = storage.join(out_dir, "model")
+    say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
+    storage.copy_dir(src.teacher_dir, model_dir)
+    model, tokenizer, meta = teacher.load_model(model_dir)
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    tasks = [t for t in cfg.tasks.enabled() if t in meta["tasks"]]
+    new_labels = storage.read_json(storage.join(prepare_dir, "vocab", "intent_labels.json"))
+    if "intent" in tasks and new_labels != meta["intent_labels"]:
+        raise StageError(f"the teacher of {src.run_dir} has intent classes {meta['intent_labels']}, the new window "
+                         f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
+    valid = teacher.evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
+    test = teacher.evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
+    report = {"valid": valid, "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
+              "reused_from": src.run_dir}
+    storage.write_json(storage.join(out_dir, "metrics.json"), report)
+    teacher.print_metrics(report)
+    return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,
+            "valid_score": teacher.combined_score(valid), "test": test,
+            "model_sha256": storage.sha256(storage.join(model_dir, "model.safetensors"))}
+
+
+# ------------------------------------------------------------------------------ student
+def check_student(cfg: RunConfig, meta: dict) -> None:
+    """StageError naming each setting where the new student's shape differs from the bundle's."""
+    src = source(cfg)
+    diff = {k: (src.config.get(k), meta.get(k)) for k in SHAPE_KEYS if src.config.get(k) != meta.get(k)}
+    if diff:
+        hint = {"dim": "student.dim", "text_dim": "student.text_dim", "ngram_buckets": "student.ngram_buckets",
+                "heads": "student.heads", "layers": "student.layers", "max_history": "tasks.recommendation.max_history",
+                "ctr_history": "tasks.ctr.max_history", "max_length": "teacher.max_length", "tasks": "tasks.*.enabled"}
+        lines = [f"{hint.get(k, k)}: bundle {_short(a)}, this run {_short(b)}" for k, (a, b) in diff.items()]
+        raise StageError(f"the student of warm_start={cfg.warm_start} has another shape than this run's:\n  "
+                         + "\n  ".join(lines) + "\nset those keys to the bundle's values, or run without --warm-start")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def initial_state(path: str) -> dict[str, torch.Tensor]:
+    """The float weights of the bundle at `path` (8-bit ones dequantized)."""
+    return bundle.load(path).model.state_dict()
+
+
+def previous_metrics(cfg: RunConfig, tasks: list[str]) -> dict:
+    """The bundle's student on this run's window: {"valid": ..., "test": ...}."""
+    from . import evaluation
+    from . import student as S
+
+    loaded = bundle.load(source(cfg).bundle)
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    out = {}
+    for split in ("valid", "test"):
+        out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.config, tasks), prepare_dir,
+                                         split, n_items=loaded.config["n_items"],
+                                         max_history=loaded.config["max_history"], seed=cfg.seed)
+    return out
+
+
+def comparison_table(previous: dict, new: dict, metrics: dict[str, str]) -> list[str]:
+    """Lines of a previous-vs-new table of test metrics, one per task."""
+    lines = [f"  {'task':<15} {'metric':<9} {'previous':>9} {'new':>9} {'change':>8}"]
+    for task, metric in metrics.items():
+        if task in new and task in previous:
+            a, b = previous[task][metric], new[task][metric]
+            change = (b - a) / a * 100 if a and not math.isnan(a) else float("nan")
+            lines.append(f"  {task:<15} {metric:<9} {a:>9.4f} {b:>9.4f} {change:>+7.1f}%")
+    return lines
