@@ -14,7 +14,6 @@ a reader never sees half of one.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import tempfile
@@ -31,14 +30,6 @@ REQUIRED = ("model.safetensors", "config.json", "items.parquet", "metrics.json",
 
 class BundleError(DistilleryError):
     """A bundle that is incomplete, altered or unreadable."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -64,7 +55,7 @@ def write(out: str, *, state: dict[str, torch.Tensor], config: dict, tokenizer, 
                 json.dump(obj, f, indent=1)
         manifest = {"format": 1, "distillery_version": __version__,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "files": {f: {"sha256": _sha256(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
+                    "files": {f: {"sha256": storage.sha256(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
                               for f in _files(tmp)}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -91,7 +82,7 @@ def problems(folder: str) -> list[str]:
         f = os.path.join(folder, name)
         if not os.path.isfile(f):
             out.append(f"{name}: missing")
-        elif os.path.getsize(f) != want["bytes"] or _sha256(f) != want["sha256"]:
+        elif os.path.getsize(f) != want["bytes"] or storage.sha256(f) != want["sha256"]:
             out.append(f"{name}: altered (sha256 does not match the manifest)")
     for name in _files(folder):
         if name not in listed:
@@ -149,6 +140,5 @@ def export(run_dir: str, out: str) -> dict:
     if not storage.exists(storage.join(src, MANIFEST)):
         raise BundleError(f"{src} has no bundle: run the compress stage first (distillery run CONFIG --stages compress)")
     verify(src)
-    with storage.local_copy(src) as local:
-        storage.upload_dir(local, out)
+    storage.copy_dir(src, out)
     return verify(out)
