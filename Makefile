@@ -24,8 +24,9 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (7-8 min on 2 cores); test-slow: the kill-and-resume and warm-start runs
-# (~8 min, CI runs them too); test-cluster: the pipeline as a submitted Ray job on its own head (~6.5 min)
+# the default suite (8-9 min on 2 cores, fuzzing included); test-slow: the fault-injection,
+# kill-and-resume and warm-start runs (~17 min, CI runs them too); test-cluster: the pipeline as a
+# submitted Ray job on its own head (~6.5 min)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)
 
@@ -45,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tune_compress.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/warm_start.py
+	$(BIN)/python benchmarks/reliability.py
 	$(BIN)/python benchmarks/render.py
 
 clean:

@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray for the session, tiny generated data, the shared real data."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -8,6 +9,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RELIABILITY_LOG = "DISTILLERY_RELIABILITY_LOG"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "call":
+        item.call_report = report  # read by `reliability` at teardown
+
+
+@pytest.fixture
+def reliability(request):
+    """A dict a fault or fuzz test fills in (faults, tried, handled, rows_lost, server_errors_5xx,
+    recovery_s, failed_requests); at teardown it goes, with the test's outcome, as one JSON line to
+    $DISTILLERY_RELIABILITY_LOG, which benchmarks/reliability.py sums up. Nothing is written
+    without that variable."""
+    record: dict = {}
+    yield record
+    path = os.environ.get(RELIABILITY_LOG)
+    if path:
+        report = getattr(request.node, "call_report", None)
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": request.node.nodeid, "passed": bool(report and report.passed), **record}) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +163,40 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
                                 schema=label.LABEL_SCHEMAS[task]), new / "label" / task / "train" / "part-0.parquet")
     storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
     return cfg, new
+
+
+# ------------------------------------------------------------------------------ a tiny served bundle
+TITLES = ["red gel pen", "blue gel pen", "bike helmet mips", "espresso beans dark roast", "stapler",
+          "desk lamp", "laser printer toner", "yoga mat", "camping tent", "coffee grinder"]
+CLICKS = [5, 50, 7, 30, 1, 9, 40, 2, 3, 11]
+LABELS = ["Office", "Sports", "Kitchen", "Electronics"]
+IDS = [f"sku-{i}" for i in range(len(TITLES))]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
+    """A verified bundle of a tiny random student over a 10-item catalogue (no training needed)."""
+    import pyarrow as pa
+    import torch
+
+    from distillery import bundle, student
+    from distillery.teacher_model import load_backbone
+
+    tok = load_backbone(tiny_bert)[1]
+    meta = {"n_items": len(TITLES) + 2, "n_categories": 3, "n_intents": len(LABELS), "intent_labels": LABELS,
+            "vocab_size": tok.vocab_size, "dim": 16, "text_dim": 8, "ngram_buckets": 256, "heads": 2, "layers": 0,
+            "dropout": 0.0, "max_history": 5, "ctr_history": 4, "max_length": 16,
+            "tasks": ["recommendation", "ctr", "intent"]}
+    torch.manual_seed(0)
+    category = torch.tensor([0, 0] + [i % 3 for i in range(len(TITLES))])
+    model = student.build(meta, category, TITLES, tok)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    items = pa.table({"idx": pa.array(range(2, len(TITLES) + 2), pa.int32()), "item_id": IDS, "title": TITLES,
+                      "category": [["Office", "Sports", "Kitchen"][i % 3] for i in range(len(TITLES))],
+                      "category_idx": [i % 3 for i in range(len(TITLES))], "clicks": CLICKS})
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    bundle.write(str(out), state=model.state_dict(), tokenizer=tok, items=items,
+                 config={**meta, "weights": "float32", "variant": "student", "source": "test"},
+                 metrics={"test": {"intent": {"macro_f1": 0.5}}})
+    return str(out)

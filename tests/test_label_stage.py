@@ -117,8 +117,9 @@ def _read(run_dir: Path, task: str) -> pa.Table:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.fault
 @pytest.mark.usefixtures("ray_local")
-def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(trained, capsys):
+def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(trained, capsys, reliability):
     """Killed partway on one worker, resumed on two: the finished parts are kept, and every example
     ends up labelled exactly once (the worker count may change on resume: it does not change labels)."""
     import ray
@@ -138,6 +139,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    reliability["faults"] = 1
     # the job's workers die with their driver; wait until nothing writes any more
     seen, stable_since = -1, time.time()
     while time.time() - stable_since < 3:
@@ -165,6 +167,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
         assert got.schema.remove_metadata() == label.LABEL_SCHEMAS[task]
         ids = got.column("example_id").to_pylist()
         want = pq.read_table(run_dir / "prepare" / "examples" / task, columns=["example_id"]).column(0).to_pylist()
+        reliability["rows_lost"] = reliability.get("rows_lost", 0) + len(set(want) - set(ids))
         assert len(ids) == len(set(ids)) and set(ids) == set(want)
     # blocks go to whichever worker asks first; over ~100 CTR blocks both get some
     assert {p.name.split("-")[2] for p in (run_dir / "label").rglob("part-*.parquet")} == {"000", "001"}

@@ -1,7 +1,6 @@
 """The guarantees SECURITY.md makes that a scan of the code can check: nothing deserializes with
 pickle, and the defaults bind to loopback."""
 import ast
-from pathlib import Path
 
 import pytest
 

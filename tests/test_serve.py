@@ -10,46 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
-import torch
 import yaml
 
 from distillery import api, bundle
 from distillery.service import Service
 
+from conftest import IDS, LABELS  # the catalogue of conftest.tiny_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
-TITLES = ["red gel pen", "blue gel pen", "bike helmet mips", "espresso beans dark roast", "stapler",
-          "desk lamp", "laser printer toner", "yoga mat", "camping tent", "coffee grinder"]
-CLICKS = [5, 50, 7, 30, 1, 9, 40, 2, 3, 11]
-LABELS = ["Office", "Sports", "Kitchen", "Electronics"]
-IDS = [f"sku-{i}" for i in range(len(TITLES))]
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
-    """A verified bundle of a tiny random student over a 10-item catalogue (no training needed)."""
-    from distillery import student
-    from distillery.teacher_model import load_backbone
-
-    tok = load_backbone(tiny_bert)[1]
-    meta = {"n_items": len(TITLES) + 2, "n_categories": 3, "n_intents": len(LABELS), "intent_labels": LABELS,
-            "vocab_size": tok.vocab_size, "dim": 16, "text_dim": 8, "ngram_buckets": 256, "heads": 2, "layers": 0,
-            "dropout": 0.0, "max_history": 5, "ctr_history": 4, "max_length": 16,
-            "tasks": ["recommendation", "ctr", "intent"]}
-    torch.manual_seed(0)
-    category = torch.tensor([0, 0] + [i % 3 for i in range(len(TITLES))])
-    model = student.build(meta, category, TITLES, tok)
-    for p in model.parameters():
-        p.data.normal_(0, 0.3)
-    items = pa.table({"idx": pa.array(range(2, len(TITLES) + 2), pa.int32()), "item_id": IDS, "title": TITLES,
-                      "category": [["Office", "Sports", "Kitchen"][i % 3] for i in range(len(TITLES))],
-                      "category_idx": [i % 3 for i in range(len(TITLES))], "clicks": CLICKS})
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    bundle.write(str(out), state=model.state_dict(), tokenizer=tok, items=items,
-                 config={**meta, "weights": "float32", "variant": "student", "source": "test"},
-                 metrics={"test": {"intent": {"macro_f1": 0.5}}})
-    return str(out)
 
 
 @pytest.fixture(scope="module")

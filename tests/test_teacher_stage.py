@@ -19,7 +19,8 @@ METRIC_NAMES = {"recommendation": {"hr@10", "ndcg@10", "mrr"}, "ctr": {"auc", "g
 
 
 @pytest.mark.slow
-def test_teacher_trains_resumes_after_a_kill_and_writes_its_metrics(prepared, tiny_bert, capsys):
+@pytest.mark.fault
+def test_teacher_trains_resumes_after_a_kill_and_writes_its_metrics(prepared, tiny_bert, capsys, reliability):
     import ray
 
     cfg, run_dir, _ = prepared
@@ -40,6 +41,7 @@ def test_teacher_trains_resumes_after_a_kill_and_writes_its_metrics(prepared, ti
     time.sleep(2)  # let the checkpoint bookkeeping land
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run dies mid-training
     proc.wait()
+    reliability["faults"] = 1
     assert not (run_dir / "teacher" / "manifest.json").exists()
 
     m = runner.run(cfg, ["teacher"])["teacher"]

@@ -191,6 +191,7 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout: a resumed run repeats an uninterrupted one
         sums, n = {}, 0
         for _ in range(steps):
             batches = {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)

@@ -254,6 +254,9 @@ def train_loop(config: dict) -> None:
 
     for epoch in range(state["epoch"], cfg.teacher.epochs):
         t0 = time.perf_counter()
+        # dropout draws from the global generator: seeded per epoch, a run resumed from a checkpoint
+        # trains its remaining epochs exactly as an uninterrupted run would
+        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
         teacher.refresh_items(item_token_batches(item_texts, tokenizer, cfg.teacher.max_length, device))
         t_items = time.perf_counter() - t0
         model.train()

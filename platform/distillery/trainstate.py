@@ -30,15 +30,19 @@ def restore(model: torch.nn.Module, optim, sched) -> dict | None:
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
         sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
-        return json.load(open(os.path.join(d, "state.json")))
+        state = json.load(open(os.path.join(d, "state.json")))
+    # counted in the state so each history entry says how many restarts preceded it
+    state["restarts"] = state.get("restarts", 0) + 1
+    return state
 
 
 def record_epoch(state: dict, epoch: int, score: float, valid: dict, sums: dict, steps: int, seconds: float) -> bool:
-    """Append the epoch to state["history"] (mean losses over `steps`), advance the epoch, best
-    score and patience counter; True when the score is a new best."""
+    """Append the epoch to state["history"] (mean losses over `steps`, and how many times the run
+    was restored from a checkpoint before it), advance the epoch, best score and patience counter;
+    True when the score is a new best."""
     improved = score > state["best"]
     state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(steps, 1) for k, v in sums.items()},
-                             "valid": valid, "seconds": round(seconds, 1)})
+                             "valid": valid, "seconds": round(seconds, 1), "restarts": state.get("restarts", 0)})
     state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
     return improved
 

@@ -14,13 +14,13 @@ Formats:
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import urllib.parse
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -28,12 +28,11 @@ import ray.data
 from .. import storage
 from ..config import DataConfig
 from ..errors import DataError
-from .validate import category_path
+from .validate import as_text, category_path, valid_unicode
 
 PARQUET = (".parquet", ".pq")
 JSON = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz")
 CSV = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
-ID_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "impression_id": pa.string()}
 
 
 # ------------------------------------------------------------------------------ file readers
@@ -66,20 +65,36 @@ def read_table(path: str, reader: str = "auto") -> ray.data.Dataset:
         # Files whose schemas disagree (an all-null column stored as double, say) cannot share one
         # read; validation normalizes the types, so read each schema group apart and union.
         groups: dict[str, list[str]] = {}
+        types: dict[str, set] = {}
         for f in local:
             schema = pq.read_schema(f, filesystem=fs).remove_metadata()
             groups.setdefault(schema.to_string(), []).append(f)
+            for field in schema:
+                types.setdefault(field.name, set()).add(field.type)
+        # A column typed differently across files (int in one, string in another) cannot be
+        # concatenated: it is read as text, which validation parses like any text input.
+        clash = sorted(n for n, t in types.items() if len(t - {pa.null()}) > 1)
         reads = [ray.data.read_parquet(g, filesystem=fs, include_paths=True, file_extensions=None) for g in groups.values()]
+        if clash:
+            reads = [r.map_batches(_columns_as_text, fn_kwargs={"names": clash}, batch_format="pyarrow") for r in reads]
         ds = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     elif kind == "json":
-        # pyarrow's reader takes newline-delimited JSON, the usual form of .json dumps too
-        ds = ray.data.read_json(local, filesystem=fs, include_paths=True, file_extensions=None)
+        # line by line rather than with pyarrow's reader, where one malformed line or one byte that
+        # is not UTF-8 fails the whole file: here that line becomes an `unparsable_row` reject
+        return _lines(files).map_batches(lambda b: _records(b, dict), batch_format="pandas")
     else:
-        tsv = files[0].lower().endswith((".tsv", ".tsv.gz"))
-        ds = ray.data.read_csv(local, filesystem=fs, include_paths=True, file_extensions=None,
-                               parse_options=pacsv.ParseOptions(delimiter="\t" if tsv else ","),
-                               convert_options=pacsv.ConvertOptions(column_types=ID_TYPES))
+        # one file per batch: its header is its first line
+        return _binary(files).map_batches(_csv_file, batch_format="pandas", batch_size=1, fn_kwargs={
+            "delimiter": "\t" if files[0].lower().endswith((".tsv", ".tsv.gz")) else ","})
     return _with_source(ds)
+
+
+def _columns_as_text(table: pa.Table, names: list[str]) -> pa.Table:
+    for name in names:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, as_text(table.column(name).to_pylist()))
+    return table
 
 
 def read_huggingface(spec: str) -> ray.data.Dataset:
@@ -109,11 +124,42 @@ def read_huggingface(spec: str) -> ray.data.Dataset:
 
 
 def read_lines(path: str) -> ray.data.Dataset:
+    """Every non-blank line of the files under `path`: rows {text, _source, _parse_error}."""
     files = storage.list_files(path)
+    if not files:
+        raise DataError(f"{path} holds no files")
+    return _lines(files)
+
+
+def _binary(files: list[str]) -> ray.data.Dataset:
     fs, _ = storage.resolve(files[0])
-    ds = ray.data.read_text([storage.resolve(f)[1] for f in files], filesystem=fs, include_paths=True,
-                            drop_empty_lines=True, file_extensions=None)
-    return _with_source(ds)
+    return ray.data.read_binary_files([storage.resolve(f)[1] for f in files], filesystem=fs, include_paths=True,
+                                      file_extensions=None)
+
+
+def _lines(files: list[str]) -> ray.data.Dataset:
+    return _binary(files).map_batches(_split_lines, batch_format="pandas", batch_size=1)
+
+
+def _split_lines(batch: pd.DataFrame) -> pd.DataFrame:
+    """Whole files -> their lines. Bytes are split on "\n" and decoded one line at a time: a byte
+    that is not UTF-8 costs its line (a reject naming it), not the file, as `read_text`'s decode of
+    the whole file would."""
+    text, source, error = [], [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            raw = raw.rstrip(b"\r")
+            if not raw.strip():
+                continue
+            try:
+                text.append(raw.decode("utf-8"))
+                error.append(None)
+            except UnicodeDecodeError as exc:
+                text.append(raw.decode("utf-8", errors="replace"))
+                error.append(f"line {number}: byte {exc.start} is not UTF-8")
+            source.append(path)
+    return pd.DataFrame({"text": pd.Series(text, dtype=object), "_source": pd.Series(source, dtype=object),
+                         "_parse_error": pd.Series(error, dtype=object)})
 
 
 # ------------------------------------------------------------------------------ parsing helpers
@@ -127,8 +173,10 @@ def _parse_record(line: str):
 
 def _records(batch: pd.DataFrame, convert) -> pd.DataFrame:
     rows = []
-    for text, source in zip(batch["text"], batch["_source"]):
+    for text, source, bad in zip(batch["text"], batch["_source"], _errors(batch)):
         try:
+            if bad:
+                raise ValueError(bad)
             rec = _parse_record(text)
             if not isinstance(rec, dict):
                 raise ValueError(f"expected an object, got {type(rec).__name__}")
@@ -140,6 +188,38 @@ def _records(batch: pd.DataFrame, convert) -> pd.DataFrame:
     return _frame(rows)
 
 
+def _errors(batch: pd.DataFrame) -> list:
+    """The decode error of each line, or None (a null can arrive as NaN, which is truthy)."""
+    if "_parse_error" not in batch.columns:
+        return [None] * len(batch)
+    return [e if isinstance(e, str) else None for e in batch["_parse_error"].tolist()]
+
+
+def _csv_file(batch: pd.DataFrame, delimiter: str) -> pd.DataFrame:
+    """One whole CSV/TSV file (header first) -> rows, all strings; a line with the wrong number of
+    fields or bytes that are not UTF-8 becomes a `_parse_error` row. Each line is one record:
+    quoted fields may not span lines."""
+    lines = _split_lines(batch)
+    rows, header = [], None
+    for text, source, bad in zip(lines["text"], lines["_source"], _errors(lines)):
+        try:
+            fields = next(csv.reader([text], delimiter=delimiter))
+        except (csv.Error, StopIteration) as exc:
+            fields, bad = [], bad or f"csv: {exc}"
+        if header is None:
+            if bad:
+                raise DataError(f"{source}: the header line cannot be read ({bad}); fix the first line of the file")
+            header = [h.strip().lstrip("\ufeff") for h in fields]
+            continue
+        if not bad and len(fields) != len(header):
+            bad = f"expected {len(header)} fields ({delimiter!r}-separated), got {len(fields)}"
+        if bad:
+            rows.append({"_parse_error": bad, "_raw": text[:2000], "_source": source})
+        else:
+            rows.append({**{h: (v if v != "" else None) for h, v in zip(header, fields)}, "_source": source})
+    return _frame(rows, columns=tuple(header or ()))
+
+
 def _frame(rows: list[dict], columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """Rows -> an all-string frame (None for missing), so every block has one schema and
     validation does all type parsing in one place."""
@@ -147,8 +227,8 @@ def _frame(rows: list[dict], columns: tuple[str, ...] = ()) -> pd.DataFrame:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return None
         if isinstance(v, (list, tuple)):
-            return category_path(v) if v else None
-        return str(v)
+            return valid_unicode(category_path(v)) if v else None
+        return valid_unicode(str(v))
     df = pd.DataFrame([{k: norm(v) for k, v in r.items()} for r in rows])
     for col in ("_parse_error", "_raw", "_source", *columns):
         if col not in df.columns:
@@ -232,10 +312,11 @@ MIND_NEWS = ["item_id", "top_category", "subcategory", "title", "abstract", "url
 
 def _mind_news(batch: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for text, source in zip(batch["text"], batch["_source"]):
+    for text, source, bad in zip(batch["text"], batch["_source"], _errors(batch)):
         parts = text.split("\t")
-        if len(parts) < 5:
-            rows.append({"_parse_error": f"expected >= 5 tab-separated fields, got {len(parts)}", "_raw": text[:2000], "_source": source})
+        if bad or len(parts) < 5:
+            bad = bad or f"expected >= 5 tab-separated fields, got {len(parts)}"
+            rows.append({"_parse_error": bad, "_raw": text[:2000], "_source": source})
             continue
         rec = dict(zip(MIND_NEWS, parts))
         rows.append({"item_id": rec["item_id"], "title": rec.get("title"), "description": rec.get("abstract"),
@@ -250,10 +331,11 @@ def _mind_behaviors(batch: pd.DataFrame) -> pd.DataFrame:
     order but no time, and every history click precedes the user's impressions.
     """
     rows = []
-    for text, source in zip(batch["text"], batch["_source"]):
+    for text, source, bad in zip(batch["text"], batch["_source"], _errors(batch)):
         parts = text.split("\t")
-        if len(parts) != 5:
-            rows.append({"_parse_error": f"expected 5 tab-separated fields, got {len(parts)}", "_raw": text[:2000], "_source": source})
+        if bad or len(parts) != 5:
+            bad = bad or f"expected 5 tab-separated fields, got {len(parts)}"
+            rows.append({"_parse_error": bad, "_raw": text[:2000], "_source": source})
             continue
         imp_id, user, time, history, shown = parts
         for slot, tok in enumerate(shown.split()):

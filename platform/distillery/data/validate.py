@@ -12,7 +12,7 @@ Reasons (first failing check wins):
   unparsable_timestamp  timestamp is neither a number nor a date string
   timestamp_out_of_range  timestamp < 0 or after 2100 (milliseconds instead of seconds?)
   unparsable_position   position not a non-negative integer
-  clicked_not_binary    clicked not 0/1
+  clicked_not_binary    clicked given but not 0/1 (null or absent: an implicit positive, 1)
   rating_not_numeric / rating_out_of_range
   empty_text            review with neither title nor text
   duplicate             exact copy of another row of the same table (the first copy is kept)
@@ -49,6 +49,22 @@ REJECT_SCHEMA = pa.schema([("table", pa.string()), ("source", pa.string()), ("re
 
 
 # ------------------------------------------------------------------------------ value parsing
+def valid_unicode(v):
+    """A string with a lone surrogate ("\ud800", which JSON escapes can spell and which has no
+    UTF-8 form) gets U+FFFD in its place, as undecodable bytes do; anything else is returned as is."""
+    if isinstance(v, str) and not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "replace").decode("utf-8")
+    return v
+
+
+def _valid_text(df: pd.DataFrame) -> pd.DataFrame:
+    cols = {c: [valid_unicode(v) for v in df[c].tolist()] for c in df.columns if df[c].dtype == object}
+    return df.assign(**{c: pd.Series(v, index=df.index, dtype=object) for c, v in cols.items()}) if cols else df
+
+
 def _text(series: pd.Series) -> pd.Series:
     """Strings with surrounding space stripped; null stays null, '' becomes null."""
     def conv(v):
@@ -109,6 +125,19 @@ def _jsonable(v):
     return str(v)
 
 
+def as_text(values: list) -> pa.Array:
+    """Any values -> a string array: strings as they are, the rest as JSON, null stays null."""
+    return _strings([None if _isnull(v) else v if isinstance(v, str)
+                     else json.dumps(_jsonable(v), ensure_ascii=False) for v in values])
+
+
+def _strings(values: list, typ: pa.DataType = pa.string()) -> pa.Array:
+    try:
+        return pa.array(values, type=typ)
+    except UnicodeEncodeError:  # a lone surrogate: U+FFFD rather than a failed batch
+        return pa.array([valid_unicode(v) for v in values], type=typ)
+
+
 def row_json(df: pd.DataFrame) -> pd.Series:
     """The original row as JSON; for lines an adapter could not parse, the raw line and the error."""
     cols = [c for c in df.columns if c not in INTERNAL]
@@ -146,7 +175,7 @@ def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1
     if table not in ("interactions", "reviews"):
         raise ValueError(f"unknown table {table!r}")
     spec = INTERACTION_COLUMNS if table == "interactions" else REVIEW_COLUMNS
-    df = batch.reset_index(drop=True)
+    df = _valid_text(batch.reset_index(drop=True))
     r = _Reasons(df.index)
     out = pd.DataFrame(index=df.index)
     if "_parse_error" in df.columns:
@@ -172,8 +201,10 @@ def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1
     if table == "interactions":
         if "clicked" in df.columns:
             clicked = parse_binary(df["clicked"])
-            r.flag(clicked.isna(), "clicked_not_binary", "clicked")
-            out["clicked"] = clicked.fillna(1)
+            given = df["clicked"].map(lambda v: not _isnull(v)).astype(bool)
+            r.flag(given & clicked.isna(), "clicked_not_binary", "clicked")
+            # null = absent (files whose columns differ are read together, padded with nulls)
+            out["clicked"] = clicked.where(given, 1).fillna(1)
         else:
             out["clicked"] = 1  # absent = implicit positive
         out["query"] = _text(df["query"]) if "query" in df.columns else None
@@ -263,7 +294,7 @@ def category_path(value) -> str | None:
 
 def validate_items(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (clean catalogue, rejects). Items need only an id: text falls back title -> description -> category."""
-    df = df.reset_index(drop=True)
+    df = _valid_text(df.reset_index(drop=True))
     r = _Reasons(df.index)
     out = pd.DataFrame(index=df.index)
     if "_parse_error" in df.columns:
@@ -308,10 +339,13 @@ def to_arrow(df: pd.DataFrame, spec: dict[str, pa.DataType], extra: Iterable[str
         elif pa.types.is_floating(typ):
             arrays.append(pa.array(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), type=typ, from_pandas=True))
         else:
-            arrays.append(pa.array(col.astype(object).where(col.notna(), None).tolist(), type=typ))
+            arrays.append(_strings(col.astype(object).where(col.notna(), None).tolist(), typ))
         names.append(name)
     for name in extra:
         if name in df.columns and name not in spec:
-            arrays.append(pa.Array.from_pandas(df[name]))
+            try:
+                arrays.append(pa.Array.from_pandas(df[name]))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):  # UnicodeError is a ValueError
+                arrays.append(as_text(df[name].tolist()))  # mixed types (3 and "3"): kept, as text
             names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
