@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (8-9 min on 2 cores, fuzzing included); test-slow: the fault-injection,
-# kill-and-resume and warm-start runs (~17 min, CI runs them too); test-cluster: the pipeline as a
+# the default suite (7.5-9 min on 2 cores, fuzzing included); test-slow: the
+# fault-injection, kill-and-resume and warm-start runs (15.5 min, CI runs them too); test-cluster: the pipeline as a
 # submitted Ray job on its own head (~6.5 min)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)

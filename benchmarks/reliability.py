@@ -2,7 +2,7 @@
 
     python benchmarks/reliability.py [--out benchmarks/results/reliability.json] [--log FILE] [-- PYTEST ARGS]
 
-Runs `pytest -m "fault or fuzz"` (about 15 minutes on 2 cores) with $DISTILLERY_RELIABILITY_LOG
+Runs `pytest -m "fault or fuzz"` (13 minutes on 2 cores in the last run) with $DISTILLERY_RELIABILITY_LOG
 set: each of those tests appends one JSON line (conftest.py's `reliability` fixture) with its
 outcome and its counts. This script sums them into benchmarks/results/reliability.json:
 

@@ -173,6 +173,15 @@ LABELS = ["Office", "Sports", "Kitchen", "Electronics"]
 IDS = [f"sku-{i}" for i in range(len(TITLES))]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
     """A verified bundle of a tiny random student over a 10-item catalogue (no training needed)."""

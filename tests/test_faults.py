@@ -213,17 +213,13 @@ def test_a_killed_tune_trial_is_reported_failed_and_the_sweep_finishes(distilled
 def test_a_killed_serve_replica_under_steady_load_is_replaced(tiny_bundle, reliability):
     """Two replicas, four clients sending CTR requests back to back; one replica's process is
     killed. Measured: the requests that failed, and the seconds until two replicas serve again."""
-    import socket
-
     import requests
     from ray import serve
 
-    from conftest import IDS
+    from conftest import IDS, free_port
     from distillery.serving import AppArgs, build_app, wait_ready
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base, app = f"http://127.0.0.1:{port}", "faults"
     serve.run(build_app(AppArgs(bundle=tiny_bundle, replicas=2, model_cpus=0.3)), name=app, route_prefix="/",
@@ -242,7 +238,7 @@ def test_a_killed_serve_replica_under_steady_load_is_replaced(tiny_bundle, relia
                 log.append((time.time(), ok))  # when it ended: one in flight at the kill counts after it
 
     def replicas():
-        return [a for a in alive(f"ServeReplica:{app}:")]
+        return alive(f"ServeReplica:{app}:")
 
     try:
         clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]

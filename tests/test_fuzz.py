@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import tempfile
 import threading
 import time
@@ -25,9 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import free_port
 from distillery.data.validate import (INTERACTION_COLUMNS, ITEM_COLUMNS, MAX_TIMESTAMP, REVIEW_COLUMNS,
                                       mark_duplicates, to_arrow, validate_items, validate_rows)
-from distillery.prepare import INTERNAL_COLUMNS
+from distillery.prepare import _typed as prepare_typed
 
 pytestmark = pytest.mark.fuzz
 # derandomized, so CI runs the same inputs every time (a failure prints the input to add as an example)
@@ -74,9 +74,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame, spec: dict) -> pa.Table:
-    """As the prepare stage writes a validated batch (prepare._typed)."""
-    extras = [c for c in df.columns if c not in spec and c not in INTERNAL_COLUMNS]
-    return to_arrow(df, {**spec, **INTERNAL_COLUMNS}, extras)
+    """As the prepare stage writes a validated batch."""
+    return prepare_typed(spec)(df)
 
 
 def _check_rows(table: pa.Table, n: int, spec: dict) -> None:
@@ -286,9 +285,7 @@ def live_api(tiny_bundle):
     from distillery.service import Service
 
     app = api.create_app(api.LocalBackend(Service.from_bundle(tiny_bundle)), max_body_bytes=16_384, api_key="")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

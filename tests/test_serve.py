@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import yaml
 from distillery import api, bundle
 from distillery.service import Service
 
-from conftest import IDS, LABELS  # the catalogue of conftest.tiny_bundle
+from conftest import IDS, LABELS, free_port  # IDS, LABELS: the catalogue of conftest.tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,12 +193,6 @@ def test_the_api_key_is_required_on_v1_when_set(service):
 
 
 # ------------------------------------------------------------------------------ Ray Serve over real HTTP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_apps(ray_local, tiny_bundle):
     """Both topologies on the session's Ray, on a free loopback port: {"one": base URL (the default,
@@ -208,7 +201,7 @@ def serve_apps(ray_local, tiny_bundle):
 
     from distillery.serving import APP_NAME, AppArgs, build_app, wait_ready
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     common = {"bundle": tiny_bundle, "model_cpus": 0.3, "ingress_cpus": 0.1, "max_body_bytes": 8192}
@@ -319,7 +312,7 @@ def test_the_app_builder_takes_typed_args(tiny_bundle):
 def test_distillery_serve_answers_with_a_key_and_stops_on_sigterm(tiny_bundle):
     import requests
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, api.API_KEY_ENV: "k3y", "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "distillery.cli", "serve", tiny_bundle, "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -127,15 +127,8 @@ def _jsonable(v):
 
 def as_text(values: list) -> pa.Array:
     """Any values -> a string array: strings as they are, the rest as JSON, null stays null."""
-    return _strings([None if _isnull(v) else v if isinstance(v, str)
-                     else json.dumps(_jsonable(v), ensure_ascii=False) for v in values])
-
-
-def _strings(values: list, typ: pa.DataType = pa.string()) -> pa.Array:
-    try:
-        return pa.array(values, type=typ)
-    except UnicodeEncodeError:  # a lone surrogate: U+FFFD rather than a failed batch
-        return pa.array([valid_unicode(v) for v in values], type=typ)
+    return pa.array([None if _isnull(v) else v if isinstance(v, str)
+                     else json.dumps(_jsonable(v), ensure_ascii=False) for v in values], type=pa.string())
 
 
 def row_json(df: pd.DataFrame) -> pd.Series:
@@ -201,7 +194,7 @@ def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1
     if table == "interactions":
         if "clicked" in df.columns:
             clicked = parse_binary(df["clicked"])
-            given = df["clicked"].map(lambda v: not _isnull(v)).astype(bool)
+            given = df["clicked"].notna()
             r.flag(given & clicked.isna(), "clicked_not_binary", "clicked")
             # null = absent (files whose columns differ are read together, padded with nulls)
             out["clicked"] = clicked.where(given, 1).fillna(1)
@@ -339,13 +332,13 @@ def to_arrow(df: pd.DataFrame, spec: dict[str, pa.DataType], extra: Iterable[str
         elif pa.types.is_floating(typ):
             arrays.append(pa.array(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), type=typ, from_pandas=True))
         else:
-            arrays.append(_strings(col.astype(object).where(col.notna(), None).tolist(), typ))
+            arrays.append(pa.array(col.astype(object).where(col.notna(), None).tolist(), type=typ))
         names.append(name)
     for name in extra:
         if name in df.columns and name not in spec:
             try:
                 arrays.append(pa.Array.from_pandas(df[name]))
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):  # UnicodeError is a ValueError
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 arrays.append(as_text(df[name].tolist()))  # mixed types (3 and "3"): kept, as text
             names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
