@@ -58,10 +58,9 @@ def build_teacher(cfg, kind: str, run_dir: Path, tokenizer: str) -> int:
         backbone = BertModel(BertConfig(vocab_size=tok.vocab_size))  # 12 layers, 768 wide: BERT-base
     else:
         backbone, tok = load_backbone(kind)
-    meta = teacher.model_meta(cfg, str(run_dir / "prepare"))
+    meta = teacher.model_meta(cfg, str(run_dir / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta)
-    model.item_text.normal_()  # stands in for the item-text refresh of training
+    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
     teacher.save_model(model, tok, meta, str(run_dir / "teacher" / "model"))
     storage.write_json(str(run_dir / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete",
                                                                      "benchmark_teacher": kind})

@@ -61,7 +61,7 @@ class TeacherRuntime:
         self.max_length = meta.get("max_length", 64)
         with torch.inference_mode():
             self.items = self.model.item_vectors()
-        self.rec_history = self.model.user_tower.pos.num_embeddings - 1
+        self.rec_history = self.model.max_history
         self.ctr_history = ctr_history
 
     def histories(self, lists, task="recommendation"):

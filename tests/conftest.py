@@ -103,17 +103,31 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
+def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1):
+    """A Teacher over `backbone` with 12 items, 3 intents, 4 categories, width 16, history 5 and
+    random item text embeddings (what the stage would train, untrained)."""
+    import torch
+
+    from distillery.seqrec import SeqSpec, SequenceModel
+    from distillery.teacher_model import CtrHead, IntentTeacher, SeqMember, Teacher
+
+    torch.manual_seed(0)
+    spec = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.1, max_history=5, text_dim=8)
+    seq = [SeqMember(SequenceModel(spec, torch.randn(12, 8)), CtrHead(16, 4, torch.arange(12) % 4))
+           for _ in range(members)]
+    return Teacher(IntentTeacher(backbone, 3, lexical_dim, 4096), seq, max_history=5)
+
+
 @pytest.fixture
 def tiny_teacher(tiny_bert):
     """(Teacher over the tiny BERT with 12 items, 3 intents, 4 categories, dim 16, history 5, tokenizer)."""
     import torch
 
-    from distillery.teacher_model import Teacher, load_backbone
+    from distillery.teacher_model import load_backbone
 
     backbone, tok = load_backbone(tiny_bert)
     torch.manual_seed(0)
-    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
-                    dim=16, max_history=5)
+    model = tiny_teacher_model(backbone)
     return model.eval(), tok
 
 
@@ -135,14 +149,17 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
     shutil.copytree(run_dir / "prepare", new / "prepare")
     cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(cfg, str(new / "prepare"))
+    meta = teacher.model_meta(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta).eval()
-    model.item_text.normal_()
+    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size)).eval()
     teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
     valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length)
     test = teacher.evaluate(model, tok, str(new / "prepare"), "test", meta["tasks"], cfg.teacher.max_length)
-    storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": {}})
+    from distillery import baselines
+    base = baselines.evaluate(str(new / "prepare"), tuple(meta["tasks"]), "test")
+    for task in ("recommendation", "ctr"):  # stands in for the teacher stage's SASRec baseline
+        base[task]["sasrec"] = {k: v * 0.9 for k, v in test[task].items()}
+    storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": base})
     storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     # the label stage's output, computed in-process (the label tests run the stage itself)
     import pyarrow.parquet as pq
@@ -150,17 +167,19 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
     from distillery import label
     items = model.item_vectors()
     for task in meta["tasks"]:
-        batch = pq.read_table(new / "prepare" / "examples" / task / "train")
-        if task == "recommendation":
-            cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=8, device="cpu")
-        elif task == "ctr":
-            cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
-        else:
-            cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
-        (new / "label" / task / "train").mkdir(parents=True)
-        pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
-                                 "fingerprint": label.fingerprints(task, batch)},
-                                schema=label.LABEL_SCHEMAS[task]), new / "label" / task / "train" / "part-0.parquet")
+        for split in ("train", "transfer") if task == "intent" else ("train",):
+            batch = pq.read_table(new / "prepare" / "examples" / task / split)
+            if task == "recommendation":
+                cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=8,
+                                                  device="cpu")
+            elif task == "ctr":
+                cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
+            else:
+                cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
+            (new / "label" / task / split).mkdir(parents=True)
+            pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
+                                     "fingerprint": label.fingerprints(task, batch)},
+                                    schema=label.LABEL_SCHEMAS[task]), new / "label" / task / split / "part-0.parquet")
     storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
     return cfg, new
 

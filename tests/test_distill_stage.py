@@ -38,6 +38,22 @@ def test_select_rebuilds_the_intent_bags_of_the_chosen_rows():
     assert out["bag_offsets"].tolist() == [0, 3, 3, 5] and out["label"].tolist() == [2, 1, 0, 2]
 
 
+def test_transfer_texts_train_the_kd_student_only(labelled):
+    from transformers import AutoTokenizer
+
+    cfg, run_dir = labelled
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "teacher" / "model"))
+    meta = {"max_length": 16, "ngram_buckets": 64}
+    table = distill.training_table(cfg, "intent", tok, meta)
+    labels = table.column("label").to_numpy()
+    transfer = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]["intent"]["transfer"]
+    assert (labels == -1).sum() == transfer > 0
+    assert distill.rows_for("student", "intent", table).num_rows == table.num_rows
+    kept = distill.rows_for("student_no_kd", "intent", table)
+    assert kept.num_rows == table.num_rows - transfer and min(kept.column("label").to_pylist()) >= 0
+    assert distill.rows_for("student_no_kd", "ctr", table).num_rows == table.num_rows
+
+
 def test_combined_score_is_the_mean_ratio_to_the_teacher():
     teacher = {"recommendation": {"ndcg@10": 0.2}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.5}}
     student = {"recommendation": {"ndcg@10": 0.1}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.6}}
@@ -92,10 +108,15 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
     for task, metric in (("recommendation", "mrr"), ("ctr", "gauc"), ("intent", "macro_f1")):
         assert set(rep["tasks"][task]) == {"teacher", "student", "student_no_kd", "baselines"}
         assert all(metric in rep["tasks"][task][n] for n in ("teacher", "student", "student_no_kd"))
+    # every baseline of the teacher stage, the SASRec one included, reaches report.json, the table and the markdown
+    assert set(rep["tasks"]["recommendation"]["baselines"]) == set(rep["tasks"]["ctr"]["baselines"]) == {"popularity", "sasrec"}
+    assert set(rep["tasks"]["intent"]["baselines"]) == {"tfidf_logreg"}
     md = (run_dir / "report" / "report.md").read_text()
+    assert "sasrec (baseline)" in md and "popularity (baseline)" in md
     for png in ("tasks.png", "size_latency.png", "training.png"):
         assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
-    assert "student vs teacher:" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "student vs teacher:" in out and "(sasrec)" in out and "(popularity)" in out
 
 
 def test_report_markdown_labels_the_sampled_protocol_and_the_summary_gives_the_ratios():

@@ -1,6 +1,8 @@
 """Task example builders on hand-made users: splits, histories, negatives, intent merging."""
 import numpy as np
 import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distillery.data import examples as ex
 
@@ -94,3 +96,29 @@ def test_text_split_is_a_pure_function_of_the_text():
     assert splits == [ex.split_of_text(ex.normalize_text(t.upper() + "  ")) for t in texts]
     share = pd.Series(splits).value_counts(normalize=True)
     assert abs(share["train"] - 0.8) < 0.03 and abs(share["test"] - 0.1) < 0.03
+
+
+words = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(texts=st.lists(st.lists(words, min_size=1, max_size=7).map(" ".join), min_size=1, max_size=8, unique=True),
+       variants=st.integers(0, 6))
+def test_transfer_texts_are_new_word_subsets_of_train_texts(texts, variants):
+    from distillery.data.examples import transfer_examples, transfer_texts
+
+    train, held_out = texts[::2], set(texts[1::2])
+    out = transfer_texts(train, set(texts), variants)
+    assert out == transfer_texts(train, set(texts), variants)  # deterministic
+    assert len(out) == len(set(out)) <= variants * len(train)
+    assert not set(out) & (set(train) | held_out)  # never a text of any split
+    for text in out:
+        w = text.split()
+        assert w and any(_subsequence(w, t.split()) for t in train)
+    ex = transfer_examples(out)
+    assert (ex["label"] == -1).all() and (ex["split"] == "transfer").all() and ex["example_id"].is_unique
+
+
+def _subsequence(short: list[str], long: list[str]) -> bool:
+    it = iter(long)
+    return all(w in it for w in short)

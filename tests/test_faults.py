@@ -91,7 +91,9 @@ def _close(a, b, path=""):
 # ------------------------------------------------------------------------------ Ray Train workers
 def _teacher_cfg(cfg, tiny_bert):
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-        "model": tiny_bert, "epochs": 2, "patience": 5, "batch_size": 64, "cpus_per_worker": 1.0, "max_failures": 2})})
+        "model": tiny_bert, "epochs": 1, "patience": 5, "cpus_per_worker": 1.0, "max_failures": 2,
+        "sequence": cfg.teacher.sequence.model_copy(update={"dim": 16, "epochs": 4, "eval_every": 2, "patience": 5}),
+        "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.2]})})})
 
 
 def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted_run(
@@ -102,15 +104,16 @@ def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted
 
     killed = _fresh_run(base, tmp_path / "killed", "prepare")
     out = tmp_path / "killed" / "teacher"
-    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher"), delay=0.5)
+    # the sequence teacher's worker, once its first checkpoint (after epoch 2) is registered
+    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher-seq"), delay=0.5)
     killer.start()
     teacher.run(killed, str(out))
     killer.stop.set()
     reliability["faults"] = int(killer.killed is not None)
     assert killer.killed, "no teacher worker was killed"
-    history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert history[0]["restarts"] == 0 and history[1]["restarts"] == 1  # epoch 2 ran after a restore
+    history = json.loads((out / "members" / "0" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 3]
+    assert history[0]["restarts"] == 0 and history[1]["restarts"] == 1  # epochs 3-4 ran after a restore
     a = json.loads((tmp_path / "clean" / "teacher" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     _close(a["valid"], b["valid"])

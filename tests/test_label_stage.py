@@ -15,16 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_teacher_model
 from distillery import label, runner
 from distillery.errors import StageError
-from distillery.teacher_model import Teacher, load_backbone, pad_histories, text_inputs
+from distillery.teacher_model import load_backbone, pad_histories, text_inputs
 
 
 # ------------------------------------------------------------------------------ units
 def test_recommendation_labels_are_the_top_k_outside_the_history(tiny_teacher):
     model, _ = tiny_teacher
-    model.item_text.normal_()
     hist = [[2, 3, 4], [], [5]]
     batch = pa.table({"history": pa.array(hist, pa.list_(pa.int32())), "item": pa.array([6, 7, 3], pa.int32())})
     out = label.label_recommendation(model, model.item_vectors(), batch, max_history=5, top_k=4, device="cpu")
@@ -57,9 +56,7 @@ def test_ctr_and_intent_labels_match_the_model(tiny_teacher):
 @pytest.mark.parametrize("lexical_dim", [0, 8])
 def test_texts_tokenized_by_ray_data_label_like_texts_tokenized_in_the_worker(tiny_bert, lexical_dim):
     backbone, tok = load_backbone(tiny_bert)
-    torch.manual_seed(0)
-    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
-                    dim=16, max_history=5, lexical_dim=lexical_dim, lexical_buckets=4096).eval()
+    model = tiny_teacher_model(backbone, lexical_dim=lexical_dim).eval()
     texts = ["red gel pen", None, "x " * 500, "Waetrproof bike helmet with mips"]
     batch = pa.table({"example_id": [f"intent:{i}" for i in range(4)], "split": ["train"] * 4, "text": texts})
     tokens = label.tokenize_batch(batch, tokenizer=tok, max_length=16, buckets=model.lexical_buckets)
@@ -98,10 +95,9 @@ def trained(prepared, tiny_bert, tmp_path_factory):
     shutil.copytree(run_dir / "prepare", new / "prepare")
     cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(cfg, str(new / "prepare"))
+    meta = teacher.model_meta(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta)
-    model.item_text.normal_()  # stands in for the item-text refresh of training
+    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
     teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
     storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     return cfg, new

@@ -59,6 +59,46 @@ def test_recommendation_loss_is_softmax_ce_plus_kl_over_the_teachers_list():
     assert RecommendationKD(T, a)(scores, target, top_ids, top_scores).item() == pytest.approx(want, rel=1e-5)
 
 
+def test_intent_transfer_rows_add_only_the_soft_term():
+    """Rows labelled -1 (transfer texts, no gold label) are left out of the CE mean, kept in the KL."""
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([2, -1, 0, -1])
+    T, a = 2.0, 0.4
+    gold = torch.tensor([True, False, True, False])
+    ce = torch.nn.functional.cross_entropy(s[gold], y[gold]).item()
+    want = 0.0
+    for i in range(4):
+        p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
+        want += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 4
+    assert IntentKD(T, a)(s, t, y).item() == pytest.approx((1 - a) * ce + a * T * T * want, rel=1e-5)
+    only_transfer = IntentKD(T, a)(s[1::2], t[1::2], y[1::2])  # no gold row at all: the soft term alone
+    assert torch.isfinite(only_transfer)
+
+
+def test_ranking_distillation_term_is_the_formula():
+    """b * mean_rows[ sum_r w_r -log sigmoid(s[top_r]) + mean_j -log sigmoid(-s[neg_j]) ],
+    w_r = exp(-r/lambda) normalized over the first rank_k of the teacher's list."""
+    scores = torch.tensor([[0.1, 2.0, -1.0, 0.5, 1.0], [1.0, 0.0, 0.3, -0.2, 2.0]])
+    target, top_ids = torch.tensor([1, 4]), torch.tensor([[1, 4, 3], [4, 0, 2]])
+    top_scores = torch.tensor([[5.0, 3.0, 1.0], [4.0, 2.5, 2.0]])
+    negatives = torch.tensor([[2, 3], [3, 1]])
+    T, a, b, lam = 2.0, 0.5, 0.7, 1.5
+    base = RecommendationKD(T, a)(scores, target, top_ids, top_scores).item()
+    w = [math.exp(-r / lam) for r in range(2)]
+    w = [x / sum(w) for x in w]
+    rd = 0.0
+    for i in range(2):
+        pos = sum(w[r] * -math.log(_sigmoid(scores[i, top_ids[i, r]].item())) for r in range(2))
+        neg = sum(-math.log(_sigmoid(-scores[i, j].item())) for j in negatives[i].tolist()) / 2
+        rd += (pos + neg) / 2
+    got = RecommendationKD(T, a, rank_weight=b, rank_k=2, rank_lambda=lam)(scores, target, top_ids, top_scores, negatives)
+    assert got.item() == pytest.approx(base + b * rd, rel=1e-5)
+    # the no-KD baseline (alpha 0) never gets it
+    assert RecommendationKD(T, 0.0, rank_weight=b)(scores, target, top_ids, top_scores, negatives).item() == \
+        pytest.approx(torch.nn.functional.cross_entropy(scores, target).item())
+
+
 def test_alpha_zero_is_the_hard_loss_alone_and_alpha_one_the_soft_loss_alone():
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     assert IntentKD(5.0, 0.0)(s, t, y).item() == pytest.approx(torch.nn.functional.cross_entropy(s, y).item())
@@ -82,7 +122,7 @@ def test_t_squared_keeps_the_soft_gradient_on_scale():
     assert norms[0] == pytest.approx(norms[1], rel=0.1)
 
 
-@pytest.mark.parametrize("loss", ["intent", "ctr", "recommendation"])
+@pytest.mark.parametrize("loss", ["intent", "ctr", "recommendation", "ranking"])
 def test_gradients_match_finite_differences(loss):
     torch.manual_seed(0)
     dt = torch.float64
@@ -94,9 +134,14 @@ def test_gradients_match_finite_differences(loss):
         t, y = torch.randn(5, dtype=dt), torch.tensor([1.0, 0, 0, 1, 0], dtype=dt)
         fn = lambda s: CtrKD(3.0, 0.3)(s, t, y)  # noqa: E731
         s = torch.randn(5, dtype=dt, requires_grad=True)
-    else:
+    elif loss == "recommendation":
         ids, sc, tgt = torch.tensor([[1, 2], [0, 3]]), torch.randn(2, 2, dtype=dt), torch.tensor([2, 0])
         fn = lambda s: RecommendationKD(2.0, 0.5)(s, tgt, ids, sc)  # noqa: E731
+        s = torch.randn(2, 5, dtype=dt, requires_grad=True)
+    else:
+        ids, sc, tgt = torch.tensor([[1, 2], [0, 3]]), torch.randn(2, 2, dtype=dt), torch.tensor([2, 0])
+        negs = torch.tensor([[3, 4], [1, 2]])
+        fn = lambda s: RecommendationKD(2.0, 0.5, rank_weight=0.8, rank_k=2)(s, tgt, ids, sc, negs)  # noqa: E731
         s = torch.randn(2, 5, dtype=dt, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (s,))
 
@@ -106,3 +151,5 @@ def test_bad_settings_are_refused():
         IntentKD(0.0, 0.5)
     with pytest.raises(ValueError, match="alpha"):
         CtrKD(2.0, 1.5)
+    with pytest.raises(ValueError, match="rank_weight"):
+        RecommendationKD(2.0, 0.5, rank_weight=-1.0)

@@ -23,7 +23,8 @@ def test_manifest_contract(prepared):
     assert set(m["counts"]) == {"users", "items", "interactions", "rejects"}
     assert m["counts"]["items"] == 80 and m["counts"]["users"] == 150 and m["counts"]["rejects"] == 0
     assert set(m["examples"]) == {"recommendation", "ctr", "intent"}
-    assert all(set(v) == {"train", "valid", "test"} for v in m["examples"].values())
+    assert set(m["examples"]["recommendation"]) == set(m["examples"]["ctr"]) == {"train", "valid", "test"}
+    assert set(m["examples"]["intent"]) == {"train", "valid", "test", "transfer"}  # transfer: teacher-only texts
     assert m["wall_time_s"] > 0 and m["ctr_source"] == "impressions"
     for task, splits in m["examples"].items():
         for split, n in splits.items():
@@ -43,6 +44,9 @@ def test_outputs_and_vocabularies(prepared):
     labels = json.loads((out / "vocab" / "intent_labels.json").read_text())
     intent = _read(out / "examples" / "intent" / "train")
     assert intent["label"].between(0, len(labels) - 1).all()
+    transfer = _read(out / "examples" / "intent" / "transfer")
+    every = pd.concat([_read(out / "examples" / "intent" / s) for s in ("train", "valid", "test")])
+    assert len(transfer) > 0 and (transfer["label"] == -1).all() and not set(transfer["text"]) & set(every["text"])
     assert len(_read(out / "interactions")) == m["counts"]["interactions"]
 
 

@@ -68,3 +68,25 @@ def test_save_and_load_give_the_same_outputs(tok, tmp_path):
     p = S.predictors(loaded, tok2, meta2, ["intent"])
     assert list(p) == ["intent"] and p["intent"](["red pen", "stapler"]).shape == (2,)
     assert meta2 == meta and not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "s").iterdir())
+
+
+def test_init_from_teacher_projects_item_vectors_and_word_pieces(tok):
+    """Items: a truncated SVD keeps the teacher's item-item dot products as well as the student's
+    width can (exactly when the teacher's vectors fit in it); word pieces: rows rescaled, n-grams kept."""
+    from distillery import student as S
+
+    m = _student(tok)
+    ngrams = m.text.weight[tok.vocab_size:].clone()
+    torch.manual_seed(1)
+    low_rank = torch.randn(6, 4) @ torch.randn(4, 32)  # rank 4 < the student's 16 dims
+    words = torch.randn(tok.vocab_size, 32)
+    S.init_from_teacher(m, {"items": low_rank, "word_pieces": words})
+    item = m.item.weight.detach()
+    assert torch.allclose(item @ item.T, low_rank @ low_rank.T, atol=1e-3)
+    assert torch.equal(m.text.weight[tok.vocab_size:], ngrams)
+    rows = m.text.weight[:tok.vocab_size].detach()
+    assert rows.std().item() == pytest.approx(ngrams.std().item(), rel=1e-3)
+    # a teacher of another catalogue size leaves the item table alone
+    before = m.item.weight.detach().clone()
+    S.init_from_teacher(m, {"items": torch.randn(9, 32)})
+    assert torch.equal(m.item.weight, before)

@@ -32,21 +32,31 @@ def test_heads_shapes_and_masking(teacher):
     assert logits.shape == (2,) and torch.isfinite(logits).all()
 
 
-def test_refresh_items_encodes_every_item_text(teacher):
-    model, tok = teacher
-    texts = [f"item {k}" for k in range(10)]
-    enc = tok(texts, padding=True, return_tensors="pt")
-    model.refresh_items([(torch.arange(10) + 2, enc["input_ids"], enc["attention_mask"])])
-    assert (model.item_text[2:].abs().sum(1) > 0).all() and (model.item_text[:2] == 0).all()
+def test_ensemble_scores_are_the_members_means(tiny_bert):
+    from conftest import tiny_teacher_model
+    from distillery.teacher_model import load_backbone as load
+
+    backbone, _ = load(tiny_bert)
+    model = tiny_teacher_model(backbone, members=3).eval()
+    hist, cand, slot = pad_histories([[2, 3], [4]], 5), torch.tensor([5, 6]), torch.tensor([-1, 2])
+    items = model.item_vectors()
+    assert items.shape == (3, 12, 16)
+    want = torch.stack([m.rec_scores(hist, v) for m, v in zip(model.members, items)]).mean(0)
+    assert torch.allclose(model.rec_scores(hist, items), want, equal_nan=True)
+    want = torch.stack([m.ctr_logits(hist, cand, slot, v) for m, v in zip(model.members, items)]).mean(0)
+    assert torch.allclose(model.ctr_logits(hist, cand, slot, items), want)
 
 
-def test_rec_gradient_reaches_the_towers(teacher):
+def test_rec_and_ctr_gradients_reach_ids_text_adaptor_and_the_ctr_head(teacher):
     model, _ = teacher
     model.train()
-    model.item_text.normal_()
-    loss = torch.nn.functional.cross_entropy(model.rec_scores(pad_histories([[2, 3]], 5)), torch.tensor([4]))
+    hist = pad_histories([[2, 3]], 5)
+    loss = torch.nn.functional.cross_entropy(model.rec_scores(hist), torch.tensor([4])) \
+        + model.ctr_logits(hist, torch.tensor([4]), torch.tensor([0])).sum()
     loss.backward()
-    assert model.item_tower[0].weight.grad.abs().sum() > 0 and model.user_tower.user_token.grad is not None
+    seq = model.members[0].seq
+    assert seq.item.weight.grad.abs().sum() > 0 and seq.adaptor[1].weight.grad.abs().sum() > 0
+    assert model.members[0].ctr.mlp[0].weight.grad.abs().sum() > 0
 
 
 def test_unloadable_teacher_names_the_path(tmp_path):
@@ -91,13 +101,12 @@ def test_text_augmentations_are_seeded_and_bounded():
 
 
 def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
-    from distillery.teacher_model import Teacher, text_inputs
+    from conftest import tiny_teacher_model
+    from distillery.teacher_model import text_inputs
 
     backbone, tok = load_backbone(tiny_bert)
-    torch.manual_seed(0)
-    model = Teacher(backbone, n_items=12, n_intents=3, item_category=torch.arange(12) % 4, n_categories=4,
-                    dim=16, max_history=5, lexical_dim=8, lexical_buckets=4096).eval()
-    assert model.intent_head[1].in_features == 32 + 8 and model.lexical_buckets == 4096
+    model = tiny_teacher_model(backbone, lexical_dim=8).eval()
+    assert model.intent.intent_head[1].in_features == 32 + 8 and model.lexical_buckets == 4096
     one = text_inputs(tok, ["mips helmet"], max_length=16, buckets=model.lexical_buckets)
     both = text_inputs(tok, ["mips helmet", "a much longer query about wireless earbuds"], max_length=16,
                        buckets=model.lexical_buckets)
@@ -108,3 +117,16 @@ def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
         model.intent_logits(one["input_ids"], one["attention_mask"])
     model.intent_logits(**one).sum().backward()
     assert model.lexical.weight.grad.abs().sum() > 0
+
+
+def test_trimming_shared_padding_keeps_every_score(teacher):
+    from distillery.teacher_model import trim_padding
+
+    model, _ = teacher
+    hist = pad_histories([[2, 3], [4], []], 5)
+    trimmed = trim_padding(hist)
+    assert trimmed.tolist() == [[2, 3], [0, 4], [0, 0]]
+    assert trim_padding(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 1)
+    assert torch.allclose(model.rec_scores(trimmed), model.rec_scores(hist), atol=1e-5, equal_nan=True)
+    args = (torch.tensor([5, 6, 7]), torch.tensor([0, -1, 3]))
+    assert torch.allclose(model.ctr_logits(trimmed, *args), model.ctr_logits(hist, *args), atol=1e-5)

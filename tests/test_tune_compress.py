@@ -32,10 +32,14 @@ def test_one_bound_can_be_overridden_without_restating_the_range():
 def test_trial_config_puts_sampled_values_in_their_places():
     cfg = load_config("configs/demo.yaml", ["tune.space.dim=[32,64]"])
     space = tune.param_space(cfg.tune.space, ["recommendation", "intent"])
-    assert set(space) == {"temperature", "alpha", "weight", "lr", "dim"} and set(space["alpha"]) == {"recommendation", "intent"}
-    params = {"temperature": {"recommendation": 3.5, "intent": 1.5}, "alpha": {"intent": 0.25}, "lr": 0.004, "dim": 32}
+    assert set(space) == {"temperature", "alpha", "weight", "lr", "rank_weight", "dim"}
+    assert set(space["alpha"]) == {"recommendation", "intent"}
+    assert "rank_weight" not in tune.param_space(cfg.tune.space, ["ctr", "intent"])  # a recommendation-only knob
+    params = {"temperature": {"recommendation": 3.5, "intent": 1.5}, "alpha": {"intent": 0.25}, "lr": 0.004, "dim": 32,
+              "rank_weight": 0.4}
     t = tune.trial_config(cfg, params)
     assert (t.tasks.recommendation.temperature, t.tasks.intent.temperature, t.tasks.intent.alpha) == (3.5, 1.5, 0.25)
+    assert t.tasks.recommendation.rank_weight == 0.4
     assert t.tasks.ctr.temperature == cfg.tasks.ctr.temperature  # not searched: unchanged
     assert (t.distill.lr, t.student.dim, t.distill.epochs) == (0.004, 32, cfg.tune.epochs)
 

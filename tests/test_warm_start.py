@@ -114,10 +114,9 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
     old = config("w1", "old")
     runner.run(old, ["prepare"])
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(old, str(tmp / "old" / "prepare"))
+    meta = teacher.model_meta(old, str(tmp / "old" / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta)
-    model.item_text.normal_()  # stands in for the item-text refresh of training
+    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
     teacher.save_model(model, tok, meta, str(tmp / "old" / "teacher" / "model"))
     storage.write_json(str(tmp / "old" / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     runner.run(old, ["label"])

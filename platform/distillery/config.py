@@ -87,6 +87,12 @@ class _TaskBase(_Section):
 
 class RecommendationTask(_TaskBase):
     max_history: int = Field(50, ge=1, description="most recent items kept per history")
+    rank_weight: float = Field(0.0, ge=0, description="weight b of the ranking-distillation term (the teacher's "
+                                                      "top rank_k items as rank-weighted pseudo-positives; 0 = off)")
+    rank_k: int = Field(10, ge=1, description="teacher items used as pseudo-positives (at most label.top_k)")
+    rank_lambda: float = Field(5.0, gt=0, description="rank weights decay as exp(-rank / rank_lambda)")
+
+    LOSS_FIELDS: ClassVar[tuple[str, ...]] = _TaskBase.LOSS_FIELDS + ("rank_weight", "rank_k", "rank_lambda")
 
 
 class CtrTask(_TaskBase):
@@ -107,6 +113,9 @@ class IntentTask(_TaskBase):
         description="where intent texts come from (each used when the data has it)",
     )
     split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
+    transfer_variants: int = Field(4, ge=0, le=64, description="transfer texts made per train text (random word "
+                                   "subsets and spans of it, none equal to any intent text of any split), labelled "
+                                   "by the teacher only: the KD student learns from them, the no-KD one cannot")
 
     @model_validator(mode="after")
     def _check(self) -> "IntentTask":
@@ -130,22 +139,73 @@ TASK_NAMES = ("recommendation", "ctr", "intent")
 
 
 # ------------------------------------------------------------------------ later pipeline stages
+class SequenceConfig(_Section):
+    """The teacher's sequence recommender (recommendation and CTR), SASRec family (`seqrec.py`), and
+    how it and the SASRec baseline train: every position of each user's train sequence, cross
+    entropy over the catalogue, until validation NDCG@10 stops improving."""
+
+    dim: int = Field(64, ge=8, description="width of item and user vectors")
+    layers: int = Field(2, ge=1, le=12, description="causal transformer layers")
+    heads: int = Field(2, ge=1, description="attention heads (must divide dim)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout on embeddings, attention and feed-forward")
+    item_text: bool = Field(True, description="items = ID embedding + adaptor over the frozen encoder's embedding "
+                                              "of the item text (false: ID only, as the SASRec baseline)")
+    item_ids: bool = Field(True, description="learn an ID embedding per item (false: items are their text alone)")
+    members: int = Field(1, ge=1, le=16, description="teacher ensemble: members trained from different seeds, their "
+                                                     "scores averaged when labeling")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (constant)")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1, description="user sequences per step (length-bucketed)")
+    ctr_batch_size: int = Field(512, ge=1, description="CTR examples per step, beside the sequences")
+    ctr_trains_encoder: bool = Field(False, description="let the CTR loss train the sequence model too (false: it "
+                                                        "trains the CTR head on the sequence model's user states)")
+    epochs: int = Field(400, ge=1, description="most epochs (one pass over the users each)")
+    eval_every: int = Field(5, ge=1, description="epochs between validations (and checkpoints)")
+    patience: int = Field(5, ge=1, description="validations without a better NDCG@10 before stopping")
+    sampled_softmax_above: int = Field(200_000, ge=100, description="catalogues larger than this train with a sampled "
+                                                                    "softmax (logQ-corrected) instead of the full one")
+    negatives: int = Field(8192, ge=16, description="items sampled per step (by popularity) for that sampled softmax")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        if not (self.item_text or self.item_ids):
+            raise ValueError("items need an ID embedding, their text or both: item_ids and item_text cannot both be false")
+        return self
+
+
+class SasrecBaselineConfig(_Section):
+    """The converged ID-only SASRec every run reports beside the teacher: one model per (dim, dropout)
+    pair, trained with teacher.sequence's layers, heads, learning rate, batch and patience; the one
+    with the best validation NDCG@10 is the baseline."""
+
+    enabled: bool = Field(True, description="train and report it (needs the recommendation task)")
+    dims: list[int] = Field(default_factory=lambda: [64, 128], description="widths tried")
+    dropouts: list[float] = Field(default_factory=lambda: [0.2, 0.5], description="dropouts tried")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.dims or not self.dropouts:
+            raise ValueError("dims and dropouts need at least one value each")
+        if any(not 0 <= p < 1 for p in self.dropouts) or any(d < 8 for d in self.dims):
+            raise ValueError(f"dropouts must lie in [0, 1) and dims be >= 8 (got {self.dropouts}, {self.dims})")
+        return self
+
+
 class TeacherConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="HF encoder folder, or the bundled all-MiniLM-L6-v2")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it")
-    epochs: int = Field(2, ge=1)
-    patience: int = Field(1, ge=0, description="epochs without a better validation score before stopping")
-    intent_batch_size: int = Field(32, ge=1, description="texts per step through the encoder (sets the steps per epoch)")
-    batch_size: int = Field(256, ge=1, description="recommendation / CTR examples per step, drawn from seeded "
-                                                   "permutations of their train split")
-    lr: float = Field(5e-5, gt=0, description="encoder learning rate (AdamW)")
-    head_lr: float = Field(1e-3, gt=0, description="learning rate of the task heads")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup share of the steps")
+    epochs: int = Field(10, ge=1, description="most epochs of the encoder's fine-tuning (intent)")
+    patience: int = Field(2, ge=1, description="intent: epochs without a better validation macro-F1 before stopping")
+    intent_batch_size: int = Field(32, ge=1, description="texts per step through the encoder")
+    lr: float = Field(1e-4, gt=0, description="encoder learning rate (AdamW)")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the intent head")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup share of the encoder's steps")
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
-    dim: int = Field(128, ge=8, description="width of the recommendation / CTR towers")
     lexical_dim: int = Field(0, ge=0, description="width of the learned bag of hashed words and 3-5 character "
                                                    "n-grams beside the encoder in the intent head (0 = the "
                                                    "encoder alone)")
@@ -158,6 +218,8 @@ class TeacherConfig(_Section):
                                                                    "their words (each kept with p=1/2, at least one)")
     shard: Literal["none", "fsdp"] = Field("none", description="labeling: 'fsdp' shards the encoder across the "
                                                                "label workers' GPUs (teachers too large for one)")
+    sequence: SequenceConfig = SequenceConfig()
+    sasrec: SasrecBaselineConfig = SasrecBaselineConfig()
 
 
 class LabelConfig(_Section):
@@ -187,6 +249,9 @@ class StudentConfig(_Section):
     layers: int = Field(1, ge=0, le=4, description="transformer layers over the history (0 = attention pooling only)")
     heads: int = Field(2, ge=1, description="attention heads in those layers (must divide dim)")
     dropout: float = Field(0.1, ge=0, lt=1)
+    init_from_teacher: bool = Field(True, description="the KD student starts from the teacher's item vectors and "
+                                    "word-piece embeddings (projected to its widths by PCA); the no-KD student "
+                                    "always starts from random weights")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self):
@@ -200,7 +265,7 @@ class DistillConfig(_Section):
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it")
     epochs: int = Field(8, ge=1)
-    patience: int = Field(2, ge=0, description="epochs without a better validation score before stopping")
+    patience: int = Field(3, ge=1, description="epochs without a better validation score before stopping")
     batch_size: int = Field(512, ge=1, description="examples per step, all tasks together")
     mix: dict[str, float] = Field(
         default_factory=lambda: {"recommendation": 0.3, "ctr": 0.5, "intent": 0.2},
@@ -243,6 +308,8 @@ class TuneSpace(_Section):
     alpha: Optional[Range] = Field(Range(low=0.0, high=1.0), description="per-task soft/hard mix a_t")
     weight: Optional[Range] = Field(Range(low=0.5, high=2.0, log=True), description="per-task loss weight w_t")
     lr: Optional[Range] = Field(Range(low=1e-3, high=1e-2, log=True), description="AdamW learning rate")
+    rank_weight: Optional[Range] = Field(Range(low=0.0, high=1.0), description="recommendation's ranking-"
+                                         "distillation weight b")
     dim: Optional[list[int]] = Field(None, description="student widths to choose from (null: keep student.dim)")
 
     @model_validator(mode="after")
@@ -255,6 +322,8 @@ class TuneSpace(_Section):
             raise ValueError(f"weight.low must be >= 0 (got {self.weight.low})")
         if self.lr is not None and self.lr.low <= 0:
             raise ValueError(f"lr.low must be > 0 (got {self.lr.low})")
+        if self.rank_weight is not None and self.rank_weight.low < 0:
+            raise ValueError(f"rank_weight.low must be >= 0 (got {self.rank_weight.low})")
         if self.dim is not None and (not self.dim or min(self.dim) < 4):
             raise ValueError(f"dim must be a non-empty list of widths >= 4 (got {self.dim})")
         return self

@@ -9,7 +9,6 @@ one loop over whichever tasks are enabled.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,9 +18,10 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from . import evaluation, storage, trainstate, warmstart
+from . import evaluation, loop, storage, trainstate, warmstart
 from . import student as S
 from .config import RunConfig
+from .data.examples import TRANSFER
 from .errors import StageError
 from .losses import LOSSES
 from .progress import say
@@ -111,14 +111,30 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.model, self.tasks = model, tasks
         self.weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
-        self.losses = nn.ModuleDict({t: LOSSES[t](getattr(cfg.tasks, t).temperature,
-                                                  getattr(cfg.tasks, t).alpha if kd else 0.0) for t in tasks})
+        self.losses = nn.ModuleDict({t: loss_module(cfg, t, kd) for t in tasks})
 
     def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
         items = self.model.item_vectors()
         out = {t: self.losses[t](*TASKS[t].forward(self.model, b, items)) for t, b in batches.items()}
         out["total"] = sum(self.weights[t] * v for t, v in out.items())
         return out
+
+
+def rows_for(variant: str, task: str, table: pa.Table) -> pa.Table:
+    """The training rows of a variant: the no-KD baseline drops the transfer texts (label -1), which
+    carry only the teacher's label."""
+    if task == "intent" and variant != "student":
+        return table.filter(pc.greater_equal(table.column("label"), 0))
+    return table
+
+
+def loss_module(cfg: RunConfig, task: str, kd: bool) -> nn.Module:
+    """Task `task`'s loss with the run's settings; kd=False is the no-KD baseline (every alpha 0)."""
+    tc = getattr(cfg.tasks, task)
+    if task == "recommendation":
+        return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0, rank_weight=tc.rank_weight,
+                            rank_k=min(tc.rank_k, cfg.label.top_k), rank_lambda=tc.rank_lambda)
+    return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0)
 
 
 def _shares(cfg: RunConfig, tasks: list[str]) -> dict[str, int]:
@@ -161,6 +177,8 @@ def train_loop(config: dict) -> None:
         student.load_state_dict(warmstart.initial_state(config["init"]))
         if rank == 0:
             say(f"[distill] {name}: starting from the weights of {config['init']}")
+    elif variant == "student" and cfg.student.init_from_teacher:
+        S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
     decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "text.weight" not in n]
     rest = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "text.weight" not in n)]
     # the text bag's rare rows see few updates: no weight decay pulling them back to zero
@@ -169,12 +187,9 @@ def train_loop(config: dict) -> None:
     shares, steps = config["shares"], config["steps"]
     total = steps * dc.epochs
     sched = trainstate.warmup_linear(optim, total, dc.warmup_ratio)
-    state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
-    restored = trainstate.restore(student, optim, sched)
-    if restored:
-        state = restored
-        if rank == 0:
-            say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
+    state = trainstate.restore(student, optim, sched)
+    if state and rank == 0:
+        say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     student.to(device)
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
@@ -182,51 +197,46 @@ def train_loop(config: dict) -> None:
     data = {}
     for t in tasks:
         parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
-        data[t] = TASKS[t].tensors(pa.concat_tables(parts), meta) if parts else None
+        table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
+        data[t] = TASKS[t].tensors(table, meta) if table is not None and table.num_rows else None
     sizes = {t: (len(v["bag_offsets"]) - 1 if "bag_offsets" in v else len(next(iter(v.values())))) if v else 0
              for t, v in data.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    for epoch in range(state["epoch"], dc.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
-        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # dropout: a resumed run repeats an uninterrupted one
-        sums, n = {}, 0
+    def batches(gen: torch.Generator):
+        """An epoch: `steps` draws of every task's share of the batch (tasks of very different sizes
+        mix at fixed proportions rather than one epoch of each)."""
         for _ in range(steps):
-            batches = {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)
-                       for t in tasks if sizes[t]}
-            with autocast:
-                losses = model(batches)
-            optim.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n += 1
-        t_train = time.perf_counter() - t0
-        student.eval()
+            yield {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)
+                   for t in tasks if sizes[t]}
+
+    def validate():
         valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
                                     n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
-        score = combined_score(valid, config["teacher_valid"])
-        improved = trainstate.record_epoch(state, epoch, score, valid, sums, n, time.perf_counter() - t0)
-        if rank == 0:
-            line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
-            say(f"[distill] {name} epoch {epoch + 1}/{dc.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
-                f"{line}  score={score:.4f} (of the teacher){'  *best' if improved else ''}  "
-                f"({state['history'][-1]['seconds']}s: {n} steps {t_train:.0f}s)")
-            if improved:
-                S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
-        trainstate.report_epoch(student, optim, sched, state,
-                                {"epoch": epoch + 1, "valid_score": score,
+        return combined_score(valid, config["teacher_valid"]), valid
+
+    def on_validated(st: dict, improved: bool) -> None:
+        if rank == 0 and improved:
+            S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
+        valid = st["history"][-1]["valid"]
+        trainstate.report_epoch(student, optim, sched, st,
+                                {"epoch": st["epoch"], "valid_score": st["history"][-1]["score"],
                                  **{f"{t}_{m}": valid[t][m] for t, m in SCORE_METRIC.items() if t in valid}}, rank)
-        if state["bad_epochs"] > dc.patience:
-            if rank == 0:
-                say(f"[distill] {name}: early stop, no better validation score for {state['bad_epochs']} epoch(s)")
-            break
+
+    def log(epoch: int, entry: dict, improved: bool) -> None:
+        if rank == 0:
+            v = entry["valid"]
+            line = "  ".join(f"{t}:{m}={v[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in v)
+            say(f"[distill] {name} epoch {epoch + 1}/{dc.epochs}  loss={entry['loss'].get('total', 0):.4f}  "
+                f"{line}  score={entry['score']:.4f} (of the teacher){'  *best' if improved else ''}  "
+                f"({entry['seconds']}s, {steps} steps)")
+
+    plan = loop.Plan(epochs=dc.epochs, patience=dc.patience, clip=1.0, clip_per_group=False, seed=cfg.seed, rank=rank)
+    state = loop.fit(model, optim, sched, plan, batches=batches, loss=model, validate=validate,
+                     on_validated=on_validated, state=state, autocast=autocast, log=log)
     if rank == 0:
+        if state["bad_epochs"] >= dc.patience:
+            say(f"[distill] {name}: early stop, no better validation score in {state['bad_epochs']} epoch(s)")
         storage.write_json(storage.join(out_dir, "history.json"), state["history"])
 
 
@@ -234,15 +244,12 @@ def train_loop(config: dict) -> None:
 def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table:
     """Train examples of `task` joined with their teacher labels by example id (every example must
     have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
-    import pyarrow.parquet as pq
-
     spec = TASKS[task]
-    ex_dir = storage.join(cfg.run_dir, "prepare", "examples", task, "train")
-    lab_dir = storage.join(cfg.run_dir, "label", task, "train")
-    fs, path = storage.resolve(ex_dir)
-    examples = pq.read_table(path, filesystem=fs, columns=list(spec.example_columns))
-    fs, path = storage.resolve(lab_dir)
-    labels = pq.read_table(path, filesystem=fs, columns=["example_id", *spec.label_columns])
+    splits = ["train"] + ([TRANSFER] if task == "intent" else [])  # transfer: teacher-labelled texts only
+    ex_dir = storage.join(cfg.run_dir, "prepare", "examples", task)
+    lab_dir = storage.join(cfg.run_dir, "label", task)
+    examples = _read_splits(ex_dir, splits, list(spec.example_columns))
+    labels = _read_splits(lab_dir, splits, ["example_id", *spec.label_columns])
     # joined by position (Arrow's hash join does not carry list columns)
     pos = pc.index_in(examples.column("example_id"), value_set=labels.column("example_id"))
     matched = examples.num_rows - pos.null_count
@@ -258,6 +265,19 @@ def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table
         bounds = np.append(offsets.numpy(), len(ids)).astype(np.int32)
         table = table.drop(["text"]).append_column("bag", pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.numpy(), pa.int32())))
     return table
+
+
+def _read_splits(folder: str, splits: list[str], columns: list[str]) -> pa.Table:
+    """The split folders of `folder` that exist, as one table."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for split in splits:
+        path = storage.join(folder, split)
+        if storage.exists(path):
+            fs, local = storage.resolve(path)
+            tables.append(pq.read_table(local, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 @dataclass

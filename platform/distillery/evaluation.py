@@ -29,6 +29,13 @@ def item_head_predictors(model, items: torch.Tensor, device="cpu") -> dict:
     return {"recommendation": rec, "ctr": ctr}
 
 
+def _pad(histories, max_history: int) -> torch.Tensor:
+    """Left-padded to the longest history of the batch (at most max_history): every model here
+    counts positions back from the most recent item, so less padding changes no score, only the time."""
+    longest = max((len(h) for h in histories), default=1)
+    return pad_histories(histories, max(1, min(max_history, longest)))
+
+
 @torch.no_grad()
 def evaluate(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
              seed: int = 0, batch: int = 512) -> dict:
@@ -38,11 +45,11 @@ def evaluate(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n
         df = read_split(prepare_dir, "recommendation", split)
         hists = [np.asarray(h, dtype=np.int64) for h in df["history"]]
         score = predictors["recommendation"]
-        out["recommendation"] = M.evaluate_ranking(lambda a, b: score(pad_histories(hists[a:b], max_history)),
+        out["recommendation"] = M.evaluate_ranking(lambda a, b: score(_pad(hists[a:b], max_history)),
                                                    df["item"].to_numpy(np.int64), hists, n_items, seed, batch)
     if "ctr" in predictors:
         df = read_split(prepare_dir, "ctr", split)
-        probs = [predictors["ctr"](pad_histories(part["history"], max_history),
+        probs = [predictors["ctr"](_pad(part["history"], max_history),
                                    torch.as_tensor(part["item"].to_numpy(np.int64)),
                                    torch.as_tensor(part["slot"].fillna(-1).to_numpy(np.int64)))
                  for part in (df.iloc[a:a + 4 * batch] for a in range(0, len(df), 4 * batch))]

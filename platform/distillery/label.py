@@ -37,11 +37,11 @@ import torch
 
 from . import storage
 from .config import RunConfig, stable_hash
-from .data.examples import SPLITS
+from .data.examples import ALL_SPLITS, SPLITS
 from .errors import StageError
 from .lexical import text_features
 from .progress import say
-from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs
+from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs, trim_padding
 
 LABEL_SCHEMAS = {
     "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
@@ -113,7 +113,7 @@ def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
 def label_recommendation(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, top_k: int,
                          device) -> dict:
     """Teacher's top-K over the catalogue (history masked) and its score of the true next item."""
-    hist = pad_list_array(batch.column("history"), max_history).to(device)
+    hist = trim_padding(pad_list_array(batch.column("history"), max_history)).to(device)
     target = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
     scores = model.rec_scores(hist, items).float()
     target_score = scores.gather(1, target[:, None]).squeeze(1)
@@ -127,7 +127,7 @@ def label_recommendation(model: Teacher, items: torch.Tensor, batch: pa.Table, *
 
 @torch.no_grad()
 def label_ctr(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, device) -> dict:
-    hist = pad_list_array(batch.column("history"), max_history).to(device)
+    hist = trim_padding(pad_list_array(batch.column("history"), max_history)).to(device)
     item = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
     slot = torch.as_tensor(pc.fill_null(batch.column("slot"), -1).to_numpy().astype(np.int64), device=device)
     return {"logit": pa.array(model.ctr_logits(hist, item, slot, items).float().cpu().numpy())}
@@ -175,11 +175,20 @@ def label_intent_tokens(model: Teacher, batch: pa.Table, *, pad_id: int, device)
 
 
 @torch.no_grad()
-def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int, device) -> dict:
+def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int, device, chunk: int = 32) -> dict:
+    """Texts in chunks of similar length (each chunk pads to its longest text, not the batch's),
+    logits returned in the batch's order."""
     texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
-    inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
-    logits = model.intent_logits(**inputs).float()
-    return {"logits": _fixed_list(logits.cpu().numpy(), pa.float32())}
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    logits = []
+    for a in range(0, len(texts), chunk):
+        part = [texts[i] for i in order[a:a + chunk]]
+        inputs = text_inputs(tokenizer, part, max_length=max_length, buckets=model.lexical_buckets, device=device)
+        logits.append(model.intent_logits(**inputs).float().cpu())
+    out = torch.cat(logits).numpy() if logits else np.zeros((0, 1), np.float32)
+    restored = np.empty_like(out)
+    restored[order] = out
+    return {"logits": _fixed_list(restored, pa.float32())}
 
 
 # ------------------------------------------------------------------------------ output parts
@@ -193,11 +202,11 @@ class PartWriter:
 
     def __init__(self, out_dir: str, task: str, prefix: str, rows_per_file: int):
         self.out_dir, self.task, self.prefix, self.rows_per_file = out_dir, task, prefix, rows_per_file
-        self.buffers: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.buffers: dict[str, list[pa.Table]] = {s: [] for s in ALL_SPLITS}
         self.seq, self.rows = 0, 0
 
     def add(self, table: pa.Table) -> None:
-        for split in SPLITS:
+        for split in ALL_SPLITS:
             part = table.filter(pc.equal(table.column("split"), split))
             if part.num_rows:
                 self.buffers[split].append(part)
@@ -205,7 +214,7 @@ class PartWriter:
                     self._flush(split)
 
     def close(self) -> None:
-        for split in SPLITS:
+        for split in ALL_SPLITS:
             self._flush(split)
 
     def _flush(self, split: str) -> None:
@@ -364,7 +373,7 @@ def verify(cfg: RunConfig, out_dir: str, tasks) -> dict[str, dict[str, int]]:
     counts = {}
     for task in tasks:
         counts[task] = {}
-        for split in SPLITS:
+        for split in ALL_SPLITS if task == "intent" else SPLITS:
             want_dir, got_dir = storage.join(prepare_dir, task, split), storage.join(out_dir, task, split)
             want, got = _ids(want_dir), _ids(got_dir)
             unique = pc.unique(got)

@@ -29,16 +29,19 @@ class _KD(nn.Module):
 
 
 class IntentKD(_KD):
-    """(1-a) CE(y, s) + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean.
+    """(1-a) CE(y, s) + a T^2 KL(softmax(t/T) || softmax(s/T)).
 
-    student, teacher: [B, C] logits; labels: [B] class ids.
+    student, teacher: [B, C] logits; labels: [B] class ids, -1 for a transfer text (no gold label,
+    only the teacher's). CE is the mean over the labelled rows (0 when there are none), KL the mean
+    over all rows.
     """
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        return self.mix(F.cross_entropy(student, labels),
-                        lambda: F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                                         log_target=True, reduction="batchmean"))
+        gold = labels >= 0
+        hard = F.cross_entropy(student[gold], labels[gold]) if bool(gold.any()) else student.sum() * 0.0
+        return self.mix(hard, lambda: F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                                               log_target=True, reduction="batchmean"))
 
 
 class CtrKD(_KD):
@@ -54,20 +57,48 @@ class CtrKD(_KD):
 
 
 class RecommendationKD(_KD):
-    """(1-a) CE(next item, softmax over the catalogue) + a T^2 KL over the teacher's top-K list:
-    KL(softmax(teacher_scores/T) || softmax(student scores of the same K items / T)).
+    """(1-a) CE(next item, softmax over the catalogue) + a T^2 KL over the teacher's top-K list
+    + b RD, where KL = KL(softmax(teacher_scores/T) || softmax(student scores of the same K items / T))
+    and RD is ranking distillation (Tang & Wang, 2018): the teacher's first `rank_k` items are
+    pseudo-positives weighted by their rank, w_r = exp(-r / rank_lambda) / sum_r' w_r' (r = 0, 1, ...),
+    against items drawn uniformly from the catalogue as negatives:
+        RD = mean_rows [ sum_r w_r * -log sigmoid(s[top_r]) + mean_j -log sigmoid(-s[neg_j]) ].
+    The listwise KL matches the teacher's distribution over its list; RD adds where the list's head
+    stands against the rest of the catalogue, which a small student's softmax otherwise spreads thin.
 
     scores: [B, N] student scores over the catalogue; target: [B] item ids;
-    top_ids, top_scores: [B, K] the teacher's list (ids index N).
+    top_ids, top_scores: [B, K] the teacher's list (ids index N); negatives: [B, M] item ids
+    (drawn uniformly from ids >= 2 when not given and b > 0).
     """
 
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, rank_weight: float = 0.0, rank_k: int = 10,
+                 rank_lambda: float = 5.0, rank_negatives: int = 16):
+        super().__init__(temperature, alpha)
+        if rank_weight < 0 or rank_k < 1 or rank_lambda <= 0 or rank_negatives < 1:
+            raise ValueError("need rank_weight >= 0, rank_k >= 1, rank_lambda > 0 and rank_negatives >= 1")
+        self.rank_weight, self.rank_k, self.rank_lambda, self.rank_negatives = \
+            float(rank_weight), int(rank_k), float(rank_lambda), int(rank_negatives)
+
     def forward(self, scores: torch.Tensor, target: torch.Tensor, top_ids: torch.Tensor,
-                top_scores: torch.Tensor) -> torch.Tensor:
+                top_scores: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         t = self.temperature
-        return self.mix(F.cross_entropy(scores, target),
+        loss = self.mix(F.cross_entropy(scores, target),
                         lambda: F.kl_div(F.log_softmax(scores.gather(1, top_ids) / t, -1),
                                          F.log_softmax(top_scores / t, -1), log_target=True,
                                          reduction="batchmean"))
+        if self.alpha == 0 or self.rank_weight == 0:
+            return loss
+        k = min(self.rank_k, top_ids.shape[1])
+        w = torch.exp(-torch.arange(k, dtype=scores.dtype, device=scores.device) / self.rank_lambda)
+        w = w / w.sum()
+        if negatives is None:
+            negatives = torch.randint(2, scores.shape[1], (scores.shape[0], self.rank_negatives), device=scores.device)
+        pos = -(F.logsigmoid(scores.gather(1, top_ids[:, :k])) * w).sum(1)
+        neg = -F.logsigmoid(-scores.gather(1, negatives)).mean(1)
+        return loss + self.rank_weight * (pos + neg).mean()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank_weight={self.rank_weight}, rank_k={self.rank_k}"
 
 
 LOSSES = {"recommendation": RecommendationKD, "ctr": CtrKD, "intent": IntentKD}

@@ -321,6 +321,12 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
         ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
         _write_dir(ds, storage.join(examples_dir, "intent", split), ex.INTENT_SCHEMA)
         counts[split] = int(len(part))
+    if task.transfer_variants:
+        train = df.loc[df["split"] == "train", "text"].tolist()
+        transfer = ex.transfer_examples(ex.transfer_texts(train, set(df["text"]), task.transfer_variants))
+        _write_dir(ray.data.from_arrow(pa.Table.from_pandas(transfer, schema=ex.INTENT_SCHEMA, preserve_index=False))
+                   if len(transfer) else None, storage.join(examples_dir, "intent", ex.TRANSFER), ex.INTENT_SCHEMA)
+        counts[ex.TRANSFER] = int(len(transfer))
     storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
     return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
                     "texts_outside_classes": int(texts - len(df))}

@@ -114,7 +114,7 @@ def _heads(model, items, rec_history: int, ctr_history: int):
 def teacher_server(model, tokenizer, max_length: int, ctr_history: int):
     model.eval().requires_grad_(False)  # a trace keeps the weights as constants
     items = model.item_vectors()
-    rec_history = model.user_tower.pos.num_embeddings - 1
+    rec_history = model.max_history
     rec, ctr = _heads(model, items, rec_history, ctr_history)
 
     def inputs(texts):
@@ -226,11 +226,11 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         path = storage.join(cfg.run_dir, stage, name)
         if storage.exists(path):
             report[stage] = storage.read_json(path)
-    histories = {"teacher": _read_history(storage.join(cfg.run_dir, "teacher", "history.json")),
-                 **{n: _read_history(storage.join(cfg.run_dir, "distill", n, "history.json")) for n in variants}}
+    histories = {n: _read_history(storage.join(cfg.run_dir, "distill", n, "history.json")) for n in variants}
     with tempfile.TemporaryDirectory() as tmp:
         storage.write_json(os.path.join(tmp, "report.json"), report)
         plots = write_plots(report, histories, tmp)
+        plots += teacher_plot(storage.join(cfg.run_dir, "teacher"), tmp)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(markdown(report, plots))
         storage.upload_dir(tmp, out_dir)
@@ -267,13 +267,12 @@ def _read_history(path: str) -> list:
 def summary_table(report: dict) -> str:
     names = [n for n in report["models"]]
     w = {n: max(15, len(n) + 2) for n in names}
-    lines = [f"{'':<26}" + "".join(f"{n:>{w[n]}}" for n in names) + f"{'baseline':>24}"]
+    lines = [f"{'':<26}" + "".join(f"{n:>{w[n]}}" for n in names) + "   baselines"]
     for t, m in SCORE_METRIC.items():
         if t in report["tasks"]:
             row = report["tasks"][t]
-            base = next(iter(row["baselines"].items()), None)
-            lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>{w[n]}.4f}" for n in names)
-                         + (f"{base[1][m]:>15.4f} ({base[0]})" if base else ""))
+            bases = ", ".join(f"{b[m]:.4f} ({name})" for name, b in row["baselines"].items())
+            lines.append(f"{t + ' ' + m:<26}" + "".join(f"{row[n][m]:>{w[n]}.4f}" for n in names) + "   " + bases)
     models = report["models"]
     lines.append(f"{'parameters':<26}" + "".join(f"{models[n]['params']:>{w[n]},}" for n in names))
     lines.append(f"{'weights file (MB)':<26}" + "".join(f"{models[n]['bytes'] / 1e6:>{w[n]}.2f}" for n in names))
@@ -372,8 +371,7 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
             axes[0].plot(epochs, [h["loss"].get("total", float("nan")) for h in hist], marker="o", color=f"C{i}", label=n)
             axes[1].plot(epochs, [h["score"] for h in hist], marker="o", color=f"C{i}", label=n)
     axes[0].set_title("training loss per epoch")
-    axes[1].set_title("validation score (teacher: mean metric; students: mean ratio to teacher)")
-    axes[1].title.set_fontsize(8)
+    axes[1].set_title("validation score (mean ratio to the teacher)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
@@ -381,3 +379,43 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
     fig.savefig(os.path.join(folder, "training.png"), dpi=110)
     plt.close(fig)
     return ["tasks.png", "size_latency.png", "training.png"]
+
+
+def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
+    """teacher.png: validation NDCG@10 against epochs of the teacher's sequence members and of every
+    SASRec baseline tried (the chosen one solid), and the encoder's intent macro-F1 per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def runs(sub: str) -> dict[str, list]:
+        root = storage.join(teacher_dir, sub)
+        if not storage.exists(root):
+            return {}
+        names = sorted({storage.parent(f).rsplit("/", 1)[-1] for f in storage.list_files(root, (".json",))
+                        if f.endswith("history.json")})
+        return {n: _read_history(storage.join(root, n, "history.json")) for n in names}
+
+    metrics = storage.read_json(storage.join(teacher_dir, "metrics.json"))
+    seq = {f"teacher member {n}": h for n, h in runs("members").items()}
+    seq.update(runs("sasrec"))
+    intent = _read_history(storage.join(teacher_dir, "intent", "history.json"))
+    if not seq and not intent:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, hist) in enumerate(seq.items()):
+        vals = [(h["epoch"] + 1, h["valid"]["recommendation"]["ndcg@10"]) for h in hist if "recommendation" in h["valid"]]
+        if vals:
+            style = "-" if name.startswith("teacher") or name == metrics.get("sasrec_chosen") else ":"
+            axes[0].plot(*zip(*vals), style, marker=".", color=f"C{i}", label=name)
+    axes[0].set_title("sequence models: validation NDCG@10")
+    axes[1].plot([h["epoch"] + 1 for h in intent], [h["valid"]["intent"]["macro_f1"] for h in intent], marker="o")
+    axes[1].set_title("intent encoder: validation macro-F1")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "teacher.png"), dpi=110)
+    plt.close(fig)
+    return ["teacher.png"]

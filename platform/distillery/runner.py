@@ -47,8 +47,10 @@ def _prepare_config(cfg: RunConfig) -> dict:
 def _teacher_config(cfg: RunConfig) -> dict:
     if cfg.warm_start:  # the earlier run's teacher, whatever the teacher section says
         return {"seed": cfg.seed, "tasks": cfg.tasks.enabled(), "max_length": cfg.teacher.max_length, **_warm_start(cfg)}
-    return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json", exclude={"shard"}),
-            "tasks": cfg.tasks.model_dump(mode="json")}
+    # the distillation's own settings (temperatures, soft/hard mixes) do not change the teacher
+    tasks = {name: getattr(cfg.tasks, name).model_dump(
+        mode="json", exclude=set(getattr(cfg.tasks, name).LOSS_FIELDS) - {"weight"}) for name in type(cfg.tasks).model_fields}
+    return {"seed": cfg.seed, "teacher": cfg.teacher.model_dump(mode="json", exclude={"shard"}), "tasks": tasks}
 
 
 def _teacher_run(cfg: RunConfig, out_dir: str) -> dict:
@@ -190,5 +192,6 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
 def summarize(manifest: dict) -> str:
     parts = [f"{k}={v}" for k, v in manifest.get("counts", {}).items()]
     for task, splits in manifest.get("examples", {}).items():
-        parts.append(f"{task}=" + "/".join(str(splits.get(s, 0)) for s in ("train", "valid", "test")))
+        parts.append(f"{task}=" + "/".join(str(splits.get(s, 0)) for s in ("train", "valid", "test"))
+                     + (f"+{splits['transfer']} transfer" if splits.get("transfer") else ""))
     return ", ".join(parts)

@@ -54,6 +54,54 @@ def build_for_run(meta: dict, prepare_dir: str, tokenizer) -> Student:
     return build(meta, category, items["text"].tolist(), tokenizer)
 
 
+def teacher_vectors(teacher_dir: str) -> dict[str, torch.Tensor]:
+    """What a KD student starts from: the teacher's word-piece input embeddings [vocab, H] and its
+    (first member's) item vectors [n_items, D], read from the saved teacher's weights."""
+    from safetensors.torch import load_file
+
+    from .seqrec import SeqSpec, SequenceModel
+
+    with storage.local_copy(teacher_dir) as local:
+        meta = json.load(open(os.path.join(local, "teacher.json")))
+        state = load_file(os.path.join(local, "model.safetensors"))
+    out = {}
+    words = [k for k in state if k.startswith("intent.backbone.") and k.endswith("word_embeddings.weight")]
+    if words:
+        out["word_pieces"] = state[words[0]].float()
+    if meta.get("members"):
+        seq = SequenceModel(SeqSpec.from_json(meta["sequence"]))
+        seq.load_state_dict({k[len("members.0.seq."):]: v for k, v in state.items() if k.startswith("members.0.seq.")})
+        with torch.no_grad():
+            out["items"] = seq.item_vectors().float()
+    return out
+
+
+def _project(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of x [N, H] in `width` dimensions by a truncated SVD (x ~ U S V^T -> U S, uncentered, so
+    dot products between rows are kept as well as `width` dimensions can); zero-padded when H < width."""
+    if x.shape[1] <= width:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    u, sv, _ = torch.linalg.svd(x.double(), full_matrices=False)
+    k = min(width, len(sv))
+    return torch.nn.functional.pad((u[:, :k] * sv[:k]).float(), (0, width - k))
+
+
+@torch.no_grad()
+def init_from_teacher(model: Student, vectors: dict[str, torch.Tensor]) -> None:
+    """Start the student's item table from the teacher's item vectors and the word-piece rows of its
+    text table from the teacher's word-piece embeddings, each projected to the student's width.
+    The text rows are rescaled to the table's initial spread (the n-gram rows keep their random
+    start); the item rows keep the teacher's scale, which its dot products were trained at."""
+    if "items" in vectors and vectors["items"].shape[0] == model.item.weight.shape[0]:
+        model.item.weight.copy_(_project(vectors["items"], model.item.weight.shape[1]))
+    if "word_pieces" in vectors:
+        words = _project(vectors["word_pieces"], model.text.weight.shape[1])
+        n = min(len(words), model.vocab_size)
+        rows = model.text.weight[:n]
+        rows.copy_(words[:n] * (model.text.weight[model.vocab_size:].std() / words[:n].std().clamp(min=1e-12)
+                                if model.ngram_buckets else 0.1 / words[:n].std().clamp(min=1e-12)))
+
+
 def save(model: Student, tokenizer, meta: dict, out: str) -> None:
     from safetensors.torch import save_file
 

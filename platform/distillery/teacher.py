@@ -1,13 +1,17 @@
-"""The `teacher` stage: fine-tune the encoder and its three heads with Ray Train, then evaluate.
+"""The `teacher` stage: train the teacher and the baselines it must beat, then evaluate them all.
 
-One optimizer step takes one batch of every enabled task. The intent texts (through the encoder,
-the expensive part) make one pass per epoch and so set the number of steps; recommendation and
-CTR take `teacher.batch_size` examples per step from seeded permutations of their train split,
-however many passes that makes. Every epoch: refresh the item text
-embeddings, train, validate, checkpoint (`ray.train.report`), and keep the best model in
-RUN_DIR/teacher/model. Re-running after an interruption resumes from the last checkpoint.
-
-Writes RUN_DIR/teacher/metrics.json: {"valid": ..., "test": ..., "baselines": ...}.
+Steps, each a Ray job of its own so that a finished one is kept when the stage is re-run:
+1. item text: the frozen encoder embeds every item's text once (a Ray task, on a GPU when
+   `teacher.use_gpu`) -> RUN_DIR/teacher/item_text.safetensors.
+2. the SASRec baseline: one ID-only sequence model per (dim, dropout) of `teacher.sasrec`, each a
+   Ray Train run until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
+3. the sequence teacher: `teacher.sequence.members` text+ID sequence models with their CTR heads,
+   the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<i>/.
+4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
+   macro-F1 stops improving -> RUN_DIR/teacher/intent/.
+Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
+evaluated on the test split: RUN_DIR/teacher/metrics.json =
+{"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], ...}.
 """
 from __future__ import annotations
 
@@ -18,17 +22,23 @@ import tempfile
 import time
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import baselines, evaluation, metrics as M, storage, trainstate
+from . import baselines, evaluation, loop, storage, trainstate
 from .config import RunConfig
-from .data.examples import read_items, vocab_size
+from .data.examples import read_items, read_split, vocab_size
 from .progress import say
-from .teacher_model import Teacher, load_backbone, pad_histories, set_threads, text_inputs
+from .seqrec import NextItemLoss, SeqSpec, SequenceModel
+from .teacher_model import (CtrHead, IntentTeacher, SeqMember, Teacher, load_backbone, pad_list_array, set_threads,
+                            text_inputs)
 
 SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
+SEQ_TASKS = ("recommendation", "ctr")
 
 
 def combined_score(valid: dict) -> float:
@@ -38,36 +48,69 @@ def combined_score(valid: dict) -> float:
 
 
 # ------------------------------------------------------------------------------ model i/o
-def model_meta(cfg: RunConfig, prepare_dir: str) -> dict:
+def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int | None = None, dropout: float | None = None,
+             item_text: bool | None = None) -> SeqSpec:
+    """The sequence model of this run (`dim`, `dropout`, `item_text` override the config: the baseline grid)."""
+    sc = cfg.teacher.sequence
+    use_text = sc.item_text if item_text is None else item_text
+    return SeqSpec(n_items=n_items, dim=dim or sc.dim, layers=sc.layers, heads=sc.heads,
+                   dropout=sc.dropout if dropout is None else dropout,
+                   max_history=max(cfg.tasks.recommendation.max_history, cfg.tasks.ctr.max_history),
+                   text_dim=text_dim if use_text else 0, use_id=sc.item_ids or not use_text)
+
+
+def model_meta(cfg: RunConfig, prepare_dir: str, text_dim: int) -> dict:
+    """teacher.json: what `build` needs to rebuild the teacher (`text_dim`: the encoder's width)."""
     items = read_items(prepare_dir)
     labels = storage.read_json(storage.join(prepare_dir, "vocab", "intent_labels.json")) \
         if storage.exists(storage.join(prepare_dir, "vocab", "intent_labels.json")) else []
     cats = storage.read_json(storage.join(prepare_dir, "vocab", "categories.json"))
-    return {"n_items": vocab_size(prepare_dir), "n_intents": len(labels), "intent_labels": labels,
-            "n_categories": len(cats), "dim": cfg.teacher.dim, "max_history": cfg.tasks.recommendation.max_history,
-            "max_length": cfg.teacher.max_length, "lexical_dim": cfg.teacher.lexical_dim,
-            "lexical_buckets": cfg.teacher.lexical_buckets,
-            "item_category": [0, 1] + items["category_idx"].tolist(), "tasks": list(cfg.tasks.enabled())}
+    tasks = list(cfg.tasks.enabled())
+    spec = seq_spec(cfg, vocab_size(prepare_dir), text_dim)
+    return {"n_items": spec.n_items, "n_intents": len(labels), "intent_labels": labels, "n_categories": len(cats),
+            "max_history": spec.max_history, "max_length": cfg.teacher.max_length,
+            "lexical_dim": cfg.teacher.lexical_dim, "lexical_buckets": cfg.teacher.lexical_buckets,
+            "item_category": [0, 1] + items["category_idx"].tolist(), "tasks": tasks,
+            "sequence": spec.to_json(), "members": cfg.teacher.sequence.members if set(tasks) & set(SEQ_TASKS) else 0}
 
 
-def build(backbone, meta: dict) -> Teacher:
-    return Teacher(backbone, n_items=meta["n_items"], n_intents=meta["n_intents"],
-                   item_category=torch.tensor(meta["item_category"]), n_categories=meta["n_categories"],
-                   dim=meta["dim"], max_history=meta["max_history"], lexical_dim=meta.get("lexical_dim", 0),
-                   lexical_buckets=meta.get("lexical_buckets", 1 << 16))
+def build_member(spec: SeqSpec, meta: dict, item_text: torch.Tensor | None = None, ctr_head: bool = True) -> SeqMember:
+    seq = SequenceModel(spec, item_text if spec.text_dim else None)
+    head = CtrHead(spec.dim, meta["n_categories"], torch.tensor(meta["item_category"])) if ctr_head else None
+    return SeqMember(seq, head)
+
+
+def build(backbone, meta: dict, item_text: torch.Tensor | None = None) -> Teacher:
+    intent = IntentTeacher(backbone, meta["n_intents"], meta["lexical_dim"], meta["lexical_buckets"])
+    spec = SeqSpec.from_json(meta["sequence"])
+    members = [build_member(spec, meta, item_text, "ctr" in meta["tasks"]) for _ in range(meta["members"])]
+    return Teacher(intent, members, meta["max_history"])
 
 
 def save_weights(model: nn.Module, path: str) -> None:
-    """state_dict -> safetensors (never pickle)."""
+    """state_dict -> safetensors (never pickle), written locally and copied to `path` (any URI)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "w.safetensors"))
+        storage.upload_file(os.path.join(tmp, "w.safetensors"), path)
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    with storage.local_copy(storage.parent(path)) as local:
+        return load_file(os.path.join(local, os.path.basename(path)))
 
 
 def save_model(model: Teacher, tokenizer, meta: dict, out: str) -> None:
     """model.safetensors + backbone config/tokenizer + teacher.json; written locally, then copied."""
+    from safetensors.torch import save_file
+
     with tempfile.TemporaryDirectory() as tmp:
-        save_weights(model, os.path.join(tmp, "model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
         model.backbone.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "teacher.json"), "w") as f:
@@ -108,60 +151,209 @@ def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max
              device="cpu", batch: int = 512, seed: int = 0) -> dict:
     """Metrics of `model` on one split of every task (the metric module's names)."""
     return evaluation.evaluate(predictors(model, tokenizer, tasks, max_length, device), prepare_dir, split,
-                               n_items=model.item_text.shape[0], max_history=model.user_tower.pos.num_embeddings - 1,
-                               seed=seed, batch=batch)
+                               n_items=vocab_size(prepare_dir), max_history=model.max_history, seed=seed, batch=batch)
 
 
-def item_token_batches(texts: list[str], tokenizer, max_length: int, device, batch: int = 128):
-    for a in range(0, len(texts), batch):
-        enc = tokenizer(texts[a:a + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        ids = torch.arange(a, a + len(texts[a:a + batch])) + M.RESERVED
-        yield ids.to(device), enc["input_ids"].to(device), enc["attention_mask"].to(device)
+def evaluate_member(member: SeqMember, prepare_dir: str, split: str, tasks, n_items: int, max_history: int,
+                    seed: int = 0, device="cpu") -> dict:
+    member.eval()
+    with torch.no_grad():
+        items = member.item_vectors()
+    preds = {t: f for t, f in evaluation.item_head_predictors(member, items, device).items() if t in tasks}
+    return evaluation.evaluate(preds, prepare_dir, split, n_items=n_items, max_history=max_history, seed=seed)
 
 
-# ------------------------------------------------------------------------------ training
-class MultiTaskLoss(nn.Module):
-    """Wraps the teacher so one forward() returns every task's loss (what DDP synchronizes)."""
+# ------------------------------------------------------------------------------ 1. item text
+def encode_items(model_name: str, texts: list[str], max_length: int, device: str = "cpu",
+                 batch: int = 128) -> torch.Tensor:
+    """[2 + len(texts), H] mean-pooled embeddings of the frozen encoder (rows 0, 1: zeros)."""
+    from .teacher_model import mean_pool
 
-    def __init__(self, teacher: Teacher, weights: dict[str, float]):
+    backbone, tokenizer = load_backbone(model_name)
+    backbone.to(device).eval()
+    out = torch.zeros(len(texts) + 2, backbone.config.hidden_size)
+    with torch.no_grad():
+        for a in range(0, len(texts), batch):
+            enc = tokenizer([t or "" for t in texts[a:a + batch]], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(device)
+            h = backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            out[2 + a:2 + a + len(h)] = mean_pool(h, enc["attention_mask"]).float().cpu()
+    return out
+
+
+def item_text_embeddings(cfg: RunConfig, out_dir: str) -> torch.Tensor:
+    """The item text embeddings of this run: computed once, as a Ray task, and kept in out_dir."""
+    import ray
+
+    path = storage.join(out_dir, "item_text.safetensors")
+    if storage.exists(path):
+        return load_weights(path)["item_text"]
+    texts = read_items(storage.join(cfg.run_dir, "prepare"))["text"].tolist()
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=cfg.teacher.cpus_per_worker, num_gpus=1 if cfg.teacher.use_gpu else 0)(_encode_task)
+    emb = ray.get(task.remote(cfg.teacher.model, texts, cfg.teacher.max_length, cfg.teacher.use_gpu,
+                              cfg.teacher.cpus_per_worker))
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({"item_text": emb.contiguous()}, os.path.join(tmp, "e.safetensors"))
+        storage.upload_file(os.path.join(tmp, "e.safetensors"), path)
+    say(f"[teacher] item text: {len(texts):,} items embedded by the frozen encoder in {time.perf_counter() - t0:.0f}s")
+    return emb
+
+
+def _encode_task(model_name: str, texts: list[str], max_length: int, use_gpu: bool, cpus: float) -> torch.Tensor:
+    set_threads(cpus)
+    return encode_items(model_name, texts, max_length, "cuda" if use_gpu else "cpu")
+
+
+# ------------------------------------------------------------------------------ 2-3. sequence models
+def user_sequences(rec_train: pd.DataFrame) -> pa.Table:
+    """One row per user: `sequence` = the user's train items in order (the history of the user's
+    last train example, already cut to max_history by prepare, and its target). Example ids are
+    prepare's `rec:{user}:{t}`, t = the target's position in the user's clicks."""
+    schema = pa.schema([("user_id", pa.string()), ("sequence", pa.list_(pa.int32()))])
+    if rec_train.empty:
+        return schema.empty_table()
+    t = rec_train["example_id"].str.rsplit(":", n=1).str[1].astype(np.int64)
+    last = rec_train.assign(_t=t).sort_values(["user_id", "_t"]).groupby("user_id", sort=False).tail(1)
+    seqs = [[*map(int, h), int(i)] for h, i in zip(last["history"], last["item"])]
+    return pa.table({"user_id": last["user_id"].astype(str).tolist(), "sequence": seqs}, schema=schema)
+
+
+class MemberLoss(nn.Module):
+    """One step's losses of a sequence member (what DDP synchronizes): next-item cross entropy at
+    every position of the batch's sequences, and BCE of the CTR head, weighted by the task weights.
+    With `ctr_trains_encoder` False the CTR loss stops at the head's inputs (user state, candidate
+    vector): on Office, letting it into the sequence model cost validation NDCG@10."""
+
+    def __init__(self, member: SeqMember, next_item: NextItemLoss, weights: dict[str, float],
+                 ctr_trains_encoder: bool = False):
         super().__init__()
-        self.teacher, self.weights = teacher, weights
+        self.member, self.next_item, self.weights = member, next_item, weights
+        self.ctr_trains_encoder = ctr_trains_encoder
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        t, losses = self.teacher, {}
-        items = t.item_vectors() if ("rec_history" in batch or "ctr_history" in batch) else None
-        if "rec_history" in batch:
-            scores = t.rec_scores(batch["rec_history"], items)
-            losses["recommendation"] = F.cross_entropy(scores, batch["rec_target"])
+        items = self.member.item_vectors()
+        out = {}
+        if "sequences" in batch:
+            seqs = batch["sequences"]
+            states = self.member.seq.states(seqs[:, :-1], items)
+            out["recommendation"] = self.next_item(states, seqs[:, 1:], items, batch.get("generator"))
         if "ctr_history" in batch:
-            logits = t.ctr_logits(batch["ctr_history"], batch["ctr_item"], batch["ctr_slot"], items)
-            losses["ctr"] = F.binary_cross_entropy_with_logits(logits, batch["ctr_label"])
-        if "input_ids" in batch:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "bag_ids", "bag_offsets") if k in batch}
-            losses["intent"] = F.cross_entropy(t.intent_logits(**inputs), batch["intent_label"])
-        losses["total"] = sum(self.weights[k] * v for k, v in losses.items())
-        return losses
+            if self.member.ctr is not None and not self.ctr_trains_encoder:
+                user = self.member.seq.user_vectors(batch["ctr_history"], items).detach()
+                logits = self.member.ctr(user, items[batch["ctr_item"]].detach(), batch["ctr_item"], batch["ctr_slot"])
+            else:
+                logits = self.member.ctr_logits(batch["ctr_history"], batch["ctr_item"], batch["ctr_slot"], items)
+            out["ctr"] = F.binary_cross_entropy_with_logits(logits, batch["ctr_label"])
+        out["total"] = sum(self.weights[k] * v for k, v in out.items())
+        return out
 
 
-def _read_shard(shard):
-    """This worker's shard of a task, read once: streaming three shards in lockstep every step
-    cost ~1.5 s/step on 2 cores, more than the model itself for the small heads."""
-    import pandas as pd
+def sequence_batches(seqs: torch.Tensor, ctr: dict | None, steps: int, ctr_batch: int, gen: torch.Generator,
+                     device) -> list[dict]:
+    """One epoch: `steps` batches. Sequences are bucketed by length (sorted with jitter, then cut
+    into `steps` chunks taken in random order), each batch trimmed to its longest sequence: with a
+    median history of a few items, padding to max_history would be most of the compute. CTR rows are
+    drawn from a permutation of the shard."""
+    out = [{} for _ in range(steps)]
+    if seqs is not None and len(seqs):
+        lengths = (seqs != 0).sum(1).float()
+        order = torch.argsort(lengths + 4 * torch.rand(len(seqs), generator=gen))
+        chunks = torch.tensor_split(order, steps)
+        for i, j in enumerate(torch.randperm(steps, generator=gen).tolist()):
+            s = seqs[chunks[j]]
+            if len(s):
+                longest = max(int((s != 0).sum(1).max()), 2)
+                out[i]["sequences"] = s[:, -longest:].to(device)
+    if ctr is not None and len(ctr["label"]):
+        n = len(ctr["label"])
+        need = steps * min(ctr_batch, n)
+        idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(need / n))])[:need]
+        for i, rows in enumerate(torch.split(idx, min(ctr_batch, n))):
+            batch = {f"ctr_{k}": v[rows] for k, v in ctr.items()}
+            longest = max(int((batch["ctr_history"] != 0).sum(1).max()), 1)
+            batch["ctr_history"] = batch["ctr_history"][:, -longest:]  # left-padded: the padding goes
+            out[i].update({k: v.to(device) for k, v in batch.items()})
+    for b in out:
+        b["generator"] = gen
+    return out
 
-    parts = list(shard.iter_batches(batch_size=None, batch_format="pandas"))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+def seq_loop(config: dict) -> None:
+    """Ray Train worker function: one sequence model (a baseline or a teacher member)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    sc, name, out_dir, prepare_dir = cfg.teacher.sequence, config["name"], config["out_dir"], config["prepare_dir"]
+    spec = SeqSpec.from_json(config["spec"])
+    tasks = config["tasks"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_threads(cfg.teacher.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(loop.epoch_seed(config["seed"], 0, 0, stream=1))  # same initial weights on every rank
+    item_text = load_weights(config["item_text"])["item_text"] if spec.text_dim else None
+    meta = config["meta"]
+    member = build_member(spec, meta, item_text, ctr_head=config["ctr_head"] and "ctr" in tasks)
+
+    seqs = ctr = None
+    if "recommendation" in tasks:
+        parts = list(ray.train.get_dataset_shard("sequences").iter_batches(batch_size=None, batch_format="pyarrow"))
+        seqs = pad_list_array(pa.concat_tables(parts).column("sequence"), spec.max_history + 1) if parts else None
+    if "ctr" in tasks:
+        parts = list(ray.train.get_dataset_shard("ctr").iter_batches(batch_size=None, batch_format="pyarrow"))
+        if parts:
+            t = pa.concat_tables(parts)
+            ctr = {"history": pad_list_array(t.column("history"), cfg.tasks.ctr.max_history),
+                   "item": torch.from_numpy(t.column("item").to_numpy().astype(np.int64)),
+                   "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
+                   "label": torch.from_numpy(t.column("label").to_numpy().astype(np.float32))}
+    sampled = spec.n_items - 2 > sc.sampled_softmax_above
+    proposal = torch.tensor(config["popularity"], dtype=torch.float32) if sampled else None
+    weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
+    loss_mod = MemberLoss(member, NextItemLoss(sc.negatives if sampled else 0, proposal), weights,
+                          sc.ctr_trains_encoder or "recommendation" not in tasks)  # CTR alone: it must
+    optim = torch.optim.AdamW(member.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    state = trainstate.restore(member, optim, sched)
+    if state and rank == 0:
+        say(f"[teacher] {name}: resuming after epoch {state['epoch']} from the last checkpoint")
+    member.to(device)
+    loss_mod.to(device)
+    model = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else loss_mod
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    score_task = "recommendation" if "recommendation" in tasks else "ctr"
+
+    def validate():
+        valid = evaluate_member(member, prepare_dir, "valid", tasks, spec.n_items, spec.max_history, cfg.seed, device)
+        return valid[score_task][SCORE_METRIC[score_task]], valid
+
+    def on_validated(st: dict, improved: bool) -> None:
+        if rank == 0 and improved:
+            save_weights(member, storage.join(out_dir, "model.safetensors"))
+        trainstate.report_epoch(member, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
+
+    def log(epoch: int, entry: dict, improved: bool) -> None:
+        if rank == 0:
+            v = entry["valid"]
+            line = "  ".join(f"{t}:{SCORE_METRIC[t]}={v[t][SCORE_METRIC[t]]:.4f}" for t in SEQ_TASKS if t in v)
+            say(f"[teacher] {name} epoch {epoch + 1}/{sc.epochs}  loss={entry['loss'].get('total', 0):.4f}  {line}"
+                f"{'  *best' if improved else ''}  ({sc.eval_every} epochs, {entry['seconds']}s)")
+
+    plan = loop.Plan(epochs=sc.epochs, patience=sc.patience, eval_every=sc.eval_every, clip=5.0,
+                     seed=config["seed"], rank=rank)
+    state = loop.fit(model, optim, sched, plan,
+                     batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device),
+                     loss=model, validate=validate, on_validated=on_validated, state=state, autocast=autocast, log=log)
+    if rank == 0:
+        storage.write_json(storage.join(out_dir, "history.json"), state["history"])
 
 
-def _batches(df, batch_size: int, seed: int):
-    """Endless batches: passes over fresh seeded permutations, so a small task can be revisited
-    several times while the intent texts make their one pass."""
-    rng = np.random.default_rng(seed)
-    while len(df):
-        order = rng.permutation(len(df))
-        for a in range(0, len(df) - batch_size + 1 if len(df) >= batch_size else 1, batch_size):
-            yield df.iloc[order[a:a + batch_size]]
-
-
+# ------------------------------------------------------------------------------ 4. intent
 def add_typos(texts: list[str], rate: float, rng: np.random.Generator) -> list[str]:
     """One random edit (swap two neighbours, drop or double a character) in a `rate` share of the
     texts. Shoppers misspell queries, and an encoder fine-tuned on clean text alone is brittle to it."""
@@ -190,163 +382,251 @@ def drop_words(texts: list[str], rate: float, rng: np.random.Generator) -> list[
     return out
 
 
-def _to_tensors(task: str, df, tokenizer, cfg: RunConfig, device, rng: np.random.Generator | None = None) -> dict:
-    if task == "recommendation":
-        return {"rec_history": pad_histories(df["history"], cfg.tasks.recommendation.max_history).to(device),
-                "rec_target": torch.as_tensor(df["item"].to_numpy(np.int64), device=device)}
-    if task == "ctr":
-        return {"ctr_history": pad_histories(df["history"], cfg.tasks.ctr.max_history).to(device),
-                "ctr_item": torch.as_tensor(df["item"].to_numpy(np.int64), device=device),
-                "ctr_slot": torch.as_tensor(df["slot"].fillna(-1).to_numpy(np.int64), device=device),
-                "ctr_label": torch.as_tensor(df["label"].to_numpy(np.float32), device=device)}
-    texts = df["text"].tolist()
-    if rng is not None:  # training: augmented; evaluation and labeling see the texts as they are
-        texts = add_typos(drop_words(texts, cfg.teacher.word_drop_augment, rng), cfg.teacher.typo_augment, rng)
-    buckets = cfg.teacher.lexical_buckets if cfg.teacher.lexical_dim else 0
-    return {**text_inputs(tokenizer, texts, max_length=cfg.teacher.max_length, buckets=buckets, device=device),
-            "intent_label": torch.as_tensor(df["label"].to_numpy(np.int64), device=device)}
+class IntentLoss(nn.Module):
+    def __init__(self, model: IntentTeacher):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "bag_ids", "bag_offsets") if k in batch}
+        loss = F.cross_entropy(self.model(**inputs), batch["label"])
+        return {"intent": loss, "total": loss}
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker function."""
+def intent_loop(config: dict) -> None:
+    """Ray Train worker function: fine-tune the encoder and its lexical bag on the intent texts."""
     import ray.train
     import ray.train.torch
 
     cfg = RunConfig.model_validate(config["cfg"])
-    prepare_dir, out_dir = config["prepare_dir"], config["out_dir"]
+    tc, out_dir, prepare_dir = cfg.teacher, config["out_dir"], config["prepare_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(cfg.teacher.cpus_per_worker)
-    torch.manual_seed(cfg.seed + rank)
+    set_threads(tc.cpus_per_worker)
     device = ray.train.torch.get_device()
-    tasks = [t for t in cfg.tasks.enabled()]
-    counts = config["train_counts"]
+    torch.manual_seed(loop.epoch_seed(cfg.seed, 0, 0, stream=1))
+    backbone, tokenizer = load_backbone(tc.model)
+    meta = config["meta"]
+    model = IntentTeacher(backbone, meta["n_intents"], tc.lexical_dim, tc.lexical_buckets)
+    groups = [{"params": list(model.backbone.parameters()), "lr": tc.lr},
+              {"params": list(model.intent_head.parameters()), "lr": tc.head_lr}]
+    if model.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
+        groups.append({"params": list(model.lexical.parameters()), "lr": tc.lexical_lr, "weight_decay": 0.0})
+    optim = torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=True)  # one kernel, not a loop over tensors
+    steps = config["steps"]
+    sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
+    state = trainstate.restore(model, optim, sched)
+    if state and rank == 0:
+        say(f"[teacher] intent: resuming after epoch {state['epoch']} from the last checkpoint")
+    model.to(device)
+    loss_mod = IntentLoss(model)
+    ddp = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else loss_mod
+    parts = list(ray.train.get_dataset_shard("intent").iter_batches(batch_size=None, batch_format="pandas"))
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"text": [], "label": []})
+    buckets = tc.lexical_buckets if tc.lexical_dim else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
-    backbone, tokenizer = load_backbone(cfg.teacher.model)
-    meta = model_meta(cfg, prepare_dir)
-    teacher = build(backbone, meta)
-    heads = [p for n, p in teacher.named_parameters() if not n.startswith(("backbone.", "lexical."))]
-    groups = [{"params": list(teacher.backbone.parameters()), "lr": cfg.teacher.lr},
-              {"params": heads, "lr": cfg.teacher.head_lr}]
-    if teacher.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
-        groups.append({"params": list(teacher.lexical.parameters()), "lr": cfg.teacher.lexical_lr, "weight_decay": 0.0})
-    optim = torch.optim.AdamW(groups, weight_decay=cfg.teacher.weight_decay,
-                              fused=True)  # one kernel per step instead of a loop over tensors
-    steps = max(1, math.ceil(counts.get("intent", 0) / world / cfg.teacher.intent_batch_size)) if "intent" in tasks \
-        else max(1, math.ceil(max(counts.values()) / world / cfg.teacher.batch_size))  # no intent: one pass of the largest task
-    sizes = {t: cfg.teacher.intent_batch_size if t == "intent" else cfg.teacher.batch_size for t in tasks}
-    total = steps * cfg.teacher.epochs
-    sched = trainstate.warmup_linear(optim, total, cfg.teacher.warmup_ratio)
-    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    lengths = df["text"].str.len().to_numpy(float) if len(df) else np.zeros(0)
 
-    restored = trainstate.restore(teacher, optim, sched)
-    if restored:
-        state = restored
+    def batches(gen: torch.Generator):
+        """`steps` batches bucketed by text length (sorted with jitter, cut, taken in random order):
+        each pads to its longest text, and titles range from a few tokens to max_length."""
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        bs = tc.intent_batch_size
+        idx = np.arange(steps * bs) % max(len(df), 1)  # a shard shorter than the others repeats texts
+        idx = rng.permutation(len(df))[idx] if len(df) else idx
+        idx = idx[np.argsort(lengths[idx] * rng.uniform(0.8, 1.25, len(idx)), kind="stable")]
+        for i in rng.permutation(steps) if len(df) else []:
+            rows = df.iloc[idx[i * bs:(i + 1) * bs]]
+            texts = add_typos(drop_words(rows["text"].tolist(), tc.word_drop_augment, rng), tc.typo_augment, rng)
+            yield {**text_inputs(tokenizer, texts, max_length=tc.max_length, buckets=buckets, device=device),
+                   "label": torch.as_tensor(rows["label"].to_numpy(np.int64), device=device)}
+
+    def validate():
+        texts_pred = {"intent": lambda texts: model(**text_inputs(tokenizer, texts, max_length=tc.max_length,
+                                                                  buckets=buckets, device=device)).argmax(-1).cpu().numpy()}
+        valid = evaluation.evaluate(texts_pred, prepare_dir, "valid", n_items=0, max_history=1, seed=cfg.seed)
+        return valid["intent"]["macro_f1"], valid
+
+    def on_validated(st: dict, improved: bool) -> None:
+        if rank == 0 and improved:
+            save_weights(model, storage.join(out_dir, "model.safetensors"))
+        trainstate.report_epoch(model, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
+
+    def log(epoch: int, entry: dict, improved: bool) -> None:
         if rank == 0:
-            say(f"[teacher] resuming at epoch {state['epoch'] + 1} from the last checkpoint")
-    teacher.to(device)
-    loss_fn = MultiTaskLoss(teacher, {t: getattr(cfg.tasks, t).weight for t in tasks})
-    model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else loss_fn
-    item_texts = read_items(prepare_dir)["text"].tolist()
-    shards = {t: _read_shard(ray.train.get_dataset_shard(t)) for t in tasks}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+            v = entry["valid"]["intent"]
+            say(f"[teacher] intent epoch {epoch + 1}/{tc.epochs}  loss={entry['loss'].get('total', 0):.4f}  "
+                f"macro_f1={v['macro_f1']:.4f}  accuracy={v['accuracy']:.4f}{'  *best' if improved else ''}  "
+                f"({entry['seconds']}s)")
 
-    for epoch in range(state["epoch"], cfg.teacher.epochs):
-        t0 = time.perf_counter()
-        # dropout draws from the global generator: seeded per epoch, a run resumed from a checkpoint
-        # trains its remaining epochs exactly as an uninterrupted run would
-        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
-        teacher.refresh_items(item_token_batches(item_texts, tokenizer, cfg.teacher.max_length, device))
-        t_items = time.perf_counter() - t0
-        model.train()
-        iters = {t: iter(_batches(shards[t], sizes[t], cfg.seed * 1000 + epoch)) for t in tasks}
-        augment_rng = np.random.default_rng([cfg.seed, epoch, rank])
-        sums, n = {}, 0
-        for _ in range(steps):
-            batch = {}
-            try:
-                for t in tasks:
-                    batch.update(_to_tensors(t, next(iters[t]), tokenizer, cfg, device, augment_rng))
-            except StopIteration:
-                break
-            with autocast:
-                losses = model(batch)
-            optim.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            # Each group clipped apart: the encoder learns from intent alone, and one norm over everything
-            # let the large recommendation gradients scale its updates down.
-            for group in optim.param_groups:
-                torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
-            optim.step()
-            sched.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n += 1
-        t_train = time.perf_counter() - t0 - t_items
-        valid = evaluate(teacher, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, device, seed=cfg.seed)
-        score = combined_score(valid)
-        improved = trainstate.record_epoch(state, epoch, score, valid, sums, n, time.perf_counter() - t0)
-        if rank == 0:
-            line = "  ".join(f"{t}:{m}={valid[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in valid)
-            say(f"[teacher] epoch {epoch + 1}/{cfg.teacher.epochs}  loss={sums.get('total', 0) / max(n, 1):.4f}  "
-                f"{line}  score={score:.4f}{'  *best' if improved else ''}  ({state['history'][-1]['seconds']}s: items "
-                f"{t_items:.0f}s, {n} steps {t_train:.0f}s, valid {time.perf_counter() - t0 - t_items - t_train:.0f}s)")
-            if improved:
-                save_model(teacher, tokenizer, meta, storage.join(out_dir, "model"))
-        trainstate.report_epoch(teacher, optim, sched, state, {"epoch": epoch + 1, "valid_score": score}, rank)
-        if state["bad_epochs"] > cfg.teacher.patience:
-            if rank == 0:
-                say(f"[teacher] early stop: no better validation score for {state['bad_epochs']} epoch(s)")
-            break
+    plan = loop.Plan(epochs=tc.epochs, patience=tc.patience, eval_every=1, clip=1.0, seed=cfg.seed, rank=rank)
+    state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
+                     on_validated=on_validated, state=state, autocast=autocast, log=log)
     if rank == 0:
         storage.write_json(storage.join(out_dir, "history.json"), state["history"])
 
 
 # ------------------------------------------------------------------------------ the stage
-def run(cfg: RunConfig, out_dir: str) -> dict:
-    import ray.train
+def _fit(cfg: RunConfig, loop_fn, name: str, out_dir: str, datasets: dict, loop_config: dict) -> None:
+    """One Ray Train run; skipped when `out_dir` holds its finished history, resumed when it holds a
+    checkpoint of an interrupted attempt."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
-    tasks = cfg.tasks.enabled()
-    load_backbone(cfg.teacher.model)  # fail here, with the path, not inside a worker
-    # Read before the workers start: on a small machine a worker holding most CPUs would otherwise
-    # starve the read tasks of its own input (they wait for CPU the worker never frees).
-    datasets = {t: ray.data.read_parquet(storage.join(prepare_dir, "examples", t, "train")).materialize() for t in tasks}
-    counts = {t: ds.count() for t, ds in datasets.items()}
+    if storage.exists(storage.join(out_dir, "history.json")):
+        say(f"[teacher] {name}: already trained, kept")
+        return
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepare_dir": prepare_dir, "out_dir": out_dir,
-                           "train_counts": counts},
+        loop_fn,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "out_dir": out_dir,
+                           "prepare_dir": storage.join(cfg.run_dir, "prepare"), **loop_config},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
-        run_config=TrainRunConfig(name="teacher", storage_path=storage.join(out_dir, "ray_train"),
+        run_config=TrainRunConfig(name=name, storage_path=storage.join(cfg.run_dir, "teacher", "ray_train"),
                                   failure_config=FailureConfig(max_failures=cfg.teacher.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    model, tokenizer, meta = load_model(storage.join(out_dir, "model"))
-    history = storage.read_json(storage.join(out_dir, "history.json"))
+
+
+def _popularity(prepare_dir: str, n_items: int) -> list[float]:
+    """Click counts + 1 per item id (the sampled softmax's proposal)."""
+    counts = np.ones(n_items)
+    items = read_items(prepare_dir)
+    counts[2:] += items["clicks"].fillna(0).to_numpy(float) if "clicks" in items else 0
+    return counts.tolist()
+
+
+def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, meta: dict) -> dict:
+    """Steps 2 and 3: the SASRec baseline grid and the teacher's members. Returns
+    {"members": [dirs], "sasrec": [{name, dir, spec, valid, best_epoch, epochs_run}]}."""
+    import ray
+
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
+    n_items = meta["n_items"]
+    datasets, steps = {}, 1
+    if "recommendation" in tasks:
+        users = user_sequences(read_split(prepare_dir, "recommendation", "train"))
+        datasets["sequences"] = ray.data.from_arrow(users).materialize()
+        steps = max(1, math.ceil(users.num_rows / cfg.teacher.num_workers / cfg.teacher.sequence.batch_size))
+    if "ctr" in tasks:
+        datasets["ctr"] = ray.data.read_parquet(storage.join(prepare_dir, "examples", "ctr", "train")).materialize()
+        if "recommendation" not in tasks:
+            steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
+                                     / cfg.teacher.sequence.ctr_batch_size))
+    common = {"meta": meta, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
+              "item_text": storage.join(out_dir, "item_text.safetensors")}
+    text_dim = 0 if text is None else text.shape[1]
+    out = {"members": [], "sasrec": []}
+    if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
+        for dim in cfg.teacher.sasrec.dims:
+            for p in cfg.teacher.sasrec.dropouts:
+                spec = seq_spec(cfg, n_items, text_dim, dim=dim, dropout=p, item_text=False)
+                name = f"sasrec-d{dim}-p{p:g}"
+                d = storage.join(out_dir, "sasrec", name)
+                _fit(cfg, seq_loop, name, d, {"sequences": datasets["sequences"]},
+                     {**common, "spec": spec.to_json(), "tasks": ["recommendation"], "ctr_head": False,
+                      "seed": cfg.seed})
+                out["sasrec"].append({"name": name, "dir": d, "spec": spec.to_json(),
+                                      **_best(storage.read_json(storage.join(d, "history.json")))})
+    spec = SeqSpec.from_json(meta["sequence"])
+    for i in range(cfg.teacher.sequence.members):
+        name = f"teacher-seq{i}" if cfg.teacher.sequence.members > 1 else "teacher-seq"
+        d = storage.join(out_dir, "members", str(i))
+        _fit(cfg, seq_loop, name, d, datasets, {**common, "spec": spec.to_json(), "tasks": tasks, "ctr_head": True,
+                                                 "seed": cfg.seed + 1000 * i})
+        out["members"].append(d)
+    return out
+
+
+def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, meta: dict, seed: int) -> dict:
+    """{task: test metrics} of the SASRec baseline that `metrics` (a teacher metrics.json) chose,
+    loaded from `teacher_dir`/sasrec/<name>; its CTR score is its recommendation score."""
+    chosen = metrics.get("sasrec_chosen")
+    if not chosen:
+        return {}
+    spec = SeqSpec.from_json(next(r["spec"] for r in metrics["sasrec_grid"] if r["name"] == chosen))
+    model = build_member(spec, meta, ctr_head=False)
+    model.load_state_dict(load_weights(storage.join(teacher_dir, "sasrec", chosen, "model.safetensors")))
+    sas_tasks = [t for t in SEQ_TASKS if t in tasks]
+    return evaluate_member(model, prepare_dir, "test", sas_tasks, meta["n_items"], spec.max_history, seed)
+
+
+def _best(history: list[dict]) -> dict:
     best = max(history, key=lambda h: h["score"])
+    return {"valid": best["valid"], "best_epoch": best["epoch"] + 1, "epochs_run": history[-1]["epoch"] + 1}
+
+
+def run(cfg: RunConfig, out_dir: str) -> dict:
+    import ray
+
+    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    tasks = cfg.tasks.enabled()
+    backbone, tokenizer = load_backbone(cfg.teacher.model)  # fail here, with the path, not inside a worker
+    hidden = backbone.config.hidden_size
+    seq_tasks = [t for t in tasks if t in SEQ_TASKS]
+    uses_text = bool(seq_tasks) and cfg.teacher.sequence.item_text
+    text = item_text_embeddings(cfg, out_dir) if uses_text else None
+    meta = model_meta(cfg, prepare_dir, hidden if uses_text else 0)
+    trained = train_sequence_models(cfg, out_dir, text, meta) if seq_tasks else {"members": [], "sasrec": []}
+    intent_dir = storage.join(out_dir, "intent")
+    if "intent" in tasks:
+        ds = ray.data.read_parquet(storage.join(prepare_dir, "examples", "intent", "train")).materialize()
+        steps = max(1, math.ceil(ds.count() / cfg.teacher.num_workers / cfg.teacher.intent_batch_size))
+        _fit(cfg, intent_loop, "intent", intent_dir, {"intent": ds}, {"meta": meta, "steps": steps})
+
+    # assemble the teacher from its trained parts
+    model = build(backbone, meta, text)
+    state = model.state_dict()
+    if "intent" in tasks:
+        state.update({f"intent.{k}": v for k, v in load_weights(storage.join(intent_dir, "model.safetensors")).items()})
+    for i, d in enumerate(trained["members"]):
+        state.update({f"members.{i}.{k}": v for k, v in load_weights(storage.join(d, "model.safetensors")).items()})
+    model.load_state_dict(state)
+    model.eval()
+    save_model(model, tokenizer, meta, storage.join(out_dir, "model"))
+
+    valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
-    report = {"valid": best["valid"], "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
-              "best_epoch": best["epoch"] + 1, "epochs_run": len(history)}
+    base = baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed)
+    report = {"valid": valid, "test": test, "baselines": base, "sasrec_grid": []}
+    if trained["sasrec"]:
+        chosen = max(trained["sasrec"], key=lambda r: r["valid"]["recommendation"]["ndcg@10"])
+        report["sasrec_grid"] = [{k: r[k] for k in ("name", "spec", "valid", "best_epoch", "epochs_run")}
+                                 for r in trained["sasrec"]]
+        report["sasrec_chosen"] = chosen["name"]
+        for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, meta, cfg.seed).items():
+            base.setdefault(t, {})["sasrec"] = m
+    if "intent" in tasks:
+        report["intent_epochs"] = _best(storage.read_json(storage.join(intent_dir, "history.json")))
+    report["sequence_epochs"] = [_best(storage.read_json(storage.join(d, "history.json"))) for d in trained["members"]]
+    if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
+        report["members_test"] = [evaluate_member(m, prepare_dir, "test", [t for t in SEQ_TASKS if t in tasks],
+                                                  meta["n_items"], meta["max_history"], cfg.seed)
+                                  for m in model.members]
     storage.write_json(storage.join(out_dir, "metrics.json"), report)
     print_metrics(report)
     storage.remove(storage.join(out_dir, "ray_train"))  # checkpoints only matter while the stage is unfinished
-    return {"counts": {"train_examples": counts, "params": sum(p.numel() for p in model.parameters())},
-            "best_epoch": report["best_epoch"], "valid_score": best["score"], "test": test}
+    return {"counts": {"params": sum(p.numel() for p in model.parameters()),
+                       "sequence_params": sum(p.numel() for p in model.members.parameters())},
+            "sasrec": report.get("sasrec_chosen"), "valid_score": combined_score(valid), "test": test}
 
 
 def print_metrics(report: dict) -> None:
-    print("[teacher] test metrics (teacher vs baseline):")
+    print("[teacher] test metrics (teacher vs baselines):")
     for task, metric in SCORE_METRIC.items():
         if task in report["test"]:
-            base = next(iter(report["baselines"][task].values()))
-            name = next(iter(report["baselines"][task]))
-            print(f"  {task:<15} {metric:<9} teacher={report['test'][task][metric]:.4f}  {name}={base[metric]:.4f}")
+            others = "  ".join(f"{name}={m[metric]:.4f}" for name, m in report["baselines"].get(task, {}).items())
+            print(f"  {task:<15} {metric:<9} teacher={report['test'][task][metric]:.4f}  {others}")
+    for i, m in enumerate(report.get("members_test", [])):
+        print(f"  member {i} alone: " + "  ".join(f"{t} {SCORE_METRIC[t]}={v[SCORE_METRIC[t]]:.4f}" for t, v in m.items()))
+    if report.get("sasrec_grid"):
+        grid = ", ".join(f"{r['name']} {r['valid']['recommendation']['ndcg@10']:.4f} (epoch {r['best_epoch']})"
+                         for r in report["sasrec_grid"])
+        print(f"[teacher] SASRec baseline chosen on validation NDCG@10: {report['sasrec_chosen']} (grid: {grid})")

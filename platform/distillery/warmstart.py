@@ -137,6 +137,13 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     test = teacher.evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
     report = {"valid": valid, "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
               "reused_from": src.run_dir}
+    # the earlier run's SASRec baseline, like its teacher, measured on this window
+    earlier_dir = storage.join(src.run_dir, "teacher")
+    earlier = storage.read_json(storage.join(earlier_dir, "metrics.json"))
+    if earlier.get("sasrec_chosen"):
+        for t, m in teacher.sasrec_test(earlier_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
+            report["baselines"].setdefault(t, {})["sasrec"] = m
+        report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
     storage.write_json(storage.join(out_dir, "metrics.json"), report)
     teacher.print_metrics(report)
     return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,

@@ -29,6 +29,8 @@ import pyarrow as pa
 PAD, UNK = 0, 1
 RESERVED = ["[PAD]", "[UNK]"]
 SPLITS = ("train", "valid", "test")
+TRANSFER = "transfer"  # intent texts with no gold label, made from train texts for distillation
+ALL_SPLITS = SPLITS + (TRANSFER,)
 OTHER = "other"
 
 EXAMPLE_SCHEMA = pa.schema([
@@ -206,6 +208,45 @@ def intent_examples(pair_counts: pd.DataFrame, *, min_class_count: int, fraction
     ex["example_id"] = [f"intent:{text_hash(t):016x}" for t in ex["text"]]
     ex["count"] = ex["count"].astype(np.int32)
     return ex[[f.name for f in INTENT_SCHEMA]].sort_values("example_id").reset_index(drop=True), names
+
+
+def transfer_texts(train_texts: list[str], exclude: set[str], variants: int) -> list[str]:
+    """Up to `variants` new texts per train text for the student to learn the teacher's intent
+    from (Tang et al., 2019, "Distilling task-specific knowledge from BERT into simple neural
+    networks": the student sees far more of the teacher's function than the gold texts show).
+    Half are random subsets of the words (each kept with p=1/2, order kept), half contiguous spans,
+    both of at least one word: the short, partial texts shoppers type. Seeded by the text itself, so
+    the same data gives the same texts. Only train texts are varied, and a variant equal to any text
+    in `exclude` (every intent text of every split) is dropped: nothing of valid or test leaks in."""
+    out: list[str] = []
+    seen = set(exclude)
+    for text in train_texts:
+        words = text.split()
+        if len(words) < 2:
+            continue
+        rng = np.random.default_rng(text_hash(text))
+        for v in range(variants):
+            if v % 2 == 0:
+                keep = rng.random(len(words)) < 0.5
+                if not keep.any():
+                    keep[rng.integers(len(words))] = True
+                cand = " ".join(w for w, k in zip(words, keep) if k)
+            else:
+                n = int(rng.integers(1, len(words)))
+                a = int(rng.integers(0, len(words) - n + 1))
+                cand = " ".join(words[a:a + n])
+            if cand not in seen:
+                seen.add(cand)
+                out.append(cand)
+    return out
+
+
+def transfer_examples(texts: list[str]) -> pd.DataFrame:
+    """INTENT_SCHEMA rows of the transfer split: no gold label (-1)."""
+    ex = pd.DataFrame({"text": texts, "label": np.full(len(texts), -1, dtype=np.int32), "label_name": None,
+                       "split": TRANSFER, "count": np.ones(len(texts), dtype=np.int32)})
+    ex["example_id"] = [f"intent-x:{text_hash(t):016x}" for t in texts]
+    return ex[[f.name for f in INTENT_SCHEMA]].sort_values("example_id").reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------ reading back

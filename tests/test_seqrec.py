@@ -1,0 +1,183 @@
+"""The sequence recommender: its losses against reference computations, causality and padding,
+the training sequences taken from prepare's examples, and the Ray-free epoch loop."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from distillery import loop
+from distillery.seqrec import NextItemLoss, SeqSpec, SequenceModel, whitening
+from distillery.teacher import sequence_batches, user_sequences
+
+
+def _model(**kw) -> SequenceModel:
+    torch.manual_seed(0)
+    spec = SeqSpec(**{"n_items": 12, "dim": 8, "layers": 2, "heads": 2, "dropout": 0.0, "max_history": 6, **kw})
+    text = torch.randn(12, 5) if spec.text_dim else None
+    return SequenceModel(spec, text).eval()
+
+
+def test_full_softmax_loss_is_cross_entropy_at_every_target_position():
+    torch.manual_seed(1)
+    states, items = torch.randn(2, 3, 4), torch.randn(7, 4)
+    targets = torch.tensor([[0, 3, 5], [2, 0, 6]])  # 0: no target at that position
+    want, n = 0.0, 0
+    for b in range(2):
+        for t in range(3):
+            y = int(targets[b, t])
+            if y == 0:
+                continue
+            logits = [float(states[b, t] @ items[j]) for j in range(2, 7)]  # ids 0 and 1 are never candidates
+            m = max(logits)
+            want += -(logits[y - 2] - m - math.log(sum(math.exp(x - m) for x in logits)))
+            n += 1
+    assert NextItemLoss()(states, targets, items).item() == pytest.approx(want / n, rel=1e-5)
+
+
+def test_sampled_softmax_subtracts_log_q_and_masks_hits_of_the_target():
+    torch.manual_seed(2)
+    states, items = torch.randn(1, 2, 4), torch.randn(8, 4)
+    targets = torch.tensor([[3, 6]])
+    q = torch.tensor([0, 0, 1.0, 2.0, 3.0, 1.0, 1.0, 2.0])
+    loss = NextItemLoss(num_negatives=4, proposal=q)
+    gen = torch.Generator().manual_seed(7)
+    got = loss(states, targets, items, generator=gen).item()
+    negs = torch.multinomial(q / q.sum(), 4, replacement=True, generator=torch.Generator().manual_seed(7)).tolist()
+    p = (q / q.sum()).tolist()
+    want = 0.0
+    for t, y in enumerate([3, 6]):
+        def logit(j):
+            return float(states[0, t] @ items[j]) - math.log(4 * p[j])
+        cands = [logit(y)] + [logit(j) for j in negs if j != y]  # a negative equal to the target is masked
+        m = max(cands)
+        want += -(cands[0] - m - math.log(sum(math.exp(c - m) for c in cands)))
+    assert got == pytest.approx(want / 2, rel=1e-5)
+    # with as many negatives as the catalogue it falls back to the exact softmax
+    assert NextItemLoss(num_negatives=6, proposal=q)(states, targets, items).item() == \
+        pytest.approx(NextItemLoss()(states, targets, items).item())
+
+
+def test_states_are_causal_and_padding_does_not_matter():
+    model = _model()
+    items = model.item_vectors()
+    h = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    later = torch.tensor([[0, 0, 3, 4, 5, 9]])
+    a, b = model.states(h, items), model.states(later, items)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6) and not torch.allclose(a[:, 5], b[:, 5])
+    assert torch.all(a[:, :2] == 0)  # padding positions
+    short = model.states(torch.tensor([[3, 4, 5, 6]]), items)  # the same history, less padding
+    assert torch.allclose(short[:, -1], a[:, -1], atol=1e-5)
+    scores = model.rec_scores(h)
+    assert scores.shape == (1, 12) and torch.isinf(scores[:, :2]).all()
+
+
+def test_text_items_need_the_embeddings_and_whitening_decorrelates():
+    model = _model(text_dim=5)
+    assert model.item_vectors().shape == (12, 8)
+    with pytest.raises(ValueError, match="needs item IDs"):
+        SequenceModel(SeqSpec(n_items=12, text_dim=0, use_id=False))
+    torch.manual_seed(0)
+    emb = torch.randn(50, 4) @ torch.tensor([[3.0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [1, 0, 0, 0.5]])
+    mean, w = whitening(emb)
+    white = (emb[2:] - mean) @ w
+    assert torch.allclose(torch.cov(white.T), torch.eye(4), atol=1e-3)
+
+
+def test_user_sequences_are_each_users_last_train_example_and_its_target():
+    df = pd.DataFrame({
+        "example_id": ["rec:u1:1", "rec:u1:2", "rec:u:2:1", "rec:u1:3"],  # a user id with a colon
+        "user_id": ["u1", "u1", "u:2", "u1"],
+        "history": [[5], [5, 6], [9], [5, 6, 7]],
+        "item": [6, 7, 4, 8],
+    })
+    t = user_sequences(df).to_pandas().set_index("user_id")
+    assert list(t.loc["u1", "sequence"]) == [5, 6, 7, 8] and list(t.loc["u:2", "sequence"]) == [9, 4]
+
+
+def test_sequence_batches_cover_every_user_once_trimmed_to_their_longest():
+    seqs = torch.zeros(10, 6, dtype=torch.long)
+    for i in range(10):
+        seqs[i, 6 - (i % 5 + 2):] = torch.arange(2, 2 + i % 5 + 2)
+    batches = sequence_batches(seqs, None, 3, 4, torch.Generator().manual_seed(0), "cpu")
+    assert len(batches) == 3
+    seen = torch.cat([b["sequences"][:, -2:] for b in batches])
+    assert len(seen) == 10
+    for b in batches:
+        s = b["sequences"]
+        assert (s[:, 0] != 0).any()  # no all-padding column kept on the left
+
+
+def _fit(scores, *, interrupt_at=None, resume=None, epochs=10):
+    """A tiny model through loop.fit with dropout (so the per-epoch seeding matters); returns
+    (state, model, the validations seen, a checkpoint taken at `interrupt_at`)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    optim = torch.optim.Adam(model.parameters(), lr=0.05)
+    state = None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optim.load_state_dict(resume["optim"])
+        state = resume["state"]
+    scores = iter(scores[len(state["history"]) if state else 0:])
+    seen, ckpt = [], {}
+
+    def batches(gen):
+        for _ in range(3):
+            yield torch.randn(4, 3, generator=gen)
+
+    def on_validated(st, improved):
+        seen.append((st["epoch"], improved))
+        if st["epoch"] == interrupt_at:
+            import copy
+            ckpt.update(model=copy.deepcopy(model.state_dict()), optim=copy.deepcopy(optim.state_dict()),
+                        state=copy.deepcopy(st))
+            raise KeyboardInterrupt
+
+    plan = loop.Plan(epochs=epochs, patience=3, eval_every=1)
+    try:
+        state = loop.fit(model, optim, None, plan, batches=batches, loss=lambda x: {"total": model(x).pow(2).mean()},
+                         validate=lambda: (next(scores), {}), on_validated=on_validated, state=state)
+    except KeyboardInterrupt:
+        return None, model, seen, ckpt
+    return state, model, seen, ckpt
+
+
+def test_fit_stops_after_patience_validations_without_a_better_score():
+    state, _, seen, _ = _fit([0.1, 0.3, 0.2, 0.25, 0.2, 0.9])
+    # best at the 2nd validation, then 3 without a better score: stopped after epoch 5 (0.9 never seen)
+    assert seen == [(1, True), (2, True), (3, False), (4, False), (5, False)]
+    assert state["best"] == pytest.approx(0.3) and len(state["history"]) == 5
+
+
+def test_a_resumed_fit_repeats_an_uninterrupted_one():
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    whole, model, _, _ = _fit(scores, epochs=6)
+    _, _, _, ckpt = _fit(scores, interrupt_at=2, epochs=6)
+    resumed, model2, seen, _ = _fit(scores, resume=ckpt, epochs=6)
+    assert [e for e, _ in seen] == [3, 4, 5, 6]
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+
+
+def test_epoch_seeds_differ_across_epochs_ranks_and_streams():
+    seeds = {loop.epoch_seed(s, e, r, k) for s in (0, 1, -1, 2**40) for e in range(3) for r in range(2) for k in range(2)}
+    assert len(seeds) == 4 * 3 * 2 * 2 and all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("per_group", [True, False])
+def test_fit_clips_the_gradient_norm_per_group_or_over_all_parameters(per_group):
+    """Two groups with gradients of norm 3 and 4: per group each is cut to 1; together the norm 5 is
+    cut to 1 (so the groups keep their 3:4 ratio)."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optim = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=1.0)
+
+    def loss(_):
+        return {"total": -(3 * a + 4 * b).sum()}
+
+    plan = loop.Plan(epochs=1, patience=1, clip=1.0, clip_per_group=per_group)
+    loop.fit(torch.nn.Module(), optim, None, plan, batches=lambda gen: [None], loss=loss,
+             validate=lambda: (0.0, {}), on_validated=lambda st, imp: None)
+    expected = (1.0, 1.0) if per_group else (0.6, 0.8)
+    assert (a.item(), b.item()) == pytest.approx(expected)
