@@ -70,30 +70,33 @@ class TeacherRuntime:
         return pad(lists, self.rec_history if task == "recommendation" else self.ctr_history)
 
     def users(self, history):
+        """history [B, L] -> (users [B, members, D], no explanation weights)."""
         import torch
 
         with torch.inference_mode():
-            return self.model.user_vectors(history, self.items), torch.zeros(history.shape)
+            users = [m.seq.user_vectors(history, v) for m, v in zip(self.model.members, self.items)]
+            return torch.stack(users, dim=1), torch.zeros(history.shape)
 
     def rec_from_users(self, u):
+        """[B, members, D] -> [B, V]: the members' mean dot-product score, as `Teacher.rec_scores`."""
         import torch
 
         with torch.inference_mode():
-            m = self.model
-            scores = m.log_scale.exp() * u @ self.items.T + m.item_bias.weight.T
+            scores = torch.einsum("bmd,mvd->bv", u, self.items) / len(self.model.members)
             scores[:, :2] = float("-inf")
             return scores
 
     def ctr_from_users(self, u, candidate, slot):
+        """[B, members, D], candidate ids [B], slots [B] -> [B] logits: the members' mean, as
+        `Teacher.ctr_logits`."""
         import torch
 
-        from distillery.teacher_model import MAX_SLOTS
-
         with torch.inference_mode():
-            m, c = self.model, self.items[candidate]
-            feats = torch.cat([u, c, u * c, (u - c).abs(), m.category(m.item_category[candidate]),
-                               m.slot((slot + 1).clamp(0, MAX_SLOTS))], dim=-1)
-            return m.ctr_mlp(feats).squeeze(-1)
+            logits = []
+            for i, (m, v) in enumerate(zip(self.model.members, self.items)):
+                user, cand = u[:, i], v[candidate]
+                logits.append(m.ctr(user, cand, candidate, slot) if m.ctr is not None else (user * cand).sum(-1))
+            return torch.stack(logits).mean(0)
 
     def intent_texts(self, texts):
         import torch

@@ -1,10 +1,10 @@
 """The sweep and the compression on real data: a Ray Tune sweep on the Amazon 2014 Office data,
 then the compress stage, and the 8-bit student against the float32 one it came from.
 
-    python benchmarks/tune_compress.py [--data DIR] [--work runs/office] [--trials 16] [key=value ...]
+    python benchmarks/tune_compress.py [--data DIR] [--work runs/office/seed0] [--trials 16] [key=value ...]
 
-Reuses WORK's prepare, teacher and label stages (runs them when missing: `benchmarks/quality.py`
-makes the same ones) and its distill stage's student (or `distill-seed0/` from quality.py). The
+Reuses WORK's prepare, teacher, label and distill stages (runs them when missing; the default is
+the seed-0 run directory that `benchmarks/quality.py` leaves, whose stages are the same). The
 sweep's first trial runs the config's defaults, so "does the best trial beat the defaults" is
 answered at the same per-trial budget. Writes benchmarks/results/tune_compress.json and
 tune_office.png (score against T and a per task).
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from distillery import bundle, compress, distill, report, runner, storage, tune  # noqa: E402
+from distillery import bundle, compress, report, runner, storage, tune  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.teacher import SCORE_METRIC  # noqa: E402
 
@@ -37,7 +37,8 @@ def main() -> int:
     p.add_argument("--data", default=str(default_data / "amazon14_office_products_lcrec"),
                    help="folder with interactions.parquet and items.parquet (LC-Rec Office in the native contract)")
     p.add_argument("--config", default=str(ROOT / "configs" / "amazon.yaml"), help="run config")
-    p.add_argument("--work", default=str(ROOT / "runs" / "office"), help="run directory (upstream stages reused)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "office" / "seed0"),
+                   help="run directory (upstream stages reused; default: quality.py's seed 0)")
     p.add_argument("--trials", type=int, default=16, help="trials in the sweep (default 16)")
     p.add_argument("--epochs", type=int, default=6, help="epoch budget per trial (default 6; ASHA stops the weaker)")
     p.add_argument("--requests", type=int, default=200, help="requests timed per model for the throughput ratio")
@@ -54,13 +55,8 @@ def main() -> int:
                                      "tune.grace_period=1", *args.overrides])
     cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir)})
     runner.init_ray()
-    runner.run(cfg, ["prepare", "teacher", "label"])
+    runner.run(cfg, ["prepare", "teacher", "label", "distill"])
     work = Path(cfg.run_dir)
-    if not (work / "distill" / "student" / "metrics.json").exists():
-        if (work / "distill-seed0" / "student" / "metrics.json").exists():
-            shutil.copytree(work / "distill-seed0", work / "distill", dirs_exist_ok=True)
-        else:
-            distill.run(cfg, str(work / "distill"))
 
     t0 = time.perf_counter()
     storage.remove(str(work / "tune"))

@@ -126,8 +126,10 @@ def _small(cfg):
         # ~4 s epochs: long enough for a kill to land mid-run
         "distill": cfg.distill.model_copy(update={"epochs": 3, "steps_per_epoch": 120, "batch_size": 64,
                                                   "cpus_per_worker": 1.0, "max_failures": 2}),
-        "tune": cfg.tune.model_copy(update={"num_samples": 2, "epochs": 2, "max_concurrent_trials": 1,
-                                            "grace_period": 2})})
+        # 3 epochs a trial: after the first checkpoint there is still time to find and kill the trial
+        # (with 2, an idle machine finished the trial in the ~2 s the State API took to list it)
+        "tune": cfg.tune.model_copy(update={"num_samples": 2, "epochs": 3, "max_concurrent_trials": 1,
+                                            "grace_period": 3})})
 
 
 def _distill_student(cfg, out: Path):

@@ -150,6 +150,13 @@ def test_fit_stops_after_patience_validations_without_a_better_score():
     assert state["best"] == pytest.approx(0.3) and len(state["history"]) == 5
 
 
+def test_a_run_killed_after_its_stopping_validation_stays_stopped_when_resumed():
+    scores = [0.1, 0.3, 0.2, 0.25, 0.2, 0.9]
+    _, _, _, ckpt = _fit(scores, interrupt_at=5)  # killed in the checkpoint of the validation that stops it
+    resumed, _, seen, _ = _fit(scores, resume=ckpt)
+    assert seen == [] and len(resumed["history"]) == 5 and resumed["best"] == pytest.approx(0.3)
+
+
 def test_a_resumed_fit_repeats_an_uninterrupted_one():
     scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     whole, model, _, _ = _fit(scores, epochs=6)

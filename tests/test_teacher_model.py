@@ -130,3 +130,68 @@ def test_trimming_shared_padding_keeps_every_score(teacher):
     assert torch.allclose(model.rec_scores(trimmed), model.rec_scores(hist), atol=1e-5, equal_nan=True)
     args = (torch.tensor([5, 6, 7]), torch.tensor([0, -1, 3]))
     assert torch.allclose(model.ctr_logits(trimmed, *args), model.ctr_logits(hist, *args), atol=1e-5)
+
+
+def test_the_serve_benchmarks_teacher_runtime_scores_as_the_teacher(tiny_bert):
+    """benchmarks/serve_load.py serves the teacher through Service's user-state split; it must give
+    the ensemble's own recommendation scores and click logits."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import tiny_teacher_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    model = tiny_teacher_model(load_backbone(tiny_bert)[0], members=2).eval()
+    rt = object.__new__(serve_load.TeacherRuntime)  # its __init__ only loads a saved teacher
+    rt.model = model
+    with torch.inference_mode():
+        rt.items = model.item_vectors()
+        history = torch.tensor([[0, 0, 3, 4, 5], [0, 0, 0, 0, 0], [2, 7, 8, 9, 10]])
+        users, _ = rt.users(history)
+        expected = model.rec_scores(history)
+        item, slot = torch.tensor([3, 6, 11]), torch.tensor([-1, 0, 2])
+        ctr = model.ctr_logits(history, item, slot)
+    got = rt.rec_from_users(users)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.allclose(got[:, 2:], expected[:, 2:], atol=1e-5)
+    assert torch.allclose(rt.ctr_from_users(users, item, slot), ctr, atol=1e-5)
+
+
+def _member():
+    from distillery.seqrec import SeqSpec, SequenceModel
+    from distillery.teacher_model import CtrHead, SeqMember
+
+    torch.manual_seed(0)
+    spec = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.0, max_history=5, text_dim=8)
+    return SeqMember(SequenceModel(spec, torch.randn(12, 8)), CtrHead(16, 4, torch.arange(12) % 4))
+
+
+@pytest.mark.parametrize("trains_encoder", [False, True])
+def test_member_loss_lets_ctr_into_the_sequence_model_only_when_asked(trains_encoder):
+    from distillery.seqrec import NextItemLoss
+    from distillery.teacher import MemberLoss
+
+    member = _member()
+    loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 2.0}, trains_encoder)
+    batch = {"ctr_history": torch.tensor([[0, 3, 4], [5, 6, 7]]), "ctr_item": torch.tensor([8, 9]),
+             "ctr_slot": torch.tensor([0, -1]), "ctr_label": torch.tensor([1.0, 0.0])}
+    out = loss(batch)
+    assert set(out) == {"ctr", "total"} and torch.allclose(out["total"], 2.0 * out["ctr"])
+    out["total"].backward()
+    seq_grad = sum(p.grad.abs().sum() for p in member.seq.parameters() if p.grad is not None)
+    assert all(p.grad is not None for p in member.ctr.mlp.parameters())
+    assert (seq_grad > 0) == trains_encoder
+
+
+def test_member_loss_of_a_batch_without_rows_is_a_zero_that_backpropagates():
+    from distillery.seqrec import NextItemLoss
+    from distillery.teacher import MemberLoss
+
+    member = _member()
+    out = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 1.0})({})
+    assert out["total"].item() == 0.0
+    out["total"].backward()  # the plain int 0 that sum() of nothing gives could not
+    assert all(p.grad is None or not p.grad.any() for p in member.parameters())

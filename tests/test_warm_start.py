@@ -92,6 +92,7 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
     from distillery.config import SyntheticConfig
     from distillery.data import synthetic
     from distillery.prepare import write_tables
+    from distillery.seqrec import SeqSpec
     from distillery.teacher_model import load_backbone
 
     tmp = tmp_path_factory.mktemp("warm")
@@ -118,6 +119,14 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
     torch.manual_seed(0)
     model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
     teacher.save_model(model, tok, meta, str(tmp / "old" / "teacher" / "model"))
+    # and the SASRec baseline the teacher stage chose, which a warm start measures on the new window
+    spec = SeqSpec(n_items=meta["n_items"], dim=16, layers=1, heads=2, dropout=0.1, max_history=meta["max_history"])
+    teacher.save_weights(teacher.build_member(spec, meta, ctr_head=False),
+                         str(tmp / "old" / "teacher" / "sasrec" / "sasrec-d16-p0.1" / "model.safetensors"))
+    storage.write_json(str(tmp / "old" / "teacher" / "metrics.json"),
+                       {"sasrec_chosen": "sasrec-d16-p0.1",
+                        "sasrec_grid": [{"name": "sasrec-d16-p0.1", "spec": spec.to_json(), "best_epoch": 1,
+                                         "valid": {"recommendation": {"ndcg@10": 0.0}}}]})
     storage.write_json(str(tmp / "old" / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     runner.run(old, ["label"])
     # the earlier student's bundle, as the compress stage writes it
@@ -149,6 +158,10 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
     assert (storage.sha256(str(tmp / "new" / "teacher" / "model" / "model.safetensors"))
             == storage.sha256(str(tmp / "old" / "teacher" / "model" / "model.safetensors")))
     assert not (tmp / "new" / "teacher" / "history.json").exists()
+    # the earlier SASRec, copied beside it (a run warm-started from this one needs it) and measured here
+    assert (tmp / "new" / "teacher" / "sasrec" / "sasrec-d16-p0.1" / "model.safetensors").exists()
+    tm = json.loads((tmp / "new" / "teacher" / "metrics.json").read_text())
+    assert tm["sasrec_chosen"] == "sasrec-d16-p0.1" and "ndcg@10" in tm["baselines"]["recommendation"]["sasrec"]
 
     # labels: the teacher saw exactly the examples whose content the earlier run had not labelled
     lm = ms["label"]

@@ -250,7 +250,7 @@ class StudentConfig(_Section):
     heads: int = Field(2, ge=1, description="attention heads in those layers (must divide dim)")
     dropout: float = Field(0.1, ge=0, lt=1)
     init_from_teacher: bool = Field(True, description="the KD student starts from the teacher's item vectors and "
-                                    "word-piece embeddings (projected to its widths by PCA); the no-KD student "
+                                    "word-piece embeddings (projected to its widths by a truncated SVD); the no-KD student "
                                     "always starts from random weights")
 
     @model_validator(mode="after")

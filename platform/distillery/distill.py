@@ -179,6 +179,7 @@ def train_loop(config: dict) -> None:
             say(f"[distill] {name}: starting from the weights of {config['init']}")
     elif variant == "student" and cfg.student.init_from_teacher:
         S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
+    student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
     decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "text.weight" not in n]
     rest = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "text.weight" not in n)]
     # the text bag's rare rows see few updates: no weight decay pulling them back to zero
@@ -190,7 +191,6 @@ def train_loop(config: dict) -> None:
     state = trainstate.restore(student, optim, sched)
     if state and rank == 0:
         say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
-    student.to(device)
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn

@@ -44,7 +44,7 @@ def new_state() -> dict:
 def fit(model: torch.nn.Module, optim: torch.optim.Optimizer, sched, plan: Plan, *,
         batches: Callable[[torch.Generator], Iterable], loss: Callable[[object], dict],
         validate: Callable[[], tuple[float, dict]], on_validated: Callable[[dict, bool], None],
-        state: dict | None = None, autocast=None, log: Callable[[str], None] | None = None) -> dict:
+        state: dict | None = None, autocast=None, log: Callable[[int, dict, bool], None] | None = None) -> dict:
     """Train until `plan.epochs` or early stop; returns the state (history, best score).
 
     batches(generator) yields the epoch's batches; loss(batch) -> {name: tensor, "total": tensor};
@@ -53,6 +53,8 @@ def fit(model: torch.nn.Module, optim: torch.optim.Optimizer, sched, plan: Plan,
     from . import trainstate
 
     state = state or new_state()
+    if state["bad_epochs"] >= plan.patience:  # resumed from the checkpoint of a run that had already stopped
+        return state
     autocast = autocast or torch.autocast("cpu", enabled=False)
     for epoch in range(state["epoch"], plan.epochs):
         t0 = time.perf_counter()

@@ -68,7 +68,9 @@ class RecommendationKD(_KD):
 
     scores: [B, N] student scores over the catalogue; target: [B] item ids;
     top_ids, top_scores: [B, K] the teacher's list (ids index N); negatives: [B, M] item ids
-    (drawn uniformly from ids >= 2 when not given and b > 0).
+    (drawn uniformly from ids >= 2 when not given and b > 0; as in the paper a draw may hit the
+    target or a list item, rare once the catalogue is much longer than K). The RD term is part of
+    the distillation side: with a = 0 (no teacher) it is off whatever b is.
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, rank_weight: float = 0.0, rank_k: int = 10,

@@ -247,7 +247,9 @@ class MemberLoss(nn.Module):
             else:
                 logits = self.member.ctr_logits(batch["ctr_history"], batch["ctr_item"], batch["ctr_slot"], items)
             out["ctr"] = F.binary_cross_entropy_with_logits(logits, batch["ctr_label"])
-        out["total"] = sum(self.weights[k] * v for k, v in out.items())
+        # started from a zero tied to the weights: a batch with no rows (a shard smaller than the
+        # epoch's steps) still has a loss to backpropagate and to synchronize
+        out["total"] = sum((self.weights[k] * v for k, v in out.items()), items.sum() * 0.0)
         return out
 
 
@@ -316,13 +318,13 @@ def seq_loop(config: dict) -> None:
     weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
     loss_mod = MemberLoss(member, NextItemLoss(sc.negatives if sampled else 0, proposal), weights,
                           sc.ctr_trains_encoder or "recommendation" not in tasks)  # CTR alone: it must
+    member.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
+    loss_mod.to(device)
     optim = torch.optim.AdamW(member.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
     state = trainstate.restore(member, optim, sched)
     if state and rank == 0:
         say(f"[teacher] {name}: resuming after epoch {state['epoch']} from the last checkpoint")
-    member.to(device)
-    loss_mod.to(device)
     model = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_mod
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -407,7 +409,7 @@ def intent_loop(config: dict) -> None:
     torch.manual_seed(loop.epoch_seed(cfg.seed, 0, 0, stream=1))
     backbone, tokenizer = load_backbone(tc.model)
     meta = config["meta"]
-    model = IntentTeacher(backbone, meta["n_intents"], tc.lexical_dim, tc.lexical_buckets)
+    model = IntentTeacher(backbone, meta["n_intents"], tc.lexical_dim, tc.lexical_buckets).to(device)
     groups = [{"params": list(model.backbone.parameters()), "lr": tc.lr},
               {"params": list(model.intent_head.parameters()), "lr": tc.head_lr}]
     if model.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
@@ -418,7 +420,6 @@ def intent_loop(config: dict) -> None:
     state = trainstate.restore(model, optim, sched)
     if state and rank == 0:
         say(f"[teacher] intent: resuming after epoch {state['epoch']} from the last checkpoint")
-    model.to(device)
     loss_mod = IntentLoss(model)
     ddp = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_mod

@@ -141,7 +141,10 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     earlier_dir = storage.join(src.run_dir, "teacher")
     earlier = storage.read_json(storage.join(earlier_dir, "metrics.json"))
     if earlier.get("sasrec_chosen"):
-        for t, m in teacher.sasrec_test(earlier_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
+        # copied with its teacher, so that a run warm-started from this one finds it too
+        chosen = earlier["sasrec_chosen"]
+        storage.copy_dir(storage.join(earlier_dir, "sasrec", chosen), storage.join(out_dir, "sasrec", chosen))
+        for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
             report["baselines"].setdefault(t, {})["sasrec"] = m
         report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
     storage.write_json(storage.join(out_dir, "metrics.json"), report)
