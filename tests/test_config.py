@@ -75,3 +75,9 @@ def test_stable_hash_ignores_key_order():
     assert stable_hash(a) == stable_hash(RunConfig.model_validate(a.model_dump()))
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
     assert stable_hash(a) != stable_hash(load_config(None, ["seed=1"]))
+
+
+def test_a_sasrec_width_the_heads_do_not_divide_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"teacher\.sasrec\.dims \[30\] must be multiples of teacher\.sequence\.heads=4"):
+        load_config(ROOT / "configs" / "demo.yaml", ["teacher.sequence.heads=4", "teacher.sequence.dim=64",
+                                                      "teacher.sasrec.dims=[64,30]"])

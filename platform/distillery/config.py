@@ -221,6 +221,15 @@ class TeacherConfig(_Section):
     sequence: SequenceConfig = SequenceConfig()
     sasrec: SasrecBaselineConfig = SasrecBaselineConfig()
 
+    @model_validator(mode="after")
+    def _sasrec_widths_fit_the_heads(self):
+        # the baseline grid uses teacher.sequence.heads: a width it does not divide fails inside a worker
+        bad = [d for d in self.sasrec.dims if d % self.sequence.heads]
+        if self.sasrec.enabled and bad:
+            raise ValueError(f"teacher.sasrec.dims {bad} must be multiples of teacher.sequence.heads="
+                             f"{self.sequence.heads}")
+        return self
+
 
 class LabelConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers; each labels its shard of the examples")
