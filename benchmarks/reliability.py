@@ -10,6 +10,10 @@ outcome and its counts. This script sums them into benchmarks/results/reliabilit
                                       finished with the right output (the test passed)
   bad_inputs_tried / bad_inputs_handled  fuzzed rows, lines and requests / of those, the ones that
                                       came out as a clean row, a reject or a 4xx, as the test asserts
+  pipeline_inputs / pipeline_inputs_handled  generated ragged shops (optional columns absent, null,
+                                      partly null; tests/test_ragged.py) run through the stages / of
+                                      those, the ones that ran through or were refused with a
+                                      DistilleryError naming the column
   rows_lost                           rows that were neither in the output nor in the rejects
   server_errors_5xx                   5xx answers to fuzzed requests
   serve_recovery_s                    a Serve replica SIGKILLed under load: seconds until two
@@ -17,7 +21,8 @@ outcome and its counts. This script sums them into benchmarks/results/reliabilit
   serve_failed_requests               requests that failed in that time (of serve_requests_after_kill)
 
 and reliability.png (faults and inputs per test). `--log FILE` re-aggregates an earlier log
-without running the tests. Exit status 1 when a fault was not survived, an input not handled, a
+without running the tests; `--update` keeps the records of the tests not run this time from the
+existing JSON (e.g. `--update -- tests/test_ragged.py` re-runs only those). Exit status 1 when a fault was not survived, an input not handled, a
 row lost or a 5xx seen.
 """
 from __future__ import annotations
@@ -44,6 +49,7 @@ def aggregate(records: list[dict]) -> dict:
     return {
         "faults_injected": total("faults"), "faults_survived": total("faults", passed_only=True),
         "bad_inputs_tried": total("tried"), "bad_inputs_handled": total("handled"),
+        "pipeline_inputs": total("pipeline_inputs"), "pipeline_inputs_handled": total("pipeline_inputs_handled"),
         "rows_lost": total("rows_lost"), "server_errors_5xx": total("server_errors_5xx"),
         "serve_recovery_s": serve[-1]["recovery_s"] if serve else None,
         "serve_failed_requests": serve[-1]["failed_requests"] if serve else None,
@@ -55,6 +61,7 @@ def aggregate(records: list[dict]) -> dict:
 def ok(summary: dict) -> bool:
     return (summary["faults_injected"] > 0 and summary["faults_survived"] == summary["faults_injected"]
             and summary["bad_inputs_tried"] > 0 and summary["bad_inputs_handled"] == summary["bad_inputs_tried"]
+            and summary.get("pipeline_inputs_handled", 0) == summary.get("pipeline_inputs", 0)
             and summary["rows_lost"] == 0 and summary["server_errors_5xx"] == 0)
 
 
@@ -64,7 +71,9 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     faults = [r for r in summary["tests"] if r.get("faults")]
-    fuzz = [r for r in summary["tests"] if r.get("tried")]
+    fuzz = [{**r, "tried": r.get("tried") or r.get("pipeline_inputs", 0),
+             "handled": r.get("handled") or r.get("pipeline_inputs_handled", 0)}
+            for r in summary["tests"] if r.get("tried") or r.get("pipeline_inputs")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     names = [r["test"].split("::")[-1].replace("test_", "")[:48] for r in faults]
     a.barh(names, [1] * len(faults), color=["tab:green" if r["passed"] else "tab:red" for r in faults])
@@ -90,6 +99,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"), help="result JSON")
     ap.add_argument("--log", help="aggregate this earlier log instead of running the tests")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing --out: its records of tests not run now are kept")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments, after `--` (e.g. -k serve)")
     args = ap.parse_args()
     start = time.time()
@@ -104,10 +115,13 @@ def main() -> int:
         print(f"{log}: no records: did any fault or fuzz test run?")
         return 1
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    out = Path(args.out)
+    if args.update and out.exists():
+        fresh = {r["test"] for r in records}
+        records = [r for r in json.loads(out.read_text())["tests"] if r["test"] not in fresh] + records
     summary = aggregate(records)
     summary["machine"] = {"cpus": os.cpu_count(), "python": stdlib_platform.python_version()}
     summary["wall_s"] = round(time.time() - start, 1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))

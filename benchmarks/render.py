@@ -180,9 +180,11 @@ def reliability() -> str:
         return _missing("reliability", "reliability.py")
     return "\n".join([
         "**Reliability** (every `fault` and `fuzz` test; `results/reliability.json`)", "",
-        "| faults injected | survived | bad inputs tried | handled | rows lost | 5xx | Serve replica killed: "
-        "recovery s | failed requests |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| faults injected | survived | bad inputs tried | handled | pipeline inputs (ragged shops) | handled "
+        "| rows lost | 5xx | Serve replica killed: recovery s | failed requests |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {r['faults_injected']} | {r['faults_survived']} | {r['bad_inputs_tried']:,} | {r['bad_inputs_handled']:,} "
+        f"| {r.get('pipeline_inputs', 'not run')} | {r.get('pipeline_inputs_handled', '-')} "
         f"| {r['rows_lost']} | {r['server_errors_5xx']} | {r['serve_recovery_s']:.1f} "
         f"| {r['serve_failed_requests']} of {r['serve_requests_after_kill']:,} |"]) + "\n"
 

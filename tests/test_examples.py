@@ -78,7 +78,8 @@ def test_intent_pairs_and_examples():
     labels = np.array(["A > x", "B > y"] + ["C > z"] * 8, dtype=object)
     batch = pd.DataFrame({"title": ["  Red PEN ", None, "", "Red pen"], "item_id": ["i0", "i1", "i2", "nope"]})
     pairs = ex.intent_pairs(batch, text_col="title", item_ids=ITEMS, item_labels=labels)
-    assert pairs.to_dict("records") == [{"text": "red pen", "label": "A > x"}]
+    # "nope" is no catalogue item: its text stays, unlabelled, for prepare to count as left out
+    assert pairs.to_dict("records") == [{"text": "red pen", "label": "A > x"}, {"text": "red pen", "label": None}]
 
     counts = pd.DataFrame({"text": ["red pen", "red pen", "blue pen", "ink", "ink", "paper"],
                            "label": ["A", "B", "A", "B", "A", "C"], "count": [3, 1, 1, 2, 2, 1]})
@@ -122,3 +123,47 @@ def test_transfer_texts_are_new_word_subsets_of_train_texts(texts, variants):
 def _subsequence(short: list[str], long: list[str]) -> bool:
     it = iter(long)
     return all(w in it for w in short)
+
+
+# ------------------------------------------------------------------------------ missing optional fields
+# what pandas 3 reads back for a missing string (NaN), and the other ways a field can be empty
+MISSING = st.sampled_from([None, float("nan"), "", "   "])
+FIELD = st.one_of(MISSING, st.text(alphabet="abc >", min_size=1, max_size=8).filter(str.strip))
+
+
+def test_missing_text_is_none_and_a_missing_category_has_no_label():
+    for v in (None, float("nan"), "", "  ", 3.0, pd.NA):
+        assert ex.text_or_none(v) is None and ex.category_at(v, 2) is None
+    assert ex.category_at("A > B > C", 2) == "A > B" and ex.text_or_none(" x ") == " x "
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(FIELD, FIELD, FIELD, FIELD), min_size=1, max_size=6))
+def test_item_text_uses_what_is_present_and_never_spells_a_missing_value(rows):
+    from distillery.prepare import _coverage, _item_text
+
+    items = pd.DataFrame(rows, columns=["title", "brand", "category", "description"])
+    items["price"] = np.nan
+    texts = _item_text(items)
+    for (title, brand, cat, desc), text in zip(rows, texts):
+        present = [v for v in (title, brand, cat, desc) if ex.text_or_none(v)]
+        assert isinstance(text, str) and (text == "") == (not present)
+        assert "nan" not in text and "None" not in text  # the alphabet has neither
+        head = ex.text_or_none(title) or (ex.text_or_none(desc) or "")[:200]
+        assert text.startswith(head)
+        for v in (brand, cat):
+            if ex.text_or_none(v):
+                assert v in text
+    cov = _coverage(items, pd.Series(np.zeros(len(items), int)), pd.Series([1, 2, 3]))
+    assert cov["items_without"]["text"] == sum(t == "" for t in texts)
+    assert cov["items_without"]["category"] == sum(ex.text_or_none(c) is None for c in items["category"])
+    assert cov["items_without"]["price"] == len(items) and cov["items_never_clicked"] == len(items)
+    assert (cov["users_without_examples"], cov["users_with_test_example_only"]) == (1, 1)
+
+
+def test_intent_pairs_keep_texts_of_uncategorized_items_unlabelled():
+    labels = np.array([ex.category_at(c, 1) for c in ["A > x", float("nan"), None] + ["B"] * 7], dtype=object)
+    batch = pd.DataFrame({"title": ["pen", "ink", "cap", float("nan")], "item_id": ["i0", "i1", "i2", "i3"]})
+    pairs = ex.intent_pairs(batch, text_col="title", item_ids=ITEMS, item_labels=labels)
+    assert pairs.to_dict("records") == [{"text": "pen", "label": "A"}, {"text": "ink", "label": None},
+                                        {"text": "cap", "label": None}]

@@ -150,6 +150,13 @@ def test_fit_stops_after_patience_validations_without_a_better_score():
     assert state["best"] == pytest.approx(0.3) and len(state["history"]) == 5
 
 
+def test_an_unscorable_validation_keeps_the_first_model_and_a_later_score_still_wins():
+    # a tiny split can leave every task unscorable (one class, no text): NaN is never a new best,
+    # except at the first validation, so a best model always exists
+    state, _, seen, _ = _fit([float("nan"), float("nan"), 0.2, float("nan"), 0.1, 0.1, 0.1])
+    assert seen[:3] == [(1, True), (2, False), (3, True)] and state["best"] == pytest.approx(0.2)
+
+
 def test_a_run_killed_after_its_stopping_validation_stays_stopped_when_resumed():
     scores = [0.1, 0.3, 0.2, 0.25, 0.2, 0.9]
     _, _, _, ckpt = _fit(scores, interrupt_at=5)  # killed in the checkpoint of the validation that stops it

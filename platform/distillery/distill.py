@@ -150,7 +150,8 @@ def _shares(cfg: RunConfig, tasks: list[str]) -> dict[str, int]:
 def combined_score(valid: dict, teacher_valid: dict) -> float:
     """Mean over tasks of student metric / teacher metric (NDCG@10, AUC, macro-F1)."""
     ratios = [valid[t][m] / teacher_valid[t][m] for t, m in SCORE_METRIC.items()
-              if t in valid and t in teacher_valid and teacher_valid[t][m] and not math.isnan(valid[t][m])]
+              if t in valid and t in teacher_valid and teacher_valid[t][m]
+              and not math.isnan(valid[t][m]) and not math.isnan(teacher_valid[t][m])]
     return float(np.mean(ratios)) if ratios else float("nan")
 
 

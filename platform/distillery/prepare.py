@@ -31,6 +31,11 @@ from .errors import DataError, StageError
 
 log = logging.getLogger("distillery.prepare")
 
+PAIR_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string())])
+INTENT_LEFT_OUT = {
+    "no_category": "their item has no category (no label to learn)",
+    "outside_classes": "their label is not one of the warm-started run's classes",
+}
 INTERNAL_COLUMNS = {"_source": pa.string(), "_reason": pa.string(), "_column": pa.string(), "_row": pa.string(),
                     "_bucket": pa.int32(), "_order": pa.int64()}
 
@@ -155,11 +160,55 @@ def _check_fraction(table: str, total: int, summary: pd.DataFrame, cfg: RunConfi
 
 
 def _item_text(items: pd.DataFrame) -> list[str]:
+    """"title | brand | category", the description's start standing in for a missing title; an item
+    with none of them has the empty text (it is still an ID for recommendation and CTR)."""
     out = []
     for title, brand, cat, desc in zip(items["title"], items["brand"], items["category"], items["description"]):
-        head = title or (desc[:200] if isinstance(desc, str) else None) or ""
-        out.append(" | ".join(p for p in (head, brand, cat) if isinstance(p, str) and p))
+        desc = ex.text_or_none(desc)
+        head = ex.text_or_none(title) or (desc[:200] if desc else None)
+        out.append(" | ".join(p for p in (head, ex.text_or_none(brand), ex.text_or_none(cat)) if p))
     return out
+
+
+def _coverage(items: pd.DataFrame, clicks: pd.Series, user_clicks: pd.Series) -> dict:
+    """What the catalogue and the log lack, counted: each is a row kept with a documented meaning
+    (README "Missing values"), not a reject."""
+    def missing(column: str) -> int:
+        return int(sum(ex.text_or_none(v) is None for v in items[column]))
+    text = _item_text(items)
+    return {
+        "items_without": {c: missing(c) for c in ("title", "category", "brand", "description")}
+        | {"price": int(pd.to_numeric(items["price"], errors="coerce").isna().sum()),
+           "text": int(sum(t == "" for t in text))},
+        "items_never_clicked": int((clicks.to_numpy() == 0).sum()),
+        "users_without_examples": int((user_clicks < 2).sum()),
+        "users_with_test_example_only": int((user_clicks == 2).sum()),
+    }
+
+
+def _print_coverage(cov: dict, n_items: int, n_users: int, intent: dict) -> None:
+    w = cov["items_without"]
+    parts = [f"{n} of {n_items:,} items have no {c}" for c, n in w.items() if n and c != "text"]
+    if not parts and not any((cov["items_never_clicked"], cov["users_without_examples"],
+                              cov["users_with_test_example_only"], *intent.get("left_out", {}).values())):
+        print("left out or defaulted: nothing (every item has every optional field, every user 3+ clicks)")
+        return
+    print("left out or defaulted (kept rows, README \"Missing values\"):")
+    for p in parts:
+        print(f"  {p}")
+    if w["category"]:
+        print(f"  -> those {w['category']:,} items get category 'unknown'; no intent label comes from them")
+    if w["text"]:
+        print(f"  -> {w['text']:,} items have no text at all: ID-only for recommendation and CTR")
+    if cov["items_never_clicked"]:
+        print(f"  {cov['items_never_clicked']:,} of {n_items:,} items were never clicked: rankable, never a target")
+    if cov["users_without_examples"]:
+        print(f"  {cov['users_without_examples']:,} of {n_users:,} users have under 2 clicks: no recommendation example")
+    if cov["users_with_test_example_only"]:
+        print(f"  {cov['users_with_test_example_only']:,} of {n_users:,} users have 2 clicks: a test example only")
+    for reason, n in intent.get("left_out", {}).items():
+        if n:
+            print(f"  {n:,} intent texts left out: {INTENT_LEFT_OUT[reason]}")
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -204,6 +253,8 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
     real_impressions = n_inter > int(clicks.sum())
     users = sorted(_counts(inter, ["user_id"])["user_id"])
+    user_clicks = _counts(inter, ["user_id"], where=lambda df: df["clicked"] == 1).set_index("user_id")["count"]
+    user_clicks = user_clicks.reindex(users).fillna(0)
     _write_vocabularies(items, clicks, users, out_dir)
     warmstart.check_catalogue(cfg, storage.join(out_dir, "items.parquet"))
 
@@ -214,8 +265,11 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
         counts.update(_user_examples(inter, per_user, item_ids, clicks, real_impressions, cfg, examples_dir))
     intent_info = {}
     if "intent" in tasks:
-        counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, examples_dir, out_dir)
+        counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, data_cfg,
+                                                         examples_dir, out_dir)
 
+    coverage = _coverage(items, clicks, user_clicks)
+    _print_coverage(coverage, len(items), len(users), intent_info)
     n_rejects = int(summary["rows"].sum())
     return {
         "counts": {"users": len(users), "items": len(items), "interactions": n_inter, "rejects": n_rejects},
@@ -226,6 +280,7 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
         "ctr_source": "impressions" if real_impressions else f"sampled_negatives(ratio={cfg.tasks.ctr.negative_ratio})",
         "positives": int(clicks.sum()),
         "intent": intent_info,
+        "coverage": coverage,
         "data": {k: v for k, v in data_cfg.model_dump(mode="json").items() if k in ("format", "items", "interactions", "reviews")},
     }
 
@@ -291,30 +346,42 @@ def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np
 
 
 def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, items: pd.DataFrame,
-                     cfg: RunConfig, examples_dir: str, out_dir: str) -> tuple[dict, dict]:
+                     cfg: RunConfig, data_cfg: DataConfig, examples_dir: str, out_dir: str) -> tuple[dict, dict]:
     task = cfg.tasks.intent
     labels = np.array([ex.category_at(c, task.category_level) for c in items["category"]], dtype=object)
     kw = dict(item_ids=items["item_id"].to_numpy(dtype=object), item_labels=labels)
     pairs = []
     if "queries" in task.sources and "query" in inter.columns():
         pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())
-                     .map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="query", **kw), batch_format="pandas"))
+                     .map_batches(_pairs, fn_kwargs=dict(text_col="query", **kw), batch_format="pandas"))
     if "item_titles" in task.sources:
-        pairs.append(ray.data.from_pandas(ex.intent_pairs(items, text_col="title", **kw)))
+        pairs.append(ray.data.from_arrow(_pairs(items, text_col="title", **kw)))
     if "review_titles" in task.sources and reviews is not None:
-        pairs.append(reviews.map_batches(ex.intent_pairs, fn_kwargs=dict(text_col="title", **kw), batch_format="pandas"))
+        pairs.append(reviews.map_batches(_pairs, fn_kwargs=dict(text_col="title", **kw), batch_format="pandas"))
     if not pairs:
         raise DataError(f"tasks.intent.sources={task.sources}, but the data has none of them: "
                         "add item_titles, or disable the task with tasks.intent.enabled=false")
     merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
-    pair_counts = _counts(merged, ["text", "label"])
+    all_pairs = _counts(merged, ["text", "label"])
+    pair_counts = all_pairs[all_pairs["label"].notna()]
+    # a text some other row labels (say, a query for an item with a category) is still an example
+    unlabelled = set(all_pairs.loc[all_pairs["label"].isna(), "text"]) - set(pair_counts["text"])
     classes = warmstart.intent_labels(cfg)
     df, names = ex.intent_examples(pair_counts, min_class_count=task.min_class_count,
                                    fractions=task.split_fractions, classes=classes)
     texts = pair_counts["text"].nunique() if len(pair_counts) else 0
-    if classes is not None and len(df) < texts:
-        print(f"[prepare] warm start keeps the earlier intent classes: {texts - len(df):,} texts of other classes "
-            "have no intent example (the earlier run had no 'other' class to put them in)")
+    if len(names) < 2 and not len(all_pairs):
+        raise DataError(
+            f"tasks.intent has no text to learn from: tasks.intent.sources={task.sources}, but column 'title' of "
+            f"{data_cfg.items or 'the catalogue'}, the log's 'query' and the reviews' 'title' are empty or absent. "
+            "Add item titles, or set tasks.intent.enabled=false")
+    if len(names) < 2:
+        raise DataError(
+            f"tasks.intent needs at least 2 intent classes, but column 'category' of {data_cfg.items or 'the catalogue'} "
+            f"gives {len(names)} ({names}) at tasks.intent.category_level={task.category_level} with "
+            f"min_class_count={task.min_class_count} ({len(unlabelled):,} texts have an item with no category). "
+            "Give items categories, lower tasks.intent.min_class_count or category_level, "
+            "or set tasks.intent.enabled=false")
     counts = {}
     for split in ex.SPLITS:
         part = df[df["split"] == split]
@@ -329,7 +396,12 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
         counts[ex.TRANSFER] = int(len(transfer))
     storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
     return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
-                    "texts_outside_classes": int(texts - len(df))}
+                    "left_out": {"no_category": len(unlabelled), "outside_classes": int(texts - len(df))}}
+
+
+def _pairs(batch: pd.DataFrame, **kw) -> pa.Table:
+    # one schema for every block, even one whose labels are all missing (an all-null column)
+    return pa.Table.from_pandas(ex.intent_pairs(batch, **kw), schema=PAIR_SCHEMA, preserve_index=False)
 
 
 def _by_table(summary: pd.DataFrame) -> dict[str, int]:

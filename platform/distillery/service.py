@@ -13,6 +13,8 @@ import hashlib
 import numpy as np
 import torch
 
+from .data.examples import text_or_none
+
 EXPLAIN_TOP = 5
 # Occlusion costs one text per word: capped, so that 256 long texts stay a bounded request. The
 # student reads at most 64 word pieces, so later words weigh little anyway.
@@ -29,11 +31,12 @@ class Service:
         self.item_ids = np.full(size, "", dtype=object)
         self.titles = np.full(size, "", dtype=object)
         self.item_ids[items["idx"]] = items["item_id"].astype(str).to_numpy()
-        self.titles[items["idx"]] = items["title"].fillna("").astype(str).to_numpy()
+        self.titles[items["idx"]] = [text_or_none(t) or "" for t in items["title"]]
         by_clicks = items.sort_values(["clicks", "idx"], ascending=[False, True], kind="stable")
         self.popular = by_clicks["idx"].to_numpy()
         self.popular_clicks = by_clicks["clicks"].to_numpy()
-        self.catalogue = [{"item_id": str(i), "title": "" if t is None else str(t), "category": "" if c is None else str(c)}
+        # a missing title or category is "" (pandas reads it back as NaN, which must not become "nan")
+        self.catalogue = [{"item_id": str(i), "title": text_or_none(t) or "", "category": text_or_none(c) or ""}
                           for i, t, c in zip(items["item_id"], items["title"], items["category"])]
 
     @classmethod

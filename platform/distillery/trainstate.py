@@ -3,6 +3,7 @@ schedule, and the per-epoch checkpoint that Train V2 hands back when a stage is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -40,10 +41,12 @@ def record_epoch(state: dict, epoch: int, score: float, valid: dict, sums: dict,
     """Append the epoch to state["history"] (mean losses over `steps`, and how many times the run
     was restored from a checkpoint before it), advance the epoch, best score and patience counter;
     True when the score is a new best."""
-    improved = score > state["best"]
+    # a validation split too small to score any task (NaN) still keeps the first model as the best
+    improved = score > state["best"] or (not state["history"] and math.isnan(score))
     state["history"].append({"epoch": epoch, "score": score, "loss": {k: v / max(steps, 1) for k, v in sums.items()},
                              "valid": valid, "seconds": round(seconds, 1), "restarts": state.get("restarts", 0)})
-    state.update(epoch=epoch + 1, best=max(score, state["best"]), bad_epochs=0 if improved else state["bad_epochs"] + 1)
+    best = state["best"] if math.isnan(score) else max(score, state["best"])
+    state.update(epoch=epoch + 1, best=best, bad_epochs=0 if improved else state["bad_epochs"] + 1)
     return improved
 
 

@@ -94,7 +94,8 @@ def user_examples(group: pd.DataFrame, *, item_ids: np.ndarray, tasks: tuple[str
     order = df["_order"].to_numpy(dtype=float)
     clicked = df["clicked"].to_numpy(dtype=np.int64) == 1
     slots = pd.to_numeric(df["slot"], errors="coerce").to_numpy(dtype=float)
-    imps = df["impression_id"].to_numpy(dtype=object)
+    # a missing impression id may arrive as None, NaN or pd.NA (pandas' string dtypes): all become null
+    imps = np.array([v if isinstance(v, str) else None for v in df["impression_id"]], dtype=object)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(df) else np.array([], int)
     ends = np.r_[starts[1:], len(df)]
     user_hash = pd.util.hash_array(users[starts]) if len(starts) else np.array([], np.uint64)
@@ -153,10 +154,16 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-def category_at(path: str | None, level: int) -> str | None:
-    if not path:
-        return None
-    return " > ".join(path.split(" > ")[:level])
+def text_or_none(value) -> str | None:
+    """A present, non-blank string, else None. Optional catalogue columns are read through this,
+    never by truthiness: pandas 3 reads a missing string as NaN, which is truthy and not a str."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def category_at(path, level: int) -> str | None:
+    """The first `level` parts of a " > " path; None for a missing category."""
+    path = text_or_none(path)
+    return None if path is None else " > ".join(path.split(" > ")[:level])
 
 
 def text_hash(text: str) -> int:
@@ -169,12 +176,14 @@ def split_of_text(text: str, fractions=(0.8, 0.1, 0.1)) -> str:
 
 
 def intent_pairs(batch: pd.DataFrame, *, text_col: str, item_ids: np.ndarray, item_labels: np.ndarray) -> pd.DataFrame:
-    """(text, label) for rows whose text is non-empty and whose item has a category."""
-    texts = batch[text_col].astype(object).where(batch[text_col].notna(), None)
+    """(text, label) for rows with a non-blank text. `label` is None where the item has no category:
+    such a text is no intent example, and the caller counts it as left out for that reason."""
+    texts = [text_or_none(t) for t in batch[text_col].astype(object)]
     idx = lookup(item_ids, batch["item_id"].to_numpy(dtype=object)) - len(RESERVED)
-    labels = np.where(idx >= 0, item_labels[np.maximum(idx, 0)], None)
-    out = pd.DataFrame({"text": [normalize_text(t) if isinstance(t, str) else None for t in texts], "label": labels})
-    keep = out["text"].notna() & (out["text"] != "") & out["label"].notna()
+    labels = [item_labels[i] if i >= 0 else None for i in idx.tolist()]
+    out = pd.DataFrame({"text": [normalize_text(t) if t is not None else None for t in texts],
+                        "label": pd.Series(labels, dtype=object)})
+    keep = out["text"].notna() & (out["text"] != "")
     return out[keep].reset_index(drop=True)
 
 
