@@ -121,7 +121,7 @@ def main() -> int:
         records = [r for r in json.loads(out.read_text())["tests"] if r["test"] not in fresh] + records
     summary = aggregate(records)
     summary["machine"] = {"cpus": os.cpu_count(), "python": stdlib_platform.python_version()}
-    summary["wall_s"] = round(time.time() - start, 1)
+    summary["wall_s"] = None if args.log else round(time.time() - start, 1)  # no tests ran: nothing timed
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))

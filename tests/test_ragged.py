@@ -162,12 +162,27 @@ def expect_clean_error(err) -> None:
     assert intent or rejects, msg
 
 
-@pytest.mark.integration
-@pytest.mark.fuzz
-def test_prepare_handles_every_ragged_shop(base_shop, ray_local, tmp_path_factory, reliability):
+def run_shop(shop: Shop, base: dict, tmp: Path, tried: dict, stages: list[str] | None, *overrides: str):
+    """Write `shop`, run `stages` on it and count it in `tried`: the manifests, or None when the
+    run was refused cleanly (any other exception fails the test)."""
     from distillery import runner
     from distillery.errors import DistilleryError
 
+    tried["n"] += 1
+    paths = make_shop(shop, base, tmp / "data")
+    try:
+        manifests = runner.run(shop_config(paths, tmp / "run", *overrides), stages)
+    except DistilleryError as err:
+        expect_clean_error(err)
+        tried["refused"] += 1
+        return None
+    check_prepare(manifests["prepare"], shop, paths)
+    return manifests
+
+
+@pytest.mark.integration
+@pytest.mark.fuzz
+def test_prepare_handles_every_ragged_shop(base_shop, ray_local, tmp_path_factory, reliability):
     tried = {"n": 0, "ok": 0, "refused": 0}
 
     @settings(RAGGED, max_examples=5)
@@ -176,17 +191,8 @@ def test_prepare_handles_every_ragged_shop(base_shop, ray_local, tmp_path_factor
     @example(ONE_CATEGORY)
     @given(SHOPS)
     def check(shop: Shop):
-        tried["n"] += 1
-        tmp = tmp_path_factory.mktemp("ragged")
-        paths = make_shop(shop, base_shop, tmp / "data")
-        try:
-            manifest = runner.run(shop_config(paths, tmp / "run"), ["prepare"])["prepare"]
-        except DistilleryError as err:
-            expect_clean_error(err)
-            tried["refused"] += 1
-            return
-        check_prepare(manifest, shop, paths)
-        tried["ok"] += 1
+        if run_shop(shop, base_shop, tmp_path_factory.mktemp("ragged"), tried, ["prepare"]) is not None:
+            tried["ok"] += 1
 
     check()
     reliability.update(pipeline_inputs=tried["n"], pipeline_inputs_handled=tried["ok"] + tried["refused"])
@@ -238,28 +244,18 @@ TINY_PIPELINE = (
 @pytest.mark.slow
 @pytest.mark.fuzz
 def test_whole_pipeline_and_endpoints_on_ragged_shops(base_shop, ray_local, tiny_bert, tmp_path_factory, reliability):
-    from distillery import runner
-    from distillery.errors import DistilleryError
-
     tried = {"n": 0, "ok": 0, "refused": 0, "requests": 0}
 
     @settings(RAGGED, max_examples=1)
     @example(SOME_CATEGORIES_MISSING)
     @given(SHOPS)
     def check(shop: Shop):
-        tried["n"] += 1
         tmp = tmp_path_factory.mktemp("ragged-run")
-        paths = make_shop(shop, base_shop, tmp / "data")
-        cfg = shop_config(paths, tmp / "run", f"teacher.model={tiny_bert}", *TINY_PIPELINE)
-        try:
-            manifests = runner.run(cfg, None)
-        except DistilleryError as err:
-            expect_clean_error(err)
-            tried["refused"] += 1
+        manifests = run_shop(shop, base_shop, tmp, tried, None, f"teacher.model={tiny_bert}", *TINY_PIPELINE)
+        if manifests is None:
             return
-        check_prepare(manifests["prepare"], shop, paths)
         assert all(m["status"] == "complete" for m in manifests.values()), {k: m["status"] for k, m in manifests.items()}
-        tried["requests"] += serve_every_endpoint(str(tmp / "run" / "bundle"), pd.read_parquet(paths["items"]))
+        tried["requests"] += serve_every_endpoint(str(tmp / "run" / "bundle"), pd.read_parquet(tmp / "data" / "items.parquet"))
         tried["ok"] += 1
 
     check()
