@@ -98,12 +98,15 @@ def serving() -> str:
     if r is None:
         return _missing("serve", "serve_load.py")
     c = 8 if 8 in r["levels"] else r["levels"][0]
-    names = {"serve-student": "Serve, one deployment (default)", "serve-student-split": "Serve, split",
-             "serve-student-direct": "Serve, direct ingress", "bare-student": "bare uvicorn, no Ray",
-             "serve-teacher": "teacher, Serve", "bare-teacher": "teacher, bare uvicorn"}
+    names = {"serve-student": "Serve, `distillery serve` default (direct ingress)",
+             "serve-student-ray-defaults": "Serve, Ray's default path (Python proxy, access log)",
+             "serve-student-split": "Serve, split", "serve-student-direct": "Serve, direct ingress (scanned port)",
+             "bare-student": "bare uvicorn, no Ray", "serve-teacher": "teacher, Serve (default)",
+             "serve-teacher-ray-defaults": "teacher, Serve (Ray's default path)", "bare-teacher": "teacher, bare uvicorn"}
     endpoints = [e for e in ("recommend", "ctr", "intent", "healthz") if e in next(iter(r["results"].values()))]
-    lines = [f"**Serving** ({c} concurrent closed-loop clients on loopback, p50 / p99 ms and requests/s; "
-             f"catalogue of {r['catalogue_size']:,} items; CTR with 100 candidates; `results/serve.json`)", "",
+    lines = [f"**Serving** ({c} concurrent closed-loop clients on loopback, p50 / p99 ms and requests/s, each the median "
+             f"of {r.get('repeats', 1)} runs; catalogue of {r['catalogue_size']:,} items; CTR with 100 candidates; "
+             "`results/serve.json`)", "",
              "| server | " + " | ".join(endpoints) + " |", "|---|" + "---:|" * len(endpoints)]
     for name, res in r["results"].items():
         cells = []

@@ -308,6 +308,27 @@ def test_the_app_builder_takes_typed_args(tiny_bundle):
         app({"bundle": tiny_bundle, "max_batch_size": 0})
 
 
+def test_the_default_ingress_is_direct_for_one_replica_and_haproxy_for_more(monkeypatch):
+    from distillery import serving
+    from distillery.config import ServeConfig
+    from distillery.errors import ConfigError
+
+    one = serving.ingress(ServeConfig(port=8123), lambda: 40001)
+    # the replica takes the served port itself; Serve's own proxy gets a spare one
+    assert one.mode == "direct" and one.proxy_port == 40001
+    assert one.env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and one.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
+    monkeypatch.setattr(serving, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    many = serving.ingress(ServeConfig(port=8123, replicas=3), lambda: 40001)
+    assert (many.mode, many.env, many.proxy_port, many.note) == ("haproxy", serving.HAPROXY_ENV, 8123, None)
+    monkeypatch.setattr(serving, "haproxy_binary", lambda: None)
+    fallback = serving.ingress(ServeConfig(port=8123, replicas=3), lambda: 40001)
+    assert (fallback.mode, fallback.env, fallback.proxy_port) == ("proxy", {}, 8123) and "haproxy" in fallback.note
+    assert serving.ingress(ServeConfig(port=8123, ingress="proxy"), lambda: 40001).env == {}
+    with pytest.raises(ConfigError, match="serve.ingress=direct serves one replica"):
+        serving.ingress(ServeConfig(ingress="direct", replicas=2), lambda: 40001)
+    assert serving.logging_config(False) == {"enable_access_log": False, "log_level": "WARNING"}
+
+
 @pytest.mark.integration
 def test_distillery_serve_answers_with_a_key_and_stops_on_sigterm(tiny_bundle):
     import requests
@@ -334,7 +355,7 @@ def test_distillery_serve_answers_with_a_key_and_stops_on_sigterm(tiny_bundle):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         out = proc.stdout.read()
-        assert "serving" in out and "stopping" in out
+        assert "serving" in out and "(direct ingress)" in out and "stopping" in out
     finally:
         if proc.poll() is None:
             proc.kill()

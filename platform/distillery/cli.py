@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--split", action="store_true",
                      help="run the model in its own deployment behind the HTTP one (one more process hop "
                           "a request; the two then scale apart)")
+    srv.add_argument("--ingress", choices=("auto", "direct", "haproxy", "proxy"), default=defaults.ingress,
+                     help="how HTTP reaches the replicas: direct (the one replica answers on --port itself), "
+                          "haproxy (HAProxy on --port before the replicas), proxy (Ray Serve's Python proxy, "
+                          f"Ray's default: ~4x less throughput on 2 cores); auto = direct for one replica, haproxy "
+                          f"for more (default {defaults.ingress})")
+    srv.add_argument("--access-log", action="store_true",
+                     help="Serve's per-request access log and INFO logs (off by default: WARNING and above)")
     srv.add_argument("--demo", action="store_true",
                      help="send one request of each kind over HTTP, print the answers, and stop")
     return parser
@@ -118,7 +125,8 @@ def cmd_serve(args) -> int:
 
     try:
         cfg = ServeConfig(host=args.host, port=args.port, replicas=args.replicas, max_batch_size=args.max_batch_size,
-                          batch_wait_timeout_s=args.batch_wait_ms / 1000, threads=args.threads, split=args.split)
+                          batch_wait_timeout_s=args.batch_wait_ms / 1000, threads=args.threads, split=args.split,
+                          ingress=args.ingress, access_log=args.access_log)
     except ValidationError as err:
         raise DistilleryError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
     return serving.run(args.bundle, cfg, demo=args.demo)

@@ -387,6 +387,13 @@ class ServeConfig(_Section):
     replicas: int = Field(1, ge=1, description="model replicas (fixed; serve/config.yaml autoscales)")
     split: bool = Field(False, description="the model in its own deployment behind the HTTP one (one more "
                                            "process hop a request; the two then scale apart)")
+    ingress: Literal["auto", "direct", "haproxy", "proxy"] = Field(
+        "auto", description="how HTTP reaches the replicas (`distillery serve`): direct = the one replica answers on "
+        "`port` itself (Ray's direct ingress, no proxy hop); haproxy = HAProxy on `port` in front of the replicas' "
+        "own ports; proxy = Ray Serve's Python proxy (Ray's default, ~4x less throughput on 2 cores); auto = direct "
+        "for one replica, haproxy for more (proxy when no HAProxy binary is found)")
+    access_log: bool = Field(False, description="Serve's per-request access log and INFO logs in the proxy and "
+                             "replicas (off: WARNING and above only; the access log is CPU spent on every request)")
 
 
 class RunConfig(_Section):
