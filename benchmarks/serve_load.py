@@ -124,6 +124,12 @@ def teacher_service(teacher_dir: str, bundle_path: str):
 
 
 # ------------------------------------------------------------------------------ servers
+def default_bundle() -> str | None:
+    """runs/office/bundle, else runs/demo/bundle, whichever exists first."""
+    return next((str(ROOT / "runs" / r / "bundle") for r in ("office", "demo")
+                 if (ROOT / "runs" / r / "bundle" / "manifest.json").exists()), None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -366,8 +372,7 @@ def main() -> int:
     p.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)  # internal: run a bare server
     args = p.parse_args()
 
-    bundle_path = args.bundle or next((str(ROOT / "runs" / r / "bundle") for r in ("office", "demo")
-                                       if (ROOT / "runs" / r / "bundle" / "manifest.json").exists()), None)
+    bundle_path = args.bundle or default_bundle()
     if bundle_path is None:
         print("no bundle: run `make demo` (runs/demo/bundle) or pass --bundle")
         return 2

@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,11 +122,7 @@ def profile_mode(mode: str, args, bundle_path: str, bodies: list[dict]) -> dict:
                                                "--output", str(tmp / f"{name}-{pid}.txt")],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                  for name in ("proxy", "replica") for pid in procs[name]]
-        result: dict = {}
-        t = threading.Thread(target=lambda: result.update(
-            asyncio.run(closed_loop(base, args.endpoint, bodies, args.clients, args.seconds, warmup=0.0))))
-        t.start()
-        t.join()
+        result = asyncio.run(closed_loop(base, args.endpoint, bodies, args.clients, args.seconds, warmup=0.0))
         cpu1 = {k: sum(cpu_seconds(p) for p in v) for k, v in procs.items()}
         for _, _, spy in spies:
             spy.wait(60)
@@ -191,11 +186,12 @@ def main() -> int:
                    help="keep Serve's per-request access log at INFO (as Ray's defaults do)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_profile.json"), help="results JSON")
     args = p.parse_args()
+    from serve_load import default_bundle
+
     if shutil.which("py-spy") is None:
         print("py-spy is not on PATH: pip install py-spy")
         return 2
-    bundle_path = args.bundle or next((str(ROOT / "runs" / r / "bundle") for r in ("office", "demo")
-                                       if (ROOT / "runs" / r / "bundle" / "manifest.json").exists()), None)
+    bundle_path = args.bundle or default_bundle()
     if bundle_path is None:
         print("no bundle: run `make demo` (runs/demo/bundle) or pass --bundle")
         return 2

@@ -329,6 +329,22 @@ def test_the_default_ingress_is_direct_for_one_replica_and_haproxy_for_more(monk
     assert serving.logging_config(False) == {"enable_access_log": False, "log_level": "WARNING"}
 
 
+def test_a_port_in_use_or_a_bad_host_is_a_named_error_before_ray_starts():
+    import socket
+
+    from distillery import serving
+    from distillery.errors import ConfigError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}"):
+            serving._check_bindable("127.0.0.1", port)
+    with pytest.raises(ConfigError, match="pass another --port / --host"):
+        serving._check_bindable("no-such-host.invalid", 8000)
+
+
 @pytest.mark.integration
 def test_distillery_serve_answers_with_a_key_and_stops_on_sigterm(tiny_bundle):
     import requests

@@ -252,9 +252,10 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     pop = _counts(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
     real_impressions = n_inter > int(clicks.sum())
-    users = sorted(_counts(inter, ["user_id"])["user_id"])
-    user_clicks = _counts(inter, ["user_id"], where=lambda df: df["clicked"] == 1).set_index("user_id")["count"]
-    user_clicks = user_clicks.reindex(users).fillna(0)
+    # one pass over the log gives the users and each one's clicks
+    per_user = _counts(inter, ["user_id", "clicked"])
+    users = sorted(set(per_user["user_id"]))
+    user_clicks = per_user[per_user["clicked"] == 1].set_index("user_id")["count"].reindex(users).fillna(0)
     _write_vocabularies(items, clicks, users, out_dir)
     warmstart.check_catalogue(cfg, storage.join(out_dir, "items.parquet"))
 

@@ -269,11 +269,10 @@ def run(bundle_path: str, cfg: ServeConfig, *, demo: bool = False) -> int:
     from . import bundle
 
     manifest = bundle.verify(bundle_path)  # fail before starting Ray, naming the bad files
+    _check_bindable(cfg.host, cfg.port)  # a clear error before Ray starts, not a failed deploy after
     way = ingress(cfg, lambda: _spare_port(cfg.host))
     if way.note:
         print(way.note, flush=True)
-    if not _port_free(cfg.host, cfg.port):  # direct ingress would silently take the next port
-        raise ConfigError(f"port {cfg.port} on {cfg.host} is in use: stop what holds it or pass --port")
     stop = threading.Event()
     saved = {k: os.environ.pop(k) for k in INGRESS_KNOBS if k in os.environ}
     os.environ.update(way.env)  # this local Ray's processes inherit them
@@ -322,16 +321,16 @@ def _spare_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _port_free(host: str, port: int) -> bool:
+def _check_bindable(host: str, port: int) -> None:
     import socket
 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind it
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as err:
+            raise ConfigError(f"cannot serve on {host}:{port} ({err.strerror or err}): stop what holds the port, "
+                              "or pass another --port / --host") from None
 
 
 def _short(answer: dict, width: int = 1500) -> str:
