@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
 # the default suite (7.5-9 min on 2 cores, fuzzing included); test-slow: the
-# fault-injection, kill-and-resume and warm-start runs (15.5 min, CI runs them too); test-cluster: the pipeline as a
-# submitted Ray job on its own head (~6.5 min)
+# fault-injection, kill-and-resume and warm-start runs and `serve deploy serve/config.yaml` (CI runs them too);
+# test-cluster: the pipeline as a submitted Ray job, and serve/config.yaml deployed, each on a head of its own
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)
 

@@ -100,7 +100,8 @@ def serving() -> str:
     c = 8 if 8 in r["levels"] else r["levels"][0]
     names = {"serve-student": "Serve, `distillery serve` default (direct ingress)",
              "serve-student-ray-defaults": "Serve, Ray's default path (Python proxy, access log)",
-             "serve-student-split": "Serve, split", "serve-student-direct": "Serve, direct ingress (scanned port)",
+             "serve-deploy": "Serve, `serve deploy serve/config.yaml` (HAProxy, as cluster.yaml starts Ray)",
+             "serve-student-split": "Serve, split (ingress and model apart, direct ingress)", "serve-student-direct": "Serve, direct ingress (scanned port)",
              "bare-student": "bare uvicorn, no Ray", "serve-teacher": "teacher, Serve (default)",
              "serve-teacher-ray-defaults": "teacher, Serve (Ray's default path)", "bare-teacher": "teacher, bare uvicorn"}
     endpoints = [e for e in ("recommend", "ctr", "intent", "healthz") if e in next(iter(r["results"].values()))]

@@ -8,6 +8,9 @@ Servers (`--servers`, each on a fresh local Ray; `SERVE_SERVERS` below):
 - serve-student: the Serve app as `distillery serve` runs it by default (`serving.ingress`: for one
   replica, Ray's direct ingress, the replica answering on the served port itself; Serve's
   per-request access log off);
+- serve-deploy: serve/config.yaml as `serve deploy` puts it on a cluster (its autoscaling, resources
+  and batching), on a local head started the way cluster.yaml starts one: RAY_SERVE_ENABLE_HA_PROXY=1,
+  so HAProxy on the served port in front of the replicas' own ports;
 - serve-student-ray-defaults: the same app on Ray's default path, Serve's Python proxy in front and
   its access log on (what this platform served before);
 - serve-student-split: the default with the model in its own deployment (ingress -> model);
@@ -311,7 +314,26 @@ RAY_SERVE_KNOBS = sorted({k for v in SERVE_SERVERS.values() for k in (v["env"] o
                          | {"RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY",
                             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
                             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"})
-DEFAULT_SERVERS = "bare-student,bare-teacher,serve-student,serve-student-ray-defaults,serve-student-split,serve-teacher"
+DEFAULT_SERVERS = ("bare-student,bare-teacher,serve-student,serve-deploy,serve-student-ray-defaults,serve-student-split,"
+                   "serve-teacher")
+
+
+def run_deployed(bundle_path: str, requests: dict, levels: list[int], seconds: float, repeats: int,
+                 endpoints: tuple[str, ...]) -> tuple[dict, dict]:
+    """serve/config.yaml through `serve deploy`, on a head of its own started with cluster.yaml's
+    environment (`local_cluster`): (results, that environment)."""
+    import tempfile
+
+    from local_cluster import cluster_yaml_env, local_serve_config, ray_head, serve_deploy
+
+    env, port = cluster_yaml_env(), free_port()
+    config = local_serve_config(os.path.abspath(bundle_path), port)
+    config["http_options"]["host"] = "127.0.0.1"  # one node: loopback is enough here
+    with tempfile.TemporaryDirectory() as tmp, ray_head(env) as (address, cli_env):
+        serve_deploy(address, cli_env, config, Path(tmp))
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, 240)
+        return measure("serve-deploy", base, requests, levels, seconds, repeats, endpoints), env
 
 
 def run_serve_server(kind: str, bundle_path: str, teacher_dir: str, requests: dict, levels: list[int], seconds: float,
@@ -362,7 +384,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each cell; the median of each number is kept")
     p.add_argument("--endpoints", default="recommend,ctr,intent,healthz", help="endpoints to load, comma-separated")
     p.add_argument("--servers", default=DEFAULT_SERVERS,
-                   help="servers to run, one after another: bare-student and bare-teacher (uvicorn, no Ray), and "
+                   help="servers to run, one after another: bare-student and bare-teacher (uvicorn, no Ray), "
+                        "serve-deploy (serve/config.yaml on a head started like cluster.yaml's), and "
                         "the Serve ones: " + ", ".join(SERVE_SERVERS) + " (serve-student is what `distillery serve` "
                         "runs; *-ray-defaults is Ray's default path, the Python proxy with its access log; knob-* "
                         "change one Ray Serve setting at a time from there)")
@@ -384,7 +407,7 @@ def main() -> int:
     levels = [int(c) for c in args.levels.split(",")]
     endpoints = tuple(args.endpoints.split(","))
     servers = args.servers.split(",")
-    unknown = [s for s in servers if s not in SERVE_SERVERS and s not in ("bare-student", "bare-teacher")]
+    unknown = [s for s in servers if s not in SERVE_SERVERS and s not in ("bare-student", "bare-teacher", "serve-deploy")]
     if unknown:
         p.error(f"unknown servers {unknown}")
     requests = make_requests(bundle_path, 512, seed=0)
@@ -403,6 +426,8 @@ def main() -> int:
             finally:
                 proc.terminate()
                 proc.wait(30)
+        elif kind == "serve-deploy":
+            results[kind], envs[kind] = run_deployed(bundle_path, requests, levels, args.seconds, args.repeats, endpoints)
         else:
             results[kind], envs[kind] = run_serve_server(kind, bundle_path, teacher_dir, requests, levels, args.seconds,
                                                          args.repeats, endpoints, args.batch_wait_ms)
@@ -425,10 +450,10 @@ def main() -> int:
                 if student in results and teacher in results:
                     row[f"{student}_over_{teacher}_throughput"] = (cell(student, endpoint)["throughput_rps"]
                                                                    / cell(teacher, endpoint)["throughput_rps"])
-            if "serve-student" in results and "serve-student-ray-defaults" in results:
-                row["serve-student_over_ray-defaults_throughput"] = (
-                    cell("serve-student", endpoint)["throughput_rps"]
-                    / cell("serve-student-ray-defaults", endpoint)["throughput_rps"])
+            for name in ("serve-student", "serve-deploy"):
+                if name in results and "serve-student-ray-defaults" in results:
+                    row[f"{name}_over_ray-defaults_throughput"] = (
+                        cell(name, endpoint)["throughput_rps"] / cell("serve-student-ray-defaults", endpoint)["throughput_rps"])
             row["errors"] = {name: cell(name, endpoint)["errors"] for name in results}
             summary[f"{endpoint}_c8"] = row
     out = {"bundle": bundle_path, "teacher": teacher_dir if any("teacher" in n for n in results) else None,

@@ -54,6 +54,23 @@ def test_transfer_texts_train_the_kd_student_only(labelled):
     assert distill.rows_for("student_no_kd", "ctr", table).num_rows == table.num_rows
 
 
+def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_group(prepared):
+    from distillery.student_model import Student
+
+    dc = prepared[0].distill.model_copy(update={"lr": 2e-3, "text_lr_scale": 5.0, "weight_decay": 0.1})
+    model = Student(vocab_size=50, n_items=10, n_categories=3, n_intents=4, item_category=torch.zeros(10),
+                    item_bag_ids=torch.tensor([3, 4]), item_bag_offsets=torch.zeros(10), dim=8, text_dim=4,
+                    ngram_buckets=16)
+    groups = distill.optimizer(model, dc).param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    [text] = [g for g in groups if any(p is model.text.weight for p in g["params"])]
+    assert len(text["params"]) == 1 and text["lr"] == pytest.approx(1e-2) and text["weight_decay"] == 0.0
+    [decayed] = [g for g in groups if g["weight_decay"] > 0]
+    assert decayed["lr"] == 2e-3 and any(p is model.intent_mlp[0].weight for p in decayed["params"])
+    assert all(p.ndim > 1 for p in decayed["params"])
+
+
 def test_combined_score_is_the_mean_ratio_to_the_teacher():
     teacher = {"recommendation": {"ndcg@10": 0.2}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.5}}
     student = {"recommendation": {"ndcg@10": 0.1}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.6}}

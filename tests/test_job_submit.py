@@ -3,65 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from local_cluster import RAY, ray_head  # noqa: E402
 
 
 @pytest.fixture
 def head():
-    """A Ray head of its own (its own ports and temp dir, so the test session's Ray is untouched),
-    run with --block and stopped by stopping that one process: only what this test started.
-    Yields the job API address."""
-    gcs, dash, client, agent_http, agent_grpc, metrics, runtime_env = _ports(7)
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # Ray 2.60 keeps token auth on: the CLI needs RAY_AUTH_MODE=token to use the cluster's token
-    # the job's `python` is the cluster's: here, this virtualenv's (on a real cluster, the image's)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert proc.poll() is None, f"ray start exited: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, "the head's job API did not come up"
-            time.sleep(2)
+    """A Ray head of its own, started as cluster.yaml starts one (`local_cluster.ray_head`)."""
+    with ray_head() as (address, env):
         yield address, env
-    finally:
-        proc.terminate()  # --block: SIGTERM stops this head's processes, and nothing else
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ pickle, and the defaults bind to loopback."""
 import ast
 
 import pytest
+import yaml
 
 from conftest import ROOT
 
@@ -54,5 +55,15 @@ def test_defaults_bind_to_loopback_and_ray_token_auth_is_not_turned_off():
     assert ServeConfig().host == "127.0.0.1"
     for path in [*CODE, ROOT / "Makefile", ROOT / "cluster.yaml", ROOT / "serve" / "config.yaml"]:
         assert "RAY_AUTH_MODE=disabled" not in path.read_text(), path
-    serve_cfg = (ROOT / "serve" / "config.yaml").read_text()
-    assert "host: 127.0.0.1" in serve_cfg
+
+
+def test_the_cluster_serve_port_is_open_inside_the_cluster_only():
+    """serve/config.yaml binds every interface (HAProxy on one node reaches replicas on the others),
+    so the network boundary is cluster.yaml's security group: from outside, SSH and nothing else."""
+    serve_cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert serve_cfg["http_options"]["host"] in ("127.0.0.1", "0.0.0.0")
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    assert all(not r["CidrIp"].startswith("0.0.0.0") for rule in rules for r in rule["IpRanges"])
+    assert all("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"] if "ray start" in c)

@@ -288,7 +288,7 @@ def test_serve_config_validates_against_ray_serves_schema_and_the_app_args():
     [app] = schema.applications
     assert app.import_path == "serve.app:app" and app.runtime_env["working_dir"].startswith("local://")
     assert AppArgs(**app.args).max_batch_size == 32
-    assert schema.http_options.host == "127.0.0.1"
+    assert schema.http_options.host == "0.0.0.0"  # HAProxy reaches other nodes' replicas (tests/test_security.py)
     model = next(d for d in app.deployments if d.name == "Endpoint")
     auto = model.autoscaling_config
     assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"] and auto["target_ongoing_requests"]

@@ -155,6 +155,18 @@ def combined_score(valid: dict, teacher_valid: dict) -> float:
     return float(np.mean(ratios)) if ratios else float("nan")
 
 
+def optimizer(student: torch.nn.Module, dc) -> torch.optim.AdamW:
+    """AdamW in three groups: weight matrices and embedding tables with decay; biases, norms and the
+    pooling query without; the text bag's table without decay and at `text_lr_scale` x the rate, as
+    its rare rows see few updates (and decay would pull them back to zero between them)."""
+    text = [p for n, p in student.named_parameters() if n.endswith("text.weight")]
+    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and not n.endswith("text.weight")]
+    rest = [p for n, p in student.named_parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": dc.weight_decay},
+                              {"params": rest, "weight_decay": 0.0},
+                              {"params": text, "weight_decay": 0.0, "lr": dc.lr * dc.text_lr_scale}], lr=dc.lr)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker function: one variant (student or student_no_kd)."""
     import ray.train
@@ -181,11 +193,7 @@ def train_loop(config: dict) -> None:
     elif variant == "student" and cfg.student.init_from_teacher:
         S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
     student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "text.weight" not in n]
-    rest = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "text.weight" not in n)]
-    # the text bag's rare rows see few updates: no weight decay pulling them back to zero
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": dc.weight_decay},
-                               {"params": rest, "weight_decay": 0.0}], lr=dc.lr)
+    optim = optimizer(student, dc)
     shares, steps = config["shares"], config["steps"]
     total = steps * dc.epochs
     sched = trainstate.warmup_linear(optim, total, dc.warmup_ratio)

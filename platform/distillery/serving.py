@@ -143,6 +143,7 @@ class Endpoint:
         return api.create_app(self.backend, max_body_bytes=self.max_body_bytes)
 
 
+# cluster.yaml puts the same variables on every `ray start` (tests/test_serve_deploy.py checks)
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Ray reads these when its processes start: they are set before `ray.init` and cleared between runs
 INGRESS_KNOBS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
