@@ -84,11 +84,13 @@ def deployed(tiny_bundle, tmp_path_factory):
 
 
 def _replica_pids() -> list[int]:
-    """Processes of this app's Endpoint replicas (Ray titles them ray::ServeReplica:APP:DEPLOYMENT)."""
+    """Processes of this deployment's Endpoint replicas: Ray titles them ray::ServeReplica:APP:DEPLOYMENT,
+    and only this test's have its API key in their environment (another Ray may serve an app of that name)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica:distillery:Endpoint"):
+            if (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica:distillery:Endpoint")
+                    and f"DISTILLERY_API_KEY={KEY}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
                 pids.append(int(pid))
         except OSError:
             continue
