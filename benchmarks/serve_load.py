@@ -39,7 +39,6 @@ import asyncio
 import json
 import os
 import platform as stdlib_platform
-import socket
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from distillery.serving import wait_ready  # noqa: E402
+from distillery.serving import INGRESS_KNOBS, spare_port, wait_ready  # noqa: E402
 
 ENDPOINTS = ("recommend", "ctr", "intent")
 
@@ -131,12 +130,6 @@ def default_bundle() -> str | None:
     """runs/office/bundle, else runs/demo/bundle, whichever exists first."""
     return next((str(ROOT / "runs" / r / "bundle") for r in ("office", "demo")
                  if (ROOT / "runs" / r / "bundle" / "manifest.json").exists()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bare_server(bundle_path: str, port: int, teacher_dir: str | None) -> None:
@@ -265,18 +258,19 @@ def plot(results: dict, levels: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    endpoints = [e for e in ENDPOINTS if e in next(iter(results.values()))]
+    endpoints = [e for e in (*ENDPOINTS, "healthz") if e in next(iter(results.values()))]
     fig, axes = plt.subplots(2, len(endpoints), figsize=(4.7 * len(endpoints), 7.5), squeeze=False)
     colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for j, endpoint in enumerate(endpoints):
+        route = "/healthz" if endpoint == "healthz" else f"/v1/{endpoint}"
         for name, res in results.items():
             rows, color = res[endpoint], colors[name]
             axes[0, j].plot(levels, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
             axes[0, j].plot(levels, [r["p99_ms"] for r in rows], "x--", color=color, alpha=0.5, label=f"{name} p99")
             axes[1, j].plot(levels, [r["throughput_rps"] for r in rows], "o-", color=color, label=name)
-        axes[0, j].set(title=f"/v1/{endpoint} latency", xlabel="concurrent clients", ylabel="ms", xscale="log",
+        axes[0, j].set(title=f"{route} latency", xlabel="concurrent clients", ylabel="ms", xscale="log",
                        yscale="log")
-        axes[1, j].set(title=f"/v1/{endpoint} throughput", xlabel="concurrent clients", ylabel="requests/s",
+        axes[1, j].set(title=f"{route} throughput", xlabel="concurrent clients", ylabel="requests/s",
                        xscale="log", yscale="log")
         for ax in axes[:, j]:
             ax.set_xticks(levels, [str(c) for c in levels])
@@ -290,7 +284,7 @@ def plot(results: dict, levels: list[int], path: Path) -> None:
 
 
 # name -> how the Serve app runs: `env` for its fresh local Ray (None: what `distillery serve` sets,
-# `serving.ingress_env`), Serve's access log, the topology, the model, and where the client connects
+# `serving.ingress`), Serve's access log, the topology, the model, and where the client connects
 # ("port": the app's port, through whatever ingress runs there; "replica": the replica's own port)
 SERVE_SERVERS = {
     "serve-student": dict(env=None),
@@ -310,10 +304,7 @@ SERVE_SERVERS = {
     "knob-throughput-optimized": dict(env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, access_log=True),
     "knob-haproxy": dict(env={"RAY_SERVE_ENABLE_HA_PROXY": "1"}, access_log=True),
 }
-RAY_SERVE_KNOBS = sorted({k for v in SERVE_SERVERS.values() for k in (v["env"] or {})}
-                         | {"RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY",
-                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
-                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"})
+RAY_SERVE_KNOBS = sorted({k for v in SERVE_SERVERS.values() for k in (v["env"] or {})} | set(INGRESS_KNOBS))
 DEFAULT_SERVERS = ("bare-student,bare-teacher,serve-student,serve-deploy,serve-student-ray-defaults,serve-student-split,"
                    "serve-teacher")
 
@@ -326,7 +317,7 @@ def run_deployed(bundle_path: str, requests: dict, levels: list[int], seconds: f
 
     from local_cluster import cluster_yaml_env, local_serve_config, ray_head, serve_deploy
 
-    env, port = cluster_yaml_env(), free_port()
+    env, port = cluster_yaml_env(), spare_port()
     config = local_serve_config(os.path.abspath(bundle_path), port)
     config["http_options"]["host"] = "127.0.0.1"  # one node: loopback is enough here
     with tempfile.TemporaryDirectory() as tmp, ray_head(env) as (address, cli_env):
@@ -349,8 +340,8 @@ def run_serve_server(kind: str, bundle_path: str, teacher_dir: str, requests: di
     from distillery.service import Service
 
     spec = SERVE_SERVERS[kind]
-    port = free_port()
-    way = ingress(ServeConfig(port=port), free_port) if spec["env"] is None else None
+    port = spare_port()
+    way = ingress(ServeConfig(port=port), spare_port) if spec["env"] is None else None
     if way is not None and way.note:
         print(way.note, flush=True)
     env = way.env if way is not None else spec["env"]
@@ -406,6 +397,9 @@ def main() -> int:
     teacher_dir = args.teacher or os.path.join(config.get("run_dir", ""), "teacher", "model")
     levels = [int(c) for c in args.levels.split(",")]
     endpoints = tuple(args.endpoints.split(","))
+    if set(endpoints) - {*ENDPOINTS, "healthz"}:
+        p.error(f"unknown endpoints {sorted(set(endpoints) - {*ENDPOINTS, 'healthz'})}: choose from "
+                f"{', '.join((*ENDPOINTS, 'healthz'))}")
     servers = args.servers.split(",")
     unknown = [s for s in servers if s not in SERVE_SERVERS and s not in ("bare-student", "bare-teacher", "serve-deploy")]
     if unknown:
@@ -416,7 +410,7 @@ def main() -> int:
 
     for kind in servers:
         if kind.startswith("bare-"):
-            port = free_port()
+            port = spare_port()
             teacher = ["--teacher", teacher_dir] if kind == "bare-teacher" else []
             proc = subprocess.Popen([sys.executable, __file__, "--bundle", bundle_path, "--bare", str(port), *teacher])
             try:

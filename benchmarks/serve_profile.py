@@ -95,16 +95,16 @@ def pids(pattern: str) -> list[int]:
 def profile_mode(mode: str, args, bundle_path: str, bodies: list[dict]) -> dict:
     import ray
     from ray import serve
-    from serve_load import closed_loop, free_port, replica_url
+    from serve_load import closed_loop, replica_url
 
-    from distillery.serving import APP_NAME, AppArgs, build_app, logging_config, wait_ready
+    from distillery.serving import APP_NAME, AppArgs, build_app, logging_config, spare_port, wait_ready
 
     for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
         os.environ.pop(k, None)
     os.environ.update(mode_env(mode))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        port = free_port()
+        port = spare_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config(args.serve_logs))
         serve.run(build_app(AppArgs(bundle=bundle_path, access_log=args.serve_logs)), name=APP_NAME, route_prefix="/",
                   blocking=False)

@@ -194,11 +194,9 @@ IDS = [f"sku-{i}" for i in range(len(TITLES))]
 
 def free_port() -> int:
     """A TCP port free on loopback now (for a server a test starts)."""
-    import socket
+    from distillery.serving import spare_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return spare_port()
 
 
 @pytest.fixture(scope="session")

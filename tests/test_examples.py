@@ -154,7 +154,7 @@ def test_item_text_uses_what_is_present_and_never_spells_a_missing_value(rows):
         for v in (brand, cat):
             if ex.text_or_none(v):
                 assert v in text
-    cov = _coverage(items, pd.Series(np.zeros(len(items), int)), pd.Series([1, 2, 3]))
+    cov = _coverage(items, texts, pd.Series(np.zeros(len(items), int)), pd.Series([1, 2, 3]))
     assert cov["items_without"]["text"] == sum(t == "" for t in texts)
     assert cov["items_without"]["category"] == sum(ex.text_or_none(c) is None for c in items["category"])
     assert cov["items_without"]["price"] == len(items) and cov["items_never_clicked"] == len(items)

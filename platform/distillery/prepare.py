@@ -170,16 +170,15 @@ def _item_text(items: pd.DataFrame) -> list[str]:
     return out
 
 
-def _coverage(items: pd.DataFrame, clicks: pd.Series, user_clicks: pd.Series) -> dict:
+def _coverage(items: pd.DataFrame, item_text: list[str], clicks: pd.Series, user_clicks: pd.Series) -> dict:
     """What the catalogue and the log lack, counted: each is a row kept with a documented meaning
     (README "Missing values"), not a reject."""
     def missing(column: str) -> int:
         return int(sum(ex.text_or_none(v) is None for v in items[column]))
-    text = _item_text(items)
     return {
         "items_without": {c: missing(c) for c in ("title", "category", "brand", "description")}
         | {"price": int(pd.to_numeric(items["price"], errors="coerce").isna().sum()),
-           "text": int(sum(t == "" for t in text))},
+           "text": int(sum(t == "" for t in item_text))},
         "items_never_clicked": int((clicks.to_numpy() == 0).sum()),
         "users_without_examples": int((user_clicks < 2).sum()),
         "users_with_test_example_only": int((user_clicks == 2).sum()),
@@ -256,7 +255,8 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     per_user = _counts(inter, ["user_id", "clicked"])
     users = sorted(set(per_user["user_id"]))
     user_clicks = per_user[per_user["clicked"] == 1].set_index("user_id")["count"].reindex(users).fillna(0)
-    _write_vocabularies(items, clicks, users, out_dir)
+    item_text = _item_text(items)
+    _write_vocabularies(items, item_text, clicks, users, out_dir)
     warmstart.check_catalogue(cfg, storage.join(out_dir, "items.parquet"))
 
     examples_dir = storage.join(out_dir, "examples")
@@ -269,7 +269,7 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
         counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, data_cfg,
                                                          examples_dir, out_dir)
 
-    coverage = _coverage(items, clicks, user_clicks)
+    coverage = _coverage(items, item_text, clicks, user_clicks)
     _print_coverage(coverage, len(items), len(users), intent_info)
     n_rejects = int(summary["rows"].sum())
     return {
@@ -313,14 +313,15 @@ def _quarantine(tables: dict, item_rejects: pd.DataFrame, n_items_in: int, cfg: 
     return summary, input_rows
 
 
-def _write_vocabularies(items: pd.DataFrame, clicks: pd.Series, users: list[str], out_dir: str) -> None:
+def _write_vocabularies(items: pd.DataFrame, item_text: list[str], clicks: pd.Series, users: list[str],
+                        out_dir: str) -> None:
     categories = ex.RESERVED + sorted({c for c in items["category"] if isinstance(c, str)})
     cat_index = {c: i for i, c in enumerate(categories)}
     catalogue = pd.DataFrame({
         "idx": np.arange(len(items), dtype=np.int32) + len(ex.RESERVED),
         "item_id": items["item_id"], "title": items["title"], "brand": items["brand"],
         "category": items["category"], "category_idx": [cat_index.get(c, ex.UNK) for c in items["category"]],
-        "text": _item_text(items), "clicks": clicks.to_numpy(), "price": items["price"],
+        "text": item_text, "clicks": clicks.to_numpy(), "price": items["price"],
     })
     _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), storage.join(out_dir, "items.parquet"))
     storage.write_json(storage.join(out_dir, "vocab", "categories.json"), categories)

@@ -271,7 +271,7 @@ def run(bundle_path: str, cfg: ServeConfig, *, demo: bool = False) -> int:
 
     manifest = bundle.verify(bundle_path)  # fail before starting Ray, naming the bad files
     _check_bindable(cfg.host, cfg.port)  # a clear error before Ray starts, not a failed deploy after
-    way = ingress(cfg, lambda: _spare_port(cfg.host))
+    way = ingress(cfg, lambda: spare_port(cfg.host))
     if way.note:
         print(way.note, flush=True)
     stop = threading.Event()
@@ -314,7 +314,8 @@ def run(bundle_path: str, cfg: ServeConfig, *, demo: bool = False) -> int:
         os.environ.update(saved)
 
 
-def _spare_port(host: str) -> int:
+def spare_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (Serve's proxy beside direct ingress; the benchmarks' and tests' servers)."""
     import socket
 
     with socket.socket() as sock:
