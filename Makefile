@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/labeling.py
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/tune_compress.py
+	$(BIN)/python benchmarks/compress.py 'compress.unit_keep=[0.75,0.5]' compress.latency_requests=300
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/warm_start.py
 	$(BIN)/python benchmarks/reliability.py

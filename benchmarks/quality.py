@@ -24,7 +24,6 @@ Targets (issue 19), test split, means over seeds:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform as stdlib_platform
@@ -37,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+import office  # noqa: E402  (benchmarks/office.py)
 from distillery import runner, storage  # noqa: E402
-from distillery.config import load_config  # noqa: E402
 from distillery.teacher import SCORE_METRIC  # noqa: E402
 
 MODELS = ("teacher", "student", "student_no_kd")
@@ -127,25 +126,15 @@ def summarize(per_seed: dict, tasks: list[str]) -> tuple[dict, dict]:
 
 
 def main() -> int:
-    default_data = Path(os.environ.get("DISTILLERY_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(default_data / "amazon14_office_products_lcrec"),
-                   help="folder with interactions.parquet and items.parquet (LC-Rec Office in the native contract)")
-    p.add_argument("--config", default=str(ROOT / "configs" / "amazon.yaml"), help="run config")
+    p = office.parser(__doc__, work=str(ROOT / "runs" / "office"),
+                      work_help="folder of the run directories (kept: finished stages are reused when the "
+                                "benchmark is run again)", out="quality_office.json")
     p.add_argument("--seeds", default="0,1,2", help="model seeds, comma-separated")
-    p.add_argument("--work", default=str(ROOT / "runs" / "office"), help="folder of the run directories (kept: "
-                   "finished stages are reused when the benchmark is run again)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_office.json"), help="results JSON")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()
-    data = Path(args.data)
-    if not (data / "interactions.parquet").exists():
-        print(f"no Office data at {data}: pass --data or set DISTILLERY_SHARED_DATA")
-        return 2
     work = Path(args.work).resolve()
-    cfg = load_config(args.config, [f"data.interactions={data / 'interactions.parquet'}",
-                                     f"data.items={data / 'items.parquet'}", f"run_dir={work / 'data'}",
-                                     *args.overrides])
+    cfg = office.config(args, work / "data")
+    if cfg is None:
+        return 2
     runner.init_ray()
     t0 = time.perf_counter()
     runner.run(cfg, ["prepare"])
@@ -155,7 +144,7 @@ def main() -> int:
         per_seed[seed] = run_seed(cfg, work, seed)
         tasks = [t for t in SCORE_METRIC if t in per_seed[seeds[0]]["test"]["teacher"]]
         summary, checks = summarize(per_seed, tasks)
-        result = {"data": str(data), "seeds": list(per_seed), "seeds_requested": seeds, "config": str(args.config),
+        result = {"data": args.data, "seeds": list(per_seed), "seeds_requested": seeds, "config": str(args.config),
                   "overrides": args.overrides, "summary": summary, **checks, "per_seed": per_seed,
                   "seconds": round(time.perf_counter() - t0, 1),
                   "machine": {"cpus": os.cpu_count(), "platform": stdlib_platform.platform()}}

@@ -20,10 +20,10 @@ def test_every_config_starts_with_the_command_that_runs_it():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["data.synthetic.users=42", "teacher.use_gpu=true", "compress.sparsities=[0.1, 0.2]",
+    cfg = load_config(None, ["data.synthetic.users=42", "teacher.use_gpu=true", "compress.unit_keep=[0.1, 0.2]",
                              "run_dir=/tmp/x"])
     assert cfg.data.synthetic.users == 42 and cfg.teacher.use_gpu is True
-    assert cfg.compress.sparsities == [0.1, 0.2] and cfg.run_dir == "/tmp/x"
+    assert cfg.compress.unit_keep == [0.1, 0.2] and cfg.run_dir == "/tmp/x"
 
 
 def test_unknown_key_names_the_key_and_suggests():

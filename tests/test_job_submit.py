@@ -37,7 +37,7 @@ def test_the_pipeline_runs_as_one_submitted_job(head, tiny_bert, tmp_path):
         "student.dim=16", "student.text_dim=8", "student.ngram_buckets=512",
         "distill.epochs=1", "distill.steps_per_epoch=4", "distill.batch_size=64",
         "tune.num_samples=2", "tune.epochs=1", "tune.grace_period=1",
-        "compress.sparsities=[0.5]", "compress.finetune_steps=5", "report.latency_requests=10"]
+        "compress.unit_keep=[0.5]", "compress.finetune_steps=5", "compress.latency_requests=10", "report.latency_requests=10"]
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait", "--",
          "python", "jobs/pipeline.py", "--config", "configs/demo.yaml", *overrides],

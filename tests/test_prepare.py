@@ -1,12 +1,13 @@
 """The prepare stage end to end on a local Ray: outputs, manifest, skip/force, leakage, quarantine."""
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from distillery import runner
+from distillery import prepare, runner
 from distillery.errors import DataError, StageError
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
@@ -83,6 +84,21 @@ def test_rerun_skips_and_force_redoes(prepared, capsys):
     assert runner.run(hot, ["prepare"])["prepare"]["created"] == m["created"]
     forced = runner.run(cfg, ["prepare"], force=True)["prepare"]
     assert forced["examples"] == m["examples"] and forced["counts"] == m["counts"]  # deterministic
+
+
+def test_the_same_files_by_a_relative_or_an_absolute_path_are_one_input(prepared, tmp_path, monkeypatch, capsys):
+    cfg, run_dir, _ = prepared
+    data = Path(prepare.synthetic_dir(cfg))
+    files = {k: data / f"{k}.parquet" for k in ("items", "interactions", "reviews")}
+    native = cfg.model_copy(update={"run_dir": str(tmp_path / "run"), "data": cfg.data.model_copy(
+        update={"format": "native", **{k: str(v) for k, v in files.items()}})})
+    first = runner.run(native, ["prepare"])["prepare"]
+    monkeypatch.chdir(data.parent)
+    relative = native.model_copy(update={"data": native.data.model_copy(
+        update={k: os.path.relpath(v) for k, v in files.items()})})
+    assert not relative.data.items.startswith("/")
+    assert runner.run(relative, ["prepare"])["prepare"]["created"] == first["created"]
+    assert "up to date" in capsys.readouterr().out
 
 
 def test_stage_names_are_checked():

@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distillery import bundle, cli, compress, quant, runner, tune
 from distillery.config import load_config
@@ -17,7 +19,7 @@ from distillery.errors import ConfigError
     ("tune.space.alpha.high=1.5", "alpha must lie in [0, 1]"),
     ("tune.space.dim=[]", "dim must be a non-empty list"),
     ("tune.space.lr.low=0.1", "low (0.1) must be below high (0.01)"),
-    ("compress.sparsities=[0.5,1.0]", "sparsities must lie strictly between 0 and 1"),
+    ("compress.unit_keep=[0.5,1.0]", "unit_keep fractions must lie strictly between 0 and 1"),
 ])
 def test_an_invalid_search_space_fails_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
@@ -73,8 +75,8 @@ def test_quantized_state_round_trips_and_leaves_other_tensors_alone():
     state = {"emb.weight": torch.randn(10, 8), "lin.bias": torch.randn(8), "narrow.weight": torch.randn(10, 1),
              "ids": torch.arange(5)}
     q = quant.quantize_state(state)
-    assert set(q) == {"emb.weight.q8", "emb.weight.scale", "emb.weight.min", "lin.bias", "narrow.weight", "ids.i32"}
-    assert q["ids.i32"].dtype == torch.int32 and back_dtype_is_int64(q)
+    assert set(q) == {"emb.weight.q8", "emb.weight.scale", "emb.weight.min", "lin.bias", "narrow.weight", "ids.i8"}
+    assert q["ids.i8"].dtype == torch.int8 and back_dtype_is_int64(q)
     assert quant.is_quantized(q) and not quant.is_quantized(state)
     back = quant.dequantize_state(q)
     assert set(back) == set(state) and torch.equal(back["ids"], state["ids"])
@@ -86,15 +88,21 @@ def back_dtype_is_int64(q):
 
 
 # ------------------------------------------------------------------------------ pruning, choice
-def test_global_magnitude_pruning_zeroes_the_smallest_weights_across_layers():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    with torch.no_grad():
-        net[0].weight.copy_(torch.arange(16.0).reshape(4, 4) + 1)      # 1..16
-        net[1].weight.copy_(torch.arange(8.0).reshape(2, 4) * 0.1)     # 0..0.7: all smaller
-    masks = compress.prune_masks(net, 0.5)
-    compress.apply_masks(net, masks)
-    assert (net[1].weight == 0).all() and int((net[0].weight == 0).sum()) == 4  # 12 of 24 zeroed, globally
-    assert (net[0].weight.flatten()[4:] != 0).all() and net[0].bias.abs().sum() > 0  # biases untouched
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.integers(-(2 ** 40), 2 ** 40), max_size=20))
+def test_integer_buffers_take_the_narrowest_type_that_holds_them_and_come_back_exact(values):
+    t = torch.tensor(values, dtype=torch.long)
+    (name, stored), = quant.narrow_ints({"ids": t}).items()
+    top = max((abs(v) for v in values), default=0)
+    want = next((d for d in (torch.int8, torch.int16, torch.int32) if top <= torch.iinfo(d).max), torch.int64)
+    assert stored.dtype == want and name == ("ids" if want == torch.int64 else f"ids.i{torch.iinfo(want).bits}")
+    back = quant.dequantize_state({name: stored})["ids"]
+    assert back.dtype == torch.long and torch.equal(back, t)
+
+
+def test_a_budget_per_task_overrides_the_default_one():
+    cc = load_config(None, ["compress.max_relative_drop=0.01", "compress.task_budgets={intent: 0.03}"]).compress
+    assert (cc.budget("intent"), cc.budget("ctr")) == (0.03, 0.01)
 
 
 def test_the_smallest_variant_within_budget_is_kept():
@@ -103,9 +111,9 @@ def test_the_smallest_variant_within_budget_is_kept():
     assert drops == pytest.approx({"ctr": 0.0125, "intent": -0.02})
     v = [{"name": "student", "bytes": 400, "drops": {"ctr": 0.0}, "within_budget": True},
          {"name": "student_int8", "bytes": 100, "drops": {"ctr": 0.008}, "within_budget": True},
-         {"name": "student_pruned50_int8", "bytes": 100, "drops": {"ctr": 0.004}, "within_budget": True},
-         {"name": "student_pruned90_int8", "bytes": 90, "drops": {"ctr": 0.2}, "within_budget": False}]
-    assert compress.choose(v, 0.01)["name"] == "student_pruned50_int8"
+         {"name": "student_units50_int8", "bytes": 100, "drops": {"ctr": 0.004}, "within_budget": True},
+         {"name": "student_units10_int8", "bytes": 90, "drops": {"ctr": 0.2}, "within_budget": False}]
+    assert compress.choose(v)["name"] == "student_units50_int8"
 
 
 # ------------------------------------------------------------------------------ bundle
@@ -149,11 +157,12 @@ def test_a_flipped_byte_a_missing_file_or_an_added_one_is_refused(a_bundle, caps
 # ------------------------------------------------------------------------------ the stages
 def _small(cfg):
     return cfg.model_copy(update={
-        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
+        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 16, "ngram_buckets": 512}),
         "distill": cfg.distill.model_copy(update={"epochs": 2, "steps_per_epoch": 4, "batch_size": 64,
                                                   "cpus_per_worker": 1.0}),
         "tune": cfg.tune.model_copy(update={"num_samples": 3, "epochs": 2, "grace_period": 1}),
-        "compress": cfg.compress.model_copy(update={"sparsities": [0.5], "finetune_steps": 5, "max_relative_drop": 1.0}),
+        "compress": cfg.compress.model_copy(update={"unit_keep": [0.5], "finetune_steps": 5, "max_relative_drop": 1.0,
+                                                    "latency_requests": 10}),
         "report": cfg.report.model_copy(update={"latency_requests": 10})})
 
 
@@ -179,14 +188,22 @@ def test_sweep_compress_bundle_and_report_end_to_end(labelled, capfd, monkeypatc
 
     c = runner.run(cfg, ["compress"])["compress"]
     variants = json.loads((run_dir / "compress" / "variants.json").read_text())
-    assert [v["name"] for v in variants] == ["student", "student_pruned50", "student_int8", "student_pruned50_int8"]
+    names = ["student", "student_compact", "student_units50"]
+    assert [v["name"] for v in variants] == names + [n + "_int8" for n in names]
+    v = {r["name"]: r for r in variants}
     assert variants[0]["drops"] == {t: 0.0 for t in variants[0]["drops"]}
-    assert variants[2]["bytes"] < variants[0]["bytes"] / 2
-    assert variants[1]["nonzero_2d_weights"] < 0.55 * variants[0]["nonzero_2d_weights"]
-    assert c["chosen"].endswith("_int8")  # the smallest, with the budget opened wide
+    assert v["student_compact"]["shape"]["item_text"] is False and v["student_compact"]["shape"]["text_rows_kept"] > 0
+    assert v["student_units50"]["shape"]["text_dim"] == 8 and v["student_units50"]["params"] < v["student_compact"]["params"]
+    assert v["student_compact"]["params"] < v["student"]["params"]
+    for r in variants[1:]:  # each is smaller than the one it is made from
+        assert r["bytes"] < v[r["parent"]]["bytes"] and r["smaller_or_faster"], r["name"]
+        assert r["p50_ms"] > 0 and r["throughput_b256"] > 0
+    assert v["student_int8"]["bytes"] < v["student"]["bytes"] / 2
+    assert c["chosen"] == "student_units50_int8"  # the smallest, with the budget opened wide
     assert cli.main(["verify", str(run_dir / "bundle")]) == 0
     config = json.loads((run_dir / "bundle" / "config.json").read_text())
     assert config["weights"] == "int8-rowwise" and config["variant"] == c["chosen"]
+    assert config["text_dim"] == 8 and config["item_text"] is False and config["student_dir"].endswith("model")
 
     runner.run(cfg, ["report"])
     rep = json.loads((run_dir / "report" / "report.json").read_text())

@@ -87,7 +87,7 @@ def _content(run_dir: Path, task: str) -> pd.DataFrame:
 def windows(tmp_path_factory, tiny_bert, ray_local):
     """An earlier run over window 1 (prepare, an untrained tiny teacher, labels, a bundle) and the
     files of window 2: the same catalogue and the clicks of window 1 plus later ones."""
-    from distillery import bundle, teacher
+    from distillery import bundle, quant, shrink, teacher
     from distillery import student as S
     from distillery.config import SyntheticConfig
     from distillery.data import synthetic
@@ -129,14 +129,20 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
                                          "valid": {"recommendation": {"ndcg@10": 0.0}}}]})
     storage.write_json(str(tmp / "old" / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     runner.run(old, ["label"])
-    # the earlier student's bundle, as the compress stage writes it
+    # the earlier student's bundle, as the compress stage writes it: compact (vocabulary pruned, item
+    # text folded), 8-bit, naming the uncompressed student it was made from
     smeta = S.student_meta(old, str(tmp / "old" / "prepare"), tok)
     student = S.build_for_run(smeta, str(tmp / "old" / "prepare"), tok)
+    student_dir = tmp / "old" / "distill" / "student" / "model"
+    S.save(student, tok, smeta, str(student_dir))
+    compact, cmeta = shrink.prune_vocabulary(student, smeta, shrink.token_counts(smeta, [student.item_bag_ids]))
+    compact, cmeta = shrink.fold_item_text(compact, cmeta)
     items = pq.read_table(tmp / "old" / "prepare" / "items.parquet",
                           columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
-    bundle.write(str(tmp / "old" / "bundle"), state=student.state_dict(), tokenizer=tok, items=items, metrics={},
-                 config={**smeta, "weights": "float32", "sparsity": 0.0, "variant": "student", "source": "distill",
-                         "run_dir": str(tmp / "old")})
+    bundle.write(str(tmp / "old" / "bundle"), state=quant.quantize_state(compact.state_dict()), tokenizer=tok,
+                 items=items, metrics={},
+                 config={**cmeta, "weights": "int8-rowwise", "variant": "student_compact_int8", "source": "distill",
+                         "run_dir": str(tmp / "old"), "student_dir": str(student_dir)})
     return tmp, config
 
 
@@ -183,7 +189,8 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
     assert "reused from" in out
 
     # the student: started from the bundle (the baseline did not), compared with it on the new window
-    start = load_file(str(bundle_dir / "model.safetensors"))
+    assert json.loads((bundle_dir / "config.json").read_text())["item_text"] is False  # a compact bundle
+    start = load_file(str(tmp / "old" / "distill" / "student" / "model" / "model.safetensors"))
     kd = load_file(str(tmp / "new" / "distill" / "student" / "model" / "model.safetensors"))
     no_kd = load_file(str(tmp / "new" / "distill" / "student_no_kd" / "model" / "model.safetensors"))
     assert torch.allclose(kd["item.weight"], start["item.weight"], atol=1e-5)

@@ -127,11 +127,7 @@ def load(path: str) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(local)
         items = pd.read_parquet(os.path.join(local, "items.parquet"))
         metrics = json.load(open(os.path.join(local, "metrics.json")))
-    model = S.build(config)
-    for name in ("item_bag_ids", "item_bag_offsets", "item_category"):
-        setattr(model, name, torch.empty_like(state[name]))
-    model.load_state_dict(state)
-    return Loaded(model.eval(), tokenizer, config, items, manifest, metrics)
+    return Loaded(S.from_state(config, state).eval(), tokenizer, config, items, manifest, metrics)
 
 
 def export(run_dir: str, out: str) -> dict:

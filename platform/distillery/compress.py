@@ -1,21 +1,25 @@
-"""The `compress` stage: prune and 8-bit-quantize the winning student, keep the smallest variant that
-stays within `compress.max_relative_drop` of it on every task, and write the bundle.
+"""The `compress` stage: variants of the winning student, each smaller or faster than the one it is
+made from, measured side by side; the smallest within every task's budget is bundled.
 
 The winner is the tune stage's best student when that stage ran, else the distill stage's.
-Variants, each evaluated on the validation split:
-- `student`: the winner as it is (float32);
-- `student_int8`: its 2-D weights stored 8-bit row-wise (`quant.py`);
-- `student_prunedNN`: global magnitude pruning of NN% of all 2-D weights (embeddings and Linear
-  layers ranked together), then `compress.finetune_steps` steps of the same distillation loss with
-  the pruned weights held at zero;
-- `student_prunedNN_int8`: that, 8-bit.
-The kept variant is the smallest file among those within budget (ties: the smaller drop). Pruned
-weights are stored densely (safetensors has no sparse layout), so pruning alone shrinks nothing on
-disk; it is tried because 8-bit codes of a pruned model lose less when rows are mostly zero.
+Variants (`shrink.py` does the surgery), each evaluated on the validation split:
+- `student`: the winner as it is (float32, item text bags as int64 token ids);
+- `student_compact`: the text table cut to the rows the catalogue and the training texts use
+  (`compress.vocab_min_count`, `vocab_reserve`), the item text folded into the item rows (no
+  bags), integer buffers in the narrowest type. No training: exact wherever a text's pieces were kept;
+- `student_unitsNN` (from compact): NN% of the MLPs' hidden units and of the text table's columns
+  kept, then `compress.finetune_steps` steps of the same distillation loss;
+- `..._int8` of each: 2-D weights stored 8-bit row-wise (`quant.py`). Served dequantized: the
+  4x smaller file is what it buys, not speed (torch's int8 kernels measured slower at these widths).
 
-Outputs: RUN_DIR/compress/variants.json (every variant: size, non-zero weights, validation metrics,
-drops), RUN_DIR/compress/metrics.json (the kept variant's validation and test metrics), and
-RUN_DIR/bundle/ (`bundle.py`).
+Every variant's size, parameters, batch-1 p50 and batch-256 throughput (`report.measure_latency`,
+interleaved in one run) and its change on each task (validation, which the choice reads, and test,
+reported only) are in RUN_DIR/compress/variants.json, with its parent and whether it is smaller or
+faster than that parent. Unstructured magnitude pruning was
+removed: zeroed weights stored and multiplied densely shrank nothing.
+
+Outputs: variants.json, RUN_DIR/compress/metrics.json (the kept variant's validation and test
+metrics) and RUN_DIR/bundle/ (`bundle.py`).
 """
 from __future__ import annotations
 
@@ -23,36 +27,15 @@ import math
 
 import torch
 
-from . import bundle, distill, evaluation, quant, storage, trainstate
+from . import bundle, distill, evaluation, quant, shrink, storage, trainstate
 from . import student as S
 from .config import RunConfig
 from .progress import say
 from .teacher import SCORE_METRIC
 
 
-def prune_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
-    """{parameter name: 0/1 mask} zeroing the `sparsity` fraction of smallest-magnitude entries
-    over all 2-D float parameters together (global magnitude pruning)."""
-    params = {n: p for n, p in model.named_parameters() if p.ndim == 2}
-    flat = torch.cat([p.detach().abs().flatten() for p in params.values()])
-    k = int(sparsity * flat.numel())
-    if k < 1:
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
-    threshold = flat.kthvalue(k).values
-    return {n: p.detach().abs() > threshold for n, p in params.items()}
-
-
-def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in masks:
-                p.mul_(masks[n])
-
-
-def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int,
-             masks: dict[str, torch.Tensor], seed: int) -> float:
-    """`steps` steps of the distillation loss, pruned weights put back to zero after each; returns
-    the mean loss of the last 10 steps."""
+def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:
+    """`steps` steps of the distillation loss; returns the mean loss of the last 10 steps."""
     loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True)
     optim = torch.optim.AdamW(model.parameters(), lr=loss_cfg.distill.lr * 0.3, weight_decay=0.0)
     sched = trainstate.warmup_linear(optim, max(steps, 1), 0.0)
@@ -69,7 +52,6 @@ def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: d
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
-        apply_masks(model, masks)
         tail = (tail + [float(loss.detach())])[-10:]
     model.eval()
     return sum(tail) / len(tail) if tail else float("nan")
@@ -87,55 +69,90 @@ def relative_drops(valid: dict, base: dict) -> dict[str, float]:
             if t in base and t in valid and base[t][m]}
 
 
-def choose(variants: list[dict], max_drop: float) -> dict:
-    """The smallest variant within `max_drop` on every task (ties: the smaller worst drop)."""
+def choose(variants: list[dict]) -> dict:
+    """The smallest variant within budget on every task (ties: the smaller worst drop)."""
     ok = [v for v in variants if v["within_budget"]]
     return min(ok, key=lambda v: (v["bytes"], max(v["drops"].values(), default=0.0)))
 
 
+def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, meta: dict) -> list[dict]:
+    """[{name, parent, model, meta, state}]: every variant with the state dict it is stored as."""
+    cc = cfg.compress
+    data = {t: distill.TASKS[t].tensors(tb, meta) for t, tb in inp.tables.items()}
+    out = [{"name": "student", "parent": None, "model": base, "meta": meta, "state": base.state_dict()}]
+    model, m = base, meta
+    if cc.vocab_min_count:
+        bags = [base.item_bag_ids] + ([data["intent"]["bag_values"]] if "intent" in data else [])
+        model, m = shrink.prune_vocabulary(model, m, shrink.token_counts(meta, bags), min_count=cc.vocab_min_count,
+                                           reserve=cc.vocab_reserve)
+        say(f"[compress] vocabulary: {m['text_rows_kept']:,} of {meta['vocab_size'] + meta['ngram_buckets']:,} "
+            f"text-table rows used by the catalogue and the training texts kept")
+    model, m = shrink.fold_item_text(model, m)
+    out.append({"name": "student_compact", "parent": "student", "model": model, "meta": m,
+                "state": quant.narrow_ints(model.state_dict())})
+    for keep in cc.unit_keep:
+        pruned, pm = shrink.prune_units(model, m, keep)
+        loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed)
+        say(f"[compress] kept {keep:.0%} of the hidden units and text columns ({shrink.params(pruned):,} parameters), "
+            f"fine-tuned {cc.finetune_steps} steps (loss {loss:.4f})")
+        out.append({"name": f"student_units{round(keep * 100)}", "parent": "student_compact", "model": pruned,
+                    "meta": pm, "state": quant.narrow_ints(pruned.state_dict())})
+    if cc.int8:
+        for v in list(out):
+            state = quant.quantize_state(v["state"])
+            out.append({**v, "name": v["name"] + "_int8", "parent": v["name"], "state": state,
+                        "model": S.from_state(v["meta"], quant.dequantize_state(state)).eval()})
+    return out
+
+
 def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: str, threads: int) -> dict:
-    """The stage's compute, run as one Ray task: every variant built and evaluated."""
+    """The stage's compute, run as one Ray task: every variant built, evaluated and timed."""
+    from . import report
+
     torch.set_num_threads(threads)
     base, tok, meta = S.load(model_dir)
     cc = cfg.compress
-    evaluate = lambda m: evaluation.evaluate(S.predictors(m, tok, meta, inp.tasks), inp.prepare_dir, "valid",  # noqa: E731
-                                             n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
-    data = {t: distill.TASKS[t].tensors(tb, meta) for t, tb in inp.tables.items()}
-    fp32 = {k: v.clone() for k, v in base.state_dict().items()}
-    candidates = [("student", 0.0, fp32)]
-    for s in cc.sparsities:
-        model = S.load(model_dir)[0]
-        masks = prune_masks(model, s)
-        apply_masks(model, masks)
-        loss = finetune(model, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, masks, cfg.seed)
-        say(f"[compress] pruned {s:.0%} of the weights, fine-tuned {cc.finetune_steps} steps (loss {loss:.4f})")
-        candidates.append((f"student_pruned{round(s * 100)}", s, {k: v.clone() for k, v in model.state_dict().items()}))
-    if cc.int8:
-        candidates += [(f"{name}_int8", s, quant.quantize_state(st)) for name, s, st in list(candidates)]
+    candidates = _variants(cfg, loss_cfg, inp, base, meta)
 
-    variants, base_valid = [], None
-    for name, sparsity, state in candidates:
-        model = S.load(model_dir)[0]
-        model.load_state_dict(quant.dequantize_state(state))
-        valid = evaluate(model.eval())
-        base_valid = base_valid or valid
-        drops = relative_drops(valid, base_valid)
-        nonzero = sum(int((p != 0).sum()) for n, p in model.named_parameters() if p.ndim == 2)
-        variants.append({"name": name, "sparsity": sparsity, "int8": quant.is_quantized(state), "bytes": _bytes(state),
-                         "nonzero_2d_weights": nonzero, "valid": valid, "drops": drops,
-                         "within_budget": all(d <= cc.max_relative_drop for d in drops.values())})
+    def evaluate(v, split):
+        return evaluation.evaluate(S.predictors(v["model"], tok, v["meta"], inp.tasks), inp.prepare_dir, split,
+                                   n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
+
+    say(f"[compress] timing {len(candidates)} variants on one CPU thread ({cc.latency_requests} requests each, "
+        "interleaved)")
+    speed = report.measure_latency({v["name"]: report.student_server(v["model"], tok, v["meta"]) for v in candidates},
+                                   report._requests(inp.prepare_dir, inp.tasks, cc.latency_requests, cfg.seed),
+                                   repeats_256=25)  # the median of 25 batches (~20 ms each): one is too noisy to rank variants
+    variants, by_name = [], {}
+    for v in candidates:
+        valid, test = evaluate(v, "valid"), evaluate(v, "test")  # test only reported: the choice reads valid
+        drops = relative_drops(valid, variants[0]["valid"] if variants else valid)
+        row = {"name": v["name"], "parent": v["parent"], "int8": quant.is_quantized(v["state"]),
+               "bytes": _bytes(v["state"]), "params": shrink.params(v["model"]),
+               "shape": {k: v["meta"].get(k) for k in ("text_dim", "text_rows_kept", "ctr_hidden", "intent_hidden",
+                                                       "item_text")},
+               "p50_ms": speed[v["name"]]["cpu_latency_ms"]["p50"],
+               "throughput_b256": speed[v["name"]]["cpu_throughput"]["batch256"],
+               "valid": valid, "drops": drops,
+               "test": test, "test_drops": relative_drops(test, variants[0]["test"] if variants else test),
+               "budgets": {t: cc.budget(t) for t in drops},
+               "within_budget": all(d <= cc.budget(t) for t, d in drops.items())}
+        parent = by_name.get(v["parent"])
+        if parent:
+            row["vs_parent"] = {"bytes": parent["bytes"] / row["bytes"], "p50": parent["p50_ms"] / row["p50_ms"],
+                                "throughput_b256": row["throughput_b256"] / parent["throughput_b256"]}
+            row["smaller_or_faster"] = row["bytes"] < parent["bytes"] or row["throughput_b256"] > parent["throughput_b256"]
+        variants.append(row)
+        by_name[row["name"]] = row
         # no relative drop where the uncompressed score is 0 (an untrained or degenerate task)
         line = "  ".join(f"{t}={valid[t][m]:.4f}" + (f" ({-drops[t]:+.2%})" if t in drops else "")
                          for t, m in SCORE_METRIC.items() if t in valid)
-        say(f"[compress] {name:<24} {variants[-1]['bytes'] / 1e6:6.2f} MB  {line}"
-            f"{'' if variants[-1]['within_budget'] else '  (over budget)'}")
-    chosen = choose(variants, cc.max_relative_drop)
-    state = dict(next(st for name, _, st in candidates if name == chosen["name"]))
-    model = S.load(model_dir)[0]
-    model.load_state_dict(quant.dequantize_state(state))
-    test = evaluation.evaluate(S.predictors(model.eval(), tok, meta, inp.tasks), inp.prepare_dir, "test",
-                               n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
-    return {"variants": variants, "chosen": chosen, "state": state, "test": test}
+        say(f"[compress] {row['name']:<24} {row['bytes'] / 1e6:6.2f} MB  {row['params']:>10,} params  "
+            f"p50 {row['p50_ms']:.3f} ms  b256 {row['throughput_b256']:,.0f}/s  {line}"
+            f"{'' if row['within_budget'] else '  (over budget)'}")
+    chosen = choose(variants)
+    kept = next(v for v in candidates if v["name"] == chosen["name"])
+    return {"variants": variants, "chosen": chosen, "state": kept["state"], "meta": kept["meta"]}
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
@@ -158,14 +175,15 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     chosen = out["chosen"]
     storage.write_json(storage.join(out_dir, "variants.json"), out["variants"])
     teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
-    metrics = {"variant": chosen["name"], "source": source, "valid": chosen["valid"], "test": out["test"],
+    metrics = {"variant": chosen["name"], "source": source, "valid": chosen["valid"], "test": chosen["test"],
                "drops": chosen["drops"], "teacher": {"valid": teacher_metrics["valid"], "test": teacher_metrics["test"]}}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
 
     fs, path = storage.resolve(storage.join(cfg.run_dir, "prepare", "items.parquet"))
     items = pq.read_table(path, filesystem=fs, columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
-    config = {**meta, "weights": "int8-rowwise" if chosen["int8"] else "float32", "sparsity": chosen["sparsity"],
-              "variant": chosen["name"], "source": source, "run_dir": cfg.run_dir}
+    # student_dir: the uncompressed student, which a warm start continues from
+    config = {**out["meta"], "weights": "int8-rowwise" if chosen["int8"] else "float32",
+              "variant": chosen["name"], "source": source, "run_dir": cfg.run_dir, "student_dir": model_dir}
     manifest = bundle.write(storage.join(cfg.run_dir, "bundle"), state=out["state"], config=config, tokenizer=tok,
                             items=items, metrics=metrics)
     base = out["variants"][0]
@@ -177,4 +195,4 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                                                    for v in out["variants"]}}
 
 
-__all__ = ["run", "prune_masks", "apply_masks", "finetune", "relative_drops", "choose"]
+__all__ = ["run", "finetune", "relative_drops", "choose"]

@@ -354,20 +354,37 @@ class TuneConfig(_Section):
 
 
 class CompressConfig(_Section):
-    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.5],
-                                    description="global magnitude pruning levels tried (fractions of weights zeroed)")
-    finetune_steps: int = Field(100, ge=0, description="distillation steps after pruning, masks kept")
-    int8: bool = Field(True, description="also try 8-bit weights (each variant, pruned or not)")
-    max_relative_drop: float = Field(0.01, ge=0, le=1, description="largest validation drop on any task, "
-                                     "relative to the uncompressed student, a kept variant may have")
+    """Variants of the winning student (`compress.py`, `shrink.py`), each smaller or faster than the
+    one it is made from; the smallest within every task's budget is bundled."""
+
+    vocab_min_count: int = Field(1, ge=0, description="text-table rows the catalogue and the training texts use fewer "
+                                                     "times are dropped (their ids share one row); 0 keeps the whole table")
+    vocab_reserve: int = Field(0, ge=0, description="word pieces kept beyond those, lowest ids first (WordPiece and "
+                                                    "BPE vocabularies list frequent pieces first)")
+    unit_keep: list[float] = Field(default_factory=lambda: [0.5],
+                                   description="structured pruning: fractions of the MLPs' hidden units and of the text "
+                                               "table's columns kept, one variant each, fine-tuned")
+    finetune_steps: int = Field(300, ge=0, description="distillation steps after structured pruning")
+    int8: bool = Field(True, description="also try 8-bit weights of every variant (a 4x smaller file; served as float32)")
+    max_relative_drop: float = Field(0.01, ge=0, le=1, description="largest validation drop on a task, relative to the "
+                                     "uncompressed student, a kept variant may have")
+    task_budgets: dict[Literal["recommendation", "ctr", "intent"], float] = Field(
+        default_factory=dict, description="per-task overrides of max_relative_drop, e.g. {intent: 0.02}")
+    latency_requests: int = Field(100, ge=10, description="batch-1 requests timed per variant (p50), beside a batch of 256")
     cpus: float = Field(1.0, gt=0, description="CPUs of the Ray task that fine-tunes and evaluates the variants")
 
     @model_validator(mode="after")
     def _fractions(self):
-        bad = [s for s in self.sparsities if not 0 < s < 1]
+        bad = [k for k in self.unit_keep if not 0 < k < 1]
         if bad:
-            raise ValueError(f"sparsities must lie strictly between 0 and 1 (got {bad})")
+            raise ValueError(f"unit_keep fractions must lie strictly between 0 and 1 (got {bad})")
+        bad = {t: b for t, b in self.task_budgets.items() if not 0 <= b <= 1}
+        if bad:
+            raise ValueError(f"task_budgets must lie in [0, 1] (got {bad})")
         return self
+
+    def budget(self, task: str) -> float:
+        return self.task_budgets.get(task, self.max_relative_drop)
 
 
 class ReportConfig(_Section):

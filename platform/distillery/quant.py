@@ -40,29 +40,44 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> to
     return codes.float() * scale.float()[:, None] + lo.float()[:, None]
 
 
+NARROW = {".i8": torch.int8, ".i16": torch.int16, ".i32": torch.int32}
+
+
+def narrow_ints(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int64 buffers (item categories, kept text rows, item bags) in the narrowest signed type
+    that holds them, as `NAME.i8|.i16|.i32`; everything else unchanged."""
+    out = {}
+    for name, t in state.items():
+        if t.dtype != torch.int64:
+            out[name] = t
+            continue
+        top = int(t.abs().max()) if t.numel() else 0
+        suffix = next((s for s, d in NARROW.items() if top <= torch.iinfo(d).max), None)
+        out[name + suffix if suffix else name] = t.to(NARROW[suffix]) if suffix else t
+    return out
+
+
 def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every quantizable weight replaced by its three tensors, and int64 buffers
-    that fit in int32 (the item text bags' token ids, a third of a small student's file) as `NAME.i32`."""
+    narrowed (`narrow_ints`)."""
     out = {}
     for name, t in state.items():
         if quantizable(name, t):
             out[name + ".q8"], out[name + ".scale"], out[name + ".min"] = quantize(t)
-        elif t.dtype == torch.int64 and (t.numel() == 0 or int(t.abs().max()) < 2 ** 31):
-            out[name + ".i32"] = t.to(torch.int32)
         else:
             out[name] = t
-    return out
+    return narrow_ints(out)
 
 
 def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `quantize_state` (a float state dict passes through unchanged)."""
+    """The inverse of `quantize_state` and `narrow_ints` (a float state dict passes through unchanged)."""
     out = {}
     for name, t in state.items():
         if name.endswith(".q8"):
             base = name[:-3]
             out[base] = dequantize(t, state[base + ".scale"], state[base + ".min"])
-        elif name.endswith(".i32"):
-            out[name[:-4]] = t.to(torch.int64)
+        elif name.endswith(tuple(NARROW)) and t.dtype in NARROW.values():
+            out[name.rsplit(".", 1)[0]] = t.to(torch.int64)
         elif not name.endswith((".scale", ".min")) or name.rsplit(".", 1)[0] + ".q8" not in state:
             out[name] = t
     return out

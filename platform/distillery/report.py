@@ -189,8 +189,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         variants[name] = (*S.load(storage.join(d, "model")), storage.read_json(storage.join(d, "metrics.json")),
                           storage.join(d, "model"))
 
-    extra = _later_stages(cfg.run_dir)
-    variants.update(extra)
+    variants.update(_later_stages(cfg.run_dir))
     warm = storage.join(cfg.run_dir, "distill", "warm_start.json")
     warm_start = storage.read_json(warm) if storage.exists(warm) else None
     if warm_start:  # the student this run continued from, measured on this run's window
@@ -198,7 +197,6 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
         model, tok, config, *_ = bundle.load(warm_start["bundle"])
         variants["student_previous"] = (model, tok, config, warm_start["previous"], warm_start["bundle"])
-        extra["student_previous"] = variants["student_previous"]
 
     say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
     requests = _requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
@@ -209,8 +207,6 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                           **speed["teacher"]}}
     for n, (m, _, _, _, d) in variants.items():
         models[n] = {"params": sum(p.numel() for p in m.parameters()), "bytes": _size(d), **speed[n]}
-        if n in extra:
-            models[n]["nonzero_params"] = sum(int((p != 0).sum()) for p in m.parameters())
 
     task_report = {}
     for t in tasks:

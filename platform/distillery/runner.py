@@ -150,7 +150,10 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
                          "other widths. Leave tune out of --stages, or tune in a run without --warm-start")
     if cfg.warm_start:
         warmstart.source(cfg)  # a bad bundle fails here, before any stage runs
-    cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir)})
+    # absolute paths: `../data/x.parquet` and `/home/me/data/x.parquet` are one input, not two configs
+    # (a relative path would also be read against another working directory by a job on a cluster)
+    data = {k: storage.absolute(v) for k in ("items", "interactions", "reviews") if (v := getattr(cfg.data, k))}
+    cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir), "data": cfg.data.model_copy(update=data)})
     storage.makedirs(cfg.run_dir)
     storage.write_json(storage.join(cfg.run_dir, "config.json"), cfg.model_dump(mode="json"))
     manifests = {}

@@ -68,6 +68,7 @@ class StudentRuntime:
         # The bag stays text_dim wide: a request gathers ~50 random rows, and on a CPU cache misses
         # on a wider table cost more than the one small matmul that folding it would save.
         self.text_table = model.text.weight.detach()
+        self.text_index = model.text_index  # original id -> kept row of a vocabulary-pruned table, or None
         self.text_hidden = (hidden[0] @ proj[0], hidden[0] @ proj[1] + hidden[1])
         self.intent_out = _linear(model.intent_mlp[3])
 
@@ -78,7 +79,10 @@ class StudentRuntime:
         return pad(histories, self.rec_history if task == "recommendation" else self.ctr_history, to_longest=True)
 
     def text_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return text_bag(self.tokenizer, texts, max_length=self.meta["max_length"], buckets=self.meta["ngram_buckets"])
+        """Texts -> (rows of `text_table` [N], offsets [B])."""
+        ids, offsets = text_bag(self.tokenizer, texts, max_length=self.meta["max_length"],
+                                buckets=self.meta["ngram_buckets"])
+        return (ids if self.text_index is None else self.text_index[ids]), offsets
 
     # ---- tasks
     @torch.inference_mode()

@@ -32,20 +32,36 @@ def student_meta(cfg: RunConfig, prepare_dir: str, tokenizer) -> dict:
 def build(meta: dict, item_category: torch.Tensor | None = None, item_texts: list[str] | None = None,
           tokenizer=None) -> Student:
     """A fresh student; with `item_texts` (vocabulary order, from id 2) the item bags are built from
-    them, otherwise they are placeholders that `load_state_dict` fills."""
+    them, otherwise they are placeholders that `load_state_dict` fills. The compressed shapes
+    (`shrink.py`) are meta keys a distilled student does not have: `ctr_hidden`, `intent_hidden`
+    (default `dim`), `text_rows_kept` (default: the whole table) and `item_text` (default true)."""
     n = meta["n_items"]
     if item_texts is not None:
         ids, offsets = text_bag(tokenizer, ["", ""] + list(item_texts), max_length=meta["max_length"],
                                 buckets=meta["ngram_buckets"])
     else:
         ids, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    kept = meta.get("text_rows_kept")
     return Student(vocab_size=meta["vocab_size"], n_items=n, n_categories=meta["n_categories"],
                    n_intents=meta["n_intents"],
                    item_category=item_category if item_category is not None else torch.zeros(n, dtype=torch.long),
                    item_bag_ids=ids, item_bag_offsets=offsets, dim=meta["dim"], text_dim=meta["text_dim"],
                    ngram_buckets=meta["ngram_buckets"], heads=meta["heads"],
                    max_history=max(meta["max_history"], meta.get("ctr_history", 0)),
-                   history_layers=meta["layers"], dropout=meta["dropout"])
+                   history_layers=meta["layers"], dropout=meta["dropout"], ctr_hidden=meta.get("ctr_hidden"),
+                   intent_hidden=meta.get("intent_hidden"),
+                   text_rows=None if kept is None else torch.arange(kept), item_text=meta.get("item_text", True))
+
+
+def from_state(meta: dict, state: dict[str, torch.Tensor]) -> Student:
+    """The student of `meta` holding `state` (float tensors): the catalogue-sized buffers take the
+    state's sizes."""
+    model = build(meta)
+    for name, _ in list(model.named_buffers()):
+        if name in state and "." not in name:
+            setattr(model, name, torch.empty_like(state[name]))
+    model.load_state_dict(state)
+    return model
 
 
 def build_for_run(meta: dict, prepare_dir: str, tokenizer) -> Student:
@@ -123,11 +139,7 @@ def load(path: str) -> tuple[Student, object, dict]:
         meta = json.load(open(os.path.join(local, "student.json")))
         state = load_file(os.path.join(local, "model.safetensors"))
         tokenizer = AutoTokenizer.from_pretrained(local)
-    model = build(meta)
-    for name in ("item_bag_ids", "item_bag_offsets", "item_category"):
-        setattr(model, name, torch.empty_like(state[name]))  # buffers sized by the saved catalogue
-    model.load_state_dict(state)
-    return model.eval(), tokenizer, meta
+    return from_state(meta, state).eval(), tokenizer, meta
 
 
 def predictors(model: Student, tokenizer, meta: dict, tasks, device="cpu") -> dict:

@@ -12,6 +12,11 @@
 - heads:  recommendation = user . item + item bias over the whole catalogue; CTR = MLP over
           (user, candidate, product, |difference|, candidate category, slot); intent = MLP over
           the text vector.
+
+Compressed shapes (`shrink.py`) are the same class: MLP hidden widths other than `dim`, a text
+table of only the kept rows (`text_rows`: the original ids kept, in order; every other id reads
+one shared last row), and items whose text is folded into their ID rows (`item_text=False`: no
+bags, item vector = ID row + category).
 """
 from __future__ import annotations
 
@@ -63,11 +68,23 @@ class Student(nn.Module):
     def __init__(self, *, vocab_size: int, n_items: int, n_categories: int, n_intents: int,
                  item_category: torch.Tensor, item_bag_ids: torch.Tensor, item_bag_offsets: torch.Tensor,
                  dim: int = 64, text_dim: int = 32, ngram_buckets: int = 16384, max_history: int = 50,
-                 heads: int = 2, history_layers: int = 1, dropout: float = 0.1):
+                 heads: int = 2, history_layers: int = 1, dropout: float = 0.1, ctr_hidden: int | None = None,
+                 intent_hidden: int | None = None, text_rows: torch.Tensor | None = None, item_text: bool = True):
+        """`text_rows` [K] sorted ids of the kept text-table rows (None: all vocab_size + ngram_buckets);
+        `item_text` False: items carry no text bags (their text was folded into their ID rows)."""
         super().__init__()
         self.vocab_size, self.ngram_buckets, self.max_history = vocab_size, ngram_buckets, max_history
-        self.text = nn.EmbeddingBag(vocab_size + ngram_buckets, text_dim, mode="mean")
+        self.item_text = item_text
+        rows = vocab_size + ngram_buckets if text_rows is None else len(text_rows) + 1
+        self.text = nn.EmbeddingBag(rows, text_dim, mode="mean")
         nn.init.normal_(self.text.weight, std=0.1)
+        if text_rows is None:
+            self.text_rows = self.text_index = None
+        else:
+            self.register_buffer("text_rows", text_rows.long(), persistent=True)
+            self.register_buffer("text_index", self._index(self.text_rows), persistent=False)
+            # the index follows the kept ids whenever a state dict replaces them
+            self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "text_index", m._index(m.text_rows)))
         self.text_proj = nn.Linear(text_dim, dim)
         self.item = nn.Embedding(n_items, dim, padding_idx=PAD)
         nn.init.normal_(self.item.weight, std=0.02)
@@ -81,22 +98,35 @@ class Student(nn.Module):
             history_layers, enable_nested_tensor=False) if history_layers else None
         self.pool_query = nn.Parameter(torch.randn(dim) * 0.02)
         self.slot = nn.Embedding(MAX_SLOTS + 1, 8)  # index 0 = unknown slot
-        self.ctr_mlp = nn.Sequential(nn.Linear(5 * dim + 8, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
-        self.intent_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout),
-                                        nn.Linear(dim, max(n_intents, 1)))
+        ctr_hidden, intent_hidden = ctr_hidden or dim, intent_hidden or dim
+        self.ctr_mlp = nn.Sequential(nn.Linear(5 * dim + 8, ctr_hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(ctr_hidden, 1))
+        self.intent_mlp = nn.Sequential(nn.Linear(dim, intent_hidden), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(intent_hidden, max(n_intents, 1)))
         self.register_buffer("item_category", item_category.long(), persistent=True)
-        self.register_buffer("item_bag_ids", item_bag_ids.long(), persistent=True)
-        self.register_buffer("item_bag_offsets", item_bag_offsets.long(), persistent=True)
+        if item_text:
+            self.register_buffer("item_bag_ids", item_bag_ids.long(), persistent=True)
+            self.register_buffer("item_bag_offsets", item_bag_offsets.long(), persistent=True)
+
+    def _index(self, kept: torch.Tensor) -> torch.Tensor:
+        """[vocab_size + ngram_buckets] original id -> table row (kept ids in order, the rest the last row)."""
+        index = torch.full((self.vocab_size + self.ngram_buckets,), len(kept), dtype=torch.long, device=kept.device)
+        index[kept] = torch.arange(len(kept), device=kept.device)
+        return index
 
     # ---- shared parts
     def text_vectors(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Flat bag ids [N] and offsets [B] (`text_bag`) -> [B, dim]."""
+        """Flat bag ids [N] (original ids) and offsets [B] (`text_bag`) -> [B, dim]."""
+        if self.text_index is not None:
+            ids = self.text_index[ids]
         return self.text_proj(self.text(ids, offsets))
 
     def item_vectors(self) -> torch.Tensor:
         """[n_items, dim] for the whole catalogue: cheap enough to recompute every step."""
-        return (self.item.weight + self.text_vectors(self.item_bag_ids, self.item_bag_offsets)
-                + self.category(self.item_category))
+        out = self.item.weight + self.category(self.item_category)
+        if self.item_text:
+            out = out + self.text_vectors(self.item_bag_ids, self.item_bag_offsets)
+        return out
 
     def user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """history [B, H] item ids, right-aligned, 0 = padding; items [n_items, dim]

@@ -13,9 +13,11 @@ that run's teacher and labels are reused:
             on the new window.
 - label     copies the earlier labels of every example whose fingerprint (`label.fingerprints`)
             the earlier teacher labelled with the same settings; the teacher labels the rest.
-- distill   starts the student from the bundle's weights (8-bit ones dequantized), and compares
-            the earlier student with the new one on the new window. The no-KD baseline still
-            starts from scratch: it is the "what without a teacher" reference, not a second model.
+- distill   starts the student from the uncompressed student the bundle was made from (the
+            bundle's `student_dir`; bundles without one: its own weights, 8-bit ones dequantized),
+            and compares the earlier student with the new one on the new window. The no-KD
+            baseline still starts from scratch: it is the "what without a teacher" reference, not
+            a second model.
 - tune      is not run: its trials train students of other shapes from scratch.
 """
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Source(NamedTuple):
     def items(self) -> str:
         return storage.join(self.run_dir, "prepare", "items.parquet")
 
+    @property
+    def student_dir(self) -> str | None:
+        """The uncompressed student the bundle came from (pruned shapes do not train further)."""
+        return self.config.get("student_dir")
+
 
 def source(cfg: RunConfig) -> Source | None:
     """The earlier run of a warm-started config (None without `warm_start`), checked: the bundle
@@ -69,7 +76,10 @@ def source(cfg: RunConfig) -> Source | None:
         raise StageError(f"warm_start={cfg.warm_start} was built in run_dir={cfg.run_dir} itself: give the new "
                          "window a new run_dir (the new run replaces stage outputs that the warm start reads)")
     src = Source(path, config, run_dir)
-    for need in (storage.join(src.teacher_dir, "model.safetensors"), src.items):
+    needs = [storage.join(src.teacher_dir, "model.safetensors"), src.items]
+    if src.student_dir:
+        needs.append(storage.join(src.student_dir, "model.safetensors"))
+    for need in needs:
         if not storage.exists(need):
             raise StageError(f"warm_start={cfg.warm_start}: {need} is missing. The bundle's run ({run_dir}) must keep "
                              "its teacher and prepare outputs; copy them back, or run without --warm-start")
@@ -158,7 +168,8 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
 def check_student(cfg: RunConfig, meta: dict) -> None:
     """StageError naming each setting where the new student's shape differs from the bundle's."""
     src = source(cfg)
-    diff = {k: (src.config.get(k), meta.get(k)) for k in SHAPE_KEYS if src.config.get(k) != meta.get(k)}
+    start = storage.read_json(storage.join(src.student_dir, "student.json")) if src.student_dir else src.config
+    diff = {k: (start.get(k), meta.get(k)) for k in SHAPE_KEYS if start.get(k) != meta.get(k)}
     if diff:
         hint = {"dim": "student.dim", "text_dim": "student.text_dim", "ngram_buckets": "student.ngram_buckets",
                 "heads": "student.heads", "layers": "student.layers", "max_history": "tasks.recommendation.max_history",
@@ -174,7 +185,14 @@ def _short(v) -> str:
 
 
 def initial_state(path: str) -> dict[str, torch.Tensor]:
-    """The float weights of the bundle at `path` (8-bit ones dequantized)."""
+    """The float weights a warm start begins from: the uncompressed student the bundle at `path`
+    was made from, or the bundle's own (8-bit ones dequantized) when it names none."""
+    from . import student as S
+
+    bundle.verify(path)
+    config = storage.read_json(storage.join(path, "config.json"))
+    if config.get("student_dir"):
+        return S.load(config["student_dir"])[0].state_dict()
     return bundle.load(path).model.state_dict()
 
 
