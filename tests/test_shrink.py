@@ -148,3 +148,37 @@ def test_a_compact_8bit_bundle_loads_as_it_was_written_and_is_refused_when_alter
     weights.write_bytes(bytes(raw))
     with pytest.raises(bundle.BundleError, match="model.safetensors"):
         bundle.load(str(tmp_path / "b"))
+
+
+def _intent_data(tok, n=24, seed=0):
+    """n intent examples with labels and teacher logits, as `distill.TASKS["intent"].tensors` makes them."""
+    g = torch.Generator().manual_seed(seed)
+    texts = [QUERIES[i % 4] + f" {i}" for i in range(n)]
+    ids, offsets = text_bag(tok, texts, max_length=16, buckets=BUCKETS)
+    return {"bag_values": ids, "bag_offsets": torch.cat([offsets, torch.tensor([len(ids)])]),
+            "label": torch.arange(n) % 4,
+            "teacher": torch.nn.functional.one_hot(torch.arange(n) % 4, 4) * 4.0 + torch.randn(n, 4, generator=g) * 0.5}
+
+
+def test_the_unit_pruned_students_fine_tune_runs_the_shared_loop_lowers_the_loss_and_repeats(tok):
+    from distillery import compress, distill
+    from distillery.config import RunConfig
+
+    cfg = RunConfig.model_validate({"distill": {"lr": 0.03}})  # the fine-tune runs at 0.3 x this
+    data = {"intent": _intent_data(tok)}
+
+    def tuned(steps):
+        pruned, _ = shrink.prune_units(_student(tok)[0], _student(tok)[1], 0.5)
+        loss = compress.finetune(pruned, cfg, ["intent"], data, {"intent": 8}, steps, seed=3)
+        with torch.no_grad():
+            batch = distill._select(data["intent"], torch.arange(24), "cpu")
+            after = distill.DistillLoss(pruned.eval(), cfg, ["intent"], kd=True)({"intent": batch})["total"]
+        return pruned, loss, float(after)
+
+    _, _, untrained = tuned(0)
+    a, loss_a, after_a = tuned(100)
+    b, loss_b, after_b = tuned(100)
+    assert after_a < untrained * 0.5 and loss_a == pytest.approx(loss_b)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name)  # same seed, same steps: the same weights
+    assert not a.training

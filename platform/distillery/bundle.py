@@ -23,6 +23,7 @@ import torch
 
 from . import __version__, quant, storage
 from .errors import DistilleryError
+from .layout import RunLayout
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "config.json", "items.parquet", "metrics.json", "tokenizer.json")
@@ -132,7 +133,7 @@ def load(path: str) -> Loaded:
 
 def export(run_dir: str, out: str) -> dict:
     """Copy RUN_DIR/bundle to `out`, verified before and after."""
-    src = storage.join(run_dir, "bundle")
+    src = RunLayout(run_dir).bundle
     if not storage.exists(storage.join(src, MANIFEST)):
         raise BundleError(f"{src} has no bundle: run the compress stage first (distillery run CONFIG --stages compress)")
     verify(src)

@@ -27,34 +27,25 @@ import math
 
 import torch
 
-from . import bundle, distill, evaluation, quant, shrink, storage, trainstate
+from . import bundle, distill, evaluation, loop, quant, shrink, storage, trainstate
 from . import student as S
 from .config import RunConfig
+from .layout import CompressDir, RunLayout
 from .progress import say
 from .teacher import SCORE_METRIC
 
 
 def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:
-    """`steps` steps of the distillation loss; returns the mean loss of the last 10 steps."""
+    """`steps` steps of the distillation loss through the shared loop (`loop.fit`, one epoch, no
+    early stopping: the variant is measured afterwards); returns the mean loss over the steps."""
     loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True)
     optim = torch.optim.AdamW(model.parameters(), lr=loss_cfg.distill.lr * 0.3, weight_decay=0.0)
     sched = trainstate.warmup_linear(optim, max(steps, 1), 0.0)
-    gen = torch.Generator().manual_seed(seed)
-    sizes = {t: (len(v["bag_offsets"]) - 1 if "bag_offsets" in v else len(next(iter(v.values())))) for t, v in data.items()}
-    model.train()
-    tail = []
-    for _ in range(steps):
-        batches = {t: distill._select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), "cpu")
-                   for t in tasks if sizes[t]}
-        loss = loss_fn(batches)["total"]
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        tail = (tail + [float(loss.detach())])[-10:]
-    model.eval()
-    return sum(tail) / len(tail) if tail else float("nan")
+    batches = distill.mixed_batches({t: data[t] for t in tasks}, shares, steps, "cpu")
+    plan = loop.Plan(epochs=1, patience=1, clip=1.0, clip_per_group=False, seed=seed)
+    state = loop.fit(model, optim, sched, plan, batches=batches, loss=loss_fn, validate=lambda: (0.0, {}),
+                     on_validated=lambda state, improved: None)
+    return state["history"][-1]["loss"].get("total", float("nan")) if steps else float("nan")
 
 
 def _bytes(state: dict[str, torch.Tensor]) -> int:
@@ -94,7 +85,7 @@ def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, me
         pruned, pm = shrink.prune_units(model, m, keep)
         loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed)
         say(f"[compress] kept {keep:.0%} of the hidden units and text columns ({shrink.params(pruned):,} parameters), "
-            f"fine-tuned {cc.finetune_steps} steps (loss {loss:.4f})")
+            f"fine-tuned {cc.finetune_steps} steps (mean loss {loss:.4f})")
         out.append({"name": f"student_units{round(keep * 100)}", "parent": "student_compact", "model": pruned,
                     "meta": pm, "state": quant.narrow_ints(pruned.state_dict())})
     if cc.int8:
@@ -161,38 +152,37 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     from . import tune
 
-    model, tok, meta, model_dir = tune.load_winner(cfg.run_dir)
-    tuned = storage.join(cfg.run_dir, "tune", "best.json")
+    winner = tune.load_winner(cfg.run_dir)
+    model_dir, tok, run, out = winner.folder, winner.tokenizer, RunLayout(cfg.run_dir), CompressDir(out_dir)
     loss_cfg, source = cfg, "distill"
-    if "/tune/" in model_dir.replace("\\", "/") and storage.exists(tuned):
-        best = storage.read_json(tuned)
-        loss_cfg, source = tune.trial_config(cfg, best["params"]), f"tune (trial {best['trial_id']})"
+    if winner.source == "tune":  # fine-tuned with the loss settings the winning trial was trained with
+        loss_cfg, source = tune.trial_config(cfg, winner.params), f"tune (trial {winner.trial_id})"
     say(f"[compress] compressing the student from {source}: {model_dir}")
     inp = distill.inputs(loss_cfg)
     threads = max(1, math.floor(cfg.compress.cpus))
     work = ray.remote(num_cpus=cfg.compress.cpus)(_work)
-    out = ray.get(work.remote(cfg, loss_cfg, inp, model_dir, threads))
-    chosen = out["chosen"]
-    storage.write_json(storage.join(out_dir, "variants.json"), out["variants"])
-    teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
+    result = ray.get(work.remote(cfg, loss_cfg, inp, model_dir, threads))
+    chosen = result["chosen"]
+    storage.write_json(out.variants, result["variants"])
+    teacher_metrics = storage.read_json(run.teacher.metrics)
     metrics = {"variant": chosen["name"], "source": source, "valid": chosen["valid"], "test": chosen["test"],
                "drops": chosen["drops"], "teacher": {"valid": teacher_metrics["valid"], "test": teacher_metrics["test"]}}
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    storage.write_json(out.metrics, metrics)
 
-    fs, path = storage.resolve(storage.join(cfg.run_dir, "prepare", "items.parquet"))
+    fs, path = storage.resolve(run.prepare.items)
     items = pq.read_table(path, filesystem=fs, columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
     # student_dir: the uncompressed student, which a warm start continues from
-    config = {**out["meta"], "weights": "int8-rowwise" if chosen["int8"] else "float32",
+    config = {**result["meta"], "weights": "int8-rowwise" if chosen["int8"] else "float32",
               "variant": chosen["name"], "source": source, "run_dir": cfg.run_dir, "student_dir": model_dir}
-    manifest = bundle.write(storage.join(cfg.run_dir, "bundle"), state=out["state"], config=config, tokenizer=tok,
+    manifest = bundle.write(run.bundle, state=result["state"], config=config, tokenizer=tok,
                             items=items, metrics=metrics)
-    base = out["variants"][0]
+    base = result["variants"][0]
     say(f"[compress] kept {chosen['name']}: {chosen['bytes'] / 1e6:.2f} MB against {base['bytes'] / 1e6:.2f} MB "
-        f"({base['bytes'] / chosen['bytes']:.1f}x smaller); bundle in {storage.join(cfg.run_dir, 'bundle')} "
+        f"({base['bytes'] / chosen['bytes']:.1f}x smaller); bundle in {run.bundle} "
         f"({len(manifest['files'])} files, verified by `distillery verify`)")
     return {"chosen": chosen["name"], "bytes": chosen["bytes"], "fp32_bytes": base["bytes"],
             "drops": chosen["drops"], "variants": {v["name"]: {"bytes": v["bytes"], "within_budget": v["within_budget"]}
-                                                   for v in out["variants"]}}
+                                                   for v in result["variants"]}}
 
 
 __all__ = ["run", "finetune", "relative_drops", "choose"]

@@ -23,6 +23,7 @@ from . import student as S
 from .config import RunConfig
 from .data.examples import TRANSFER
 from .errors import StageError
+from .layout import DistillDir, RunLayout, StudentDir
 from .losses import LOSSES
 from .progress import say
 from .teacher import SCORE_METRIC
@@ -100,6 +101,26 @@ def _select(tensors: dict, idx: torch.Tensor, device) -> dict:
         out["bag_ids"] = tensors["bag_values"][flat].to(device)
         out["bag_offsets"] = (torch.cumsum(lengths, 0) - lengths).to(device)
     return out
+
+
+def _count(tensors: dict | None) -> int:
+    """Examples in one task's tensors (`Task.tensors`); 0 for None."""
+    if not tensors:
+        return 0
+    return len(tensors["bag_offsets"]) - 1 if "bag_offsets" in tensors else len(next(iter(tensors.values())))
+
+
+def mixed_batches(data: dict[str, dict | None], shares: dict[str, int], steps: int, device) -> Callable:
+    """An epoch for `loop.fit`: batches(generator) yields `steps` batches, each {task: `shares[task]`
+    examples drawn with replacement}. Tasks of very different sizes mix at fixed proportions rather
+    than one epoch of each; a task without examples is left out."""
+    sizes = {t: _count(v) for t, v in data.items()}
+
+    def batches(gen: torch.Generator):
+        for _ in range(steps):
+            yield {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)
+                   for t in data if sizes[t]}
+    return batches
 
 
 # ------------------------------------------------------------------------------ training
@@ -208,16 +229,8 @@ def train_loop(config: dict) -> None:
         parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
         table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
         data[t] = TASKS[t].tensors(table, meta) if table is not None and table.num_rows else None
-    sizes = {t: (len(v["bag_offsets"]) - 1 if "bag_offsets" in v else len(next(iter(v.values())))) if v else 0
-             for t, v in data.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def batches(gen: torch.Generator):
-        """An epoch: `steps` draws of every task's share of the batch (tasks of very different sizes
-        mix at fixed proportions rather than one epoch of each)."""
-        for _ in range(steps):
-            yield {t: _select(data[t], torch.randint(sizes[t], (shares[t],), generator=gen), device)
-                   for t in tasks if sizes[t]}
+    batches = mixed_batches(data, shares, steps, device)
 
     def validate():
         valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
@@ -226,7 +239,7 @@ def train_loop(config: dict) -> None:
 
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:
-            S.save(student, tokenizer, meta, storage.join(out_dir, "model"))
+            S.save(student, tokenizer, meta, StudentDir(out_dir).model)
         valid = st["history"][-1]["valid"]
         trainstate.report_epoch(student, optim, sched, st,
                                 {"epoch": st["epoch"], "valid_score": st["history"][-1]["score"],
@@ -246,7 +259,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         if state["bad_epochs"] >= dc.patience:
             say(f"[distill] {name}: early stop, no better validation score in {state['bad_epochs']} epoch(s)")
-        storage.write_json(storage.join(out_dir, "history.json"), state["history"])
+        storage.write_json(StudentDir(out_dir).history, state["history"])
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -255,8 +268,8 @@ def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table
     have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
     spec = TASKS[task]
     splits = ["train"] + ([TRANSFER] if task == "intent" else [])  # transfer: teacher-labelled texts only
-    ex_dir = storage.join(cfg.run_dir, "prepare", "examples", task)
-    lab_dir = storage.join(cfg.run_dir, "label", task)
+    run = RunLayout(cfg.run_dir)
+    ex_dir, lab_dir = run.prepare.examples(task), run.label.task(task)
     examples = _read_splits(ex_dir, splits, list(spec.example_columns))
     labels = _read_splits(lab_dir, splits, ["example_id", *spec.label_columns])
     # joined by position (Arrow's hash join does not carry list columns)
@@ -303,23 +316,23 @@ class Inputs:
 
     @property
     def prepare_dir(self) -> str:
-        return storage.join(self.cfg.run_dir, "prepare")
+        return RunLayout(self.cfg.run_dir).prepare.root
 
     @property
     def teacher_dir(self) -> str:
-        return storage.join(self.cfg.run_dir, "teacher", "model")
+        return RunLayout(self.cfg.run_dir).teacher.model
 
 
 def inputs(cfg: RunConfig) -> Inputs:
     from transformers import AutoTokenizer
 
-    teacher_dir = storage.join(cfg.run_dir, "teacher", "model")
-    for need, stage in ((storage.join(teacher_dir, "teacher.json"), "teacher"),
-                        (storage.join(cfg.run_dir, "label", "manifest.json"), "label")):
+    run = RunLayout(cfg.run_dir)
+    teacher_dir = run.teacher.model
+    for need, stage in ((run.teacher.spec, "teacher"), (run.label.manifest, "label")):
         if not storage.exists(need):
             raise StageError(f"{need} is missing: run the {stage} stage first (--stages teacher,label,distill)")
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
-    teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
+    prepare_dir = run.prepare.root
+    teacher_metrics = storage.read_json(run.teacher.metrics)
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["valid"]]
     with storage.local_copy(teacher_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
@@ -357,14 +370,14 @@ def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: d
 def finish(inp: Inputs, out_dir: str, meta: dict | None = None) -> dict:
     """metrics.json of a trained run in `out_dir` (its best epoch's validation, test metrics)."""
     meta = meta or inp.meta
-    model, tok, _ = S.load(storage.join(out_dir, "model"))
-    history = storage.read_json(storage.join(out_dir, "history.json"))
+    model, tok, _ = S.load(StudentDir(out_dir).model)
+    history = storage.read_json(StudentDir(out_dir).history)
     best = max(history, key=lambda h: h["score"])
     test = evaluation.evaluate(S.predictors(model, tok, meta, inp.tasks), inp.prepare_dir, "test",
                                n_items=meta["n_items"], max_history=meta["max_history"], seed=inp.cfg.seed)
     metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
                "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    storage.write_json(StudentDir(out_dir).metrics, metrics)
     return metrics
 
 
@@ -378,34 +391,34 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
     counts = {t: tb.num_rows for t, tb in inp.tables.items()}
     say(f"[distill] {counts} train examples; {inp.steps} steps per epoch of {inp.shares} examples per worker")
-    summary = {}
+    summary, out = {}, DistillDir(out_dir)
     for variant in VARIANTS:
-        vdir = storage.join(out_dir, variant)
-        if storage.exists(storage.join(vdir, "metrics.json")):  # finished before an interruption
-            summary[variant] = storage.read_json(storage.join(vdir, "metrics.json"))
+        vdir = out.variant(variant)
+        if storage.exists(vdir.metrics):  # finished before an interruption
+            summary[variant] = storage.read_json(vdir.metrics)
             say(f"[distill] {variant}: already trained, kept")
             continue
         # the no-KD baseline always starts from scratch: it is the "without a teacher" reference
-        result = trainer(inp, cfg, variant, vdir, datasets, run_name=f"distill-{variant}",
-                         storage_path=storage.join(out_dir, "ray_train"),
+        result = trainer(inp, cfg, variant, vdir.root, datasets, run_name=f"distill-{variant}",
+                         storage_path=out.ray_train,
                          init=src.bundle if src and variant == "student" else None).fit()
         if result.error:
             raise result.error
-        summary[variant] = finish(inp, vdir)
-    storage.remove(storage.join(out_dir, "ray_train"))
+        summary[variant] = finish(inp, vdir.root)
+    storage.remove(out.ray_train)
     _print_table(inp.teacher_metrics, summary)
-    out = {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,
+    result = {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,
            **{v: {"valid_score": s["valid_score"], "best_epoch": s["best_epoch"], "params": s["params"],
                   "test": s["test"]} for v, s in summary.items()}}
     if src:
         previous = warmstart.previous_metrics(cfg, inp.tasks)
         comparison = {"bundle": src.bundle, "previous_run": src.run_dir, "previous": previous,
                       "new": {"valid": summary["student"]["valid"], "test": summary["student"]["test"]}}
-        storage.write_json(storage.join(out_dir, "warm_start.json"), comparison)
+        storage.write_json(out.warm_start, comparison)
         print(f"[distill] warm start: the earlier student ({src.bundle}) and the new one on this window's test split:")
         print("\n".join(warmstart.comparison_table(previous["test"], summary["student"]["test"], SCORE_METRIC)))
-        out["warm_start"] = {"bundle": src.bundle, "previous_test": previous["test"]}
-    return out
+        result["warm_start"] = {"bundle": src.bundle, "previous_test": previous["test"]}
+    return result
 
 
 def _print_table(teacher_metrics: dict, summary: dict) -> None:

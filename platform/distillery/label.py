@@ -39,6 +39,7 @@ from . import storage
 from .config import RunConfig, stable_hash
 from .data.examples import ALL_SPLITS, SPLITS
 from .errors import StageError
+from .layout import LabelDir, RunLayout
 from .lexical import text_features
 from .progress import say
 from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs, trim_padding
@@ -194,7 +195,7 @@ def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int,
 # ------------------------------------------------------------------------------ output parts
 def done_ids(out_dir: str, task: str) -> pa.Array:
     """Example ids already written for `task` (finished parts only: temporaries start with '.')."""
-    return _ids(storage.join(out_dir, task))
+    return _ids(LabelDir(out_dir).task(task))
 
 
 class PartWriter:
@@ -224,7 +225,7 @@ class PartWriter:
         self.buffers[split] = []
         name = f"part-{self.prefix}-{self.seq:05d}.parquet"
         self.seq += 1
-        fs, folder = storage.resolve(storage.join(self.out_dir, self.task, split))
+        fs, folder = storage.resolve(LabelDir(self.out_dir).task(self.task, split))
         fs.create_dir(folder, recursive=True)
         tmp, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
         pq.write_table(table, tmp, filesystem=fs)
@@ -330,7 +331,7 @@ def label_loop(config: dict) -> None:
         timings[task] = {"rows": writer.rows, "seconds": round(took, 3)}
         say(f"[label] worker {rank} {task}: {writer.rows:,} labelled in {took:.1f}s "
             f"({writer.rows / max(took, 1e-9):,.0f} rows/s)" + (f"; {len(skip):,} were already done" if len(skip) else ""))
-    storage.write_json(storage.join(out_dir, "_timings", f"{rank:03d}.json"), timings)
+    storage.write_json(storage.join(LabelDir(out_dir).timings, f"{rank:03d}.json"), timings)
     ray.train.report({"done": 1})
 
 
@@ -363,18 +364,18 @@ def exact_split():
 
 
 def expected_counts(cfg: RunConfig) -> dict[str, dict[str, int]]:
-    manifest = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
+    manifest = storage.read_json(RunLayout(cfg.run_dir).prepare.manifest)
     return {t: manifest["examples"][t] for t in cfg.tasks.enabled() if t in manifest.get("examples", {})}
 
 
 def verify(cfg: RunConfig, out_dir: str, tasks) -> dict[str, dict[str, int]]:
     """Labelled ids == prepared ids for every task and split; a StageError naming the first mismatch."""
-    prepare_dir = storage.join(cfg.run_dir, "prepare", "examples")
+    prep = RunLayout(cfg.run_dir).prepare
     counts = {}
     for task in tasks:
         counts[task] = {}
         for split in ALL_SPLITS if task == "intent" else SPLITS:
-            want_dir, got_dir = storage.join(prepare_dir, task, split), storage.join(out_dir, task, split)
+            want_dir, got_dir = prep.examples(task, split), LabelDir(out_dir).task(task, split)
             want, got = _ids(want_dir), _ids(got_dir)
             unique = pc.unique(got)
             missing = len(want) - (pc.sum(pc.is_in(want, value_set=unique).cast(pa.int64())).as_py() or 0)
@@ -413,17 +414,17 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    model_dir = storage.join(cfg.run_dir, "teacher", "model")
+    run, out = RunLayout(cfg.run_dir), LabelDir(out_dir)
+    model_dir = run.teacher.model
     if not storage.exists(storage.join(model_dir, "model.safetensors")):
         raise StageError(f"no teacher model in {model_dir}: run the teacher stage first (--stages teacher,label)")
     tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
-    prepare_dir = storage.join(cfg.run_dir, "prepare", "examples")
     lc = cfg.label
     teacher_sha256 = storage.sha256(storage.join(model_dir, "model.safetensors"))
     key = cache_key(cfg, teacher_sha256)
     # Materialized before the workers start: a worker holding most CPUs of a small machine would
     # otherwise starve the read tasks of its own input.
-    examples = {t: ray.data.read_parquet(storage.join(prepare_dir, t), columns=COLUMNS[t])
+    examples = {t: ray.data.read_parquet(run.prepare.examples(t), columns=COLUMNS[t])
                 .map_batches(with_fingerprints, fn_kwargs={"task": t}, batch_format="pyarrow").materialize()
                 for t in tasks}
     totals = {t: ds.count() for t, ds in examples.items()}
@@ -462,10 +463,10 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         dataset_config=exact_split(),
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
                                      resources_per_worker={"CPU": lc.cpus_per_worker}),
-        run_config=TrainRunConfig(name="label", storage_path=storage.join(out_dir, "ray_train"),
+        run_config=TrainRunConfig(name="label", storage_path=out.ray_train,
                                   failure_config=FailureConfig(max_failures=lc.max_failures)),
     )
-    storage.remove(storage.join(out_dir, "_timings"))  # an interrupted attempt's timings are not this run's
+    storage.remove(out.timings)  # an interrupted attempt's timings are not this run's
     start = time.perf_counter()
     if sum(todo.values()):
         result = trainer.fit()
@@ -474,8 +475,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     took = time.perf_counter() - start
     counts = verify(cfg, out_dir, tasks)
     seconds = _labeling_seconds(out_dir)
-    for path in ("ray_train", "_timings"):
-        storage.remove(storage.join(out_dir, path))
+    for path in (out.ray_train, out.timings):
+        storage.remove(path)
     _remove_temporaries(out_dir)
     labelled = {t: totals[t] - reused.get(t, 0) for t in tasks}  # by the teacher, in this or an interrupted attempt
     return {"examples": counts,
@@ -498,8 +499,8 @@ def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, row
 
     if source is None:
         return {}
-    manifest = storage.read_json(storage.join(source, "manifest.json")) \
-        if storage.exists(storage.join(source, "manifest.json")) else None
+    earlier = LabelDir(source)
+    manifest = storage.read_json(earlier.manifest) if storage.exists(earlier.manifest) else None
     if manifest is None or manifest.get("status") != "complete":
         say(f"[label] no finished label stage in {source} to reuse labels from: the teacher labels every example")
         return {}
@@ -512,7 +513,7 @@ def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, row
         need = pa.concat_tables([ray.get(r) for r in ds.select_columns(["example_id", "split", "fingerprint"]).to_arrow_refs()])
         need = need.filter(pc.invert(pc.is_in(need.column("example_id"), value_set=done_ids(out_dir, task))))
         writer = PartWriter(out_dir, task, f"cache-{uuid.uuid4().hex[:8]}", rows_per_file)
-        cached = storage.join(source, task)
+        cached = earlier.task(task)
         for path in storage.list_files(cached, (".parquet",)) if storage.exists(cached) else []:
             if not need.num_rows:
                 break
@@ -529,7 +530,7 @@ def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, row
             need = need.filter(pc.invert(hit))
         writer.close()
         reused[task] = sum(pq.read_metadata(storage.resolve(f)[1], filesystem=storage.resolve(f)[0]).num_rows
-                           for f in storage.list_files(storage.join(out_dir, task), (".parquet",))
+                           for f in storage.list_files(LabelDir(out_dir).task(task), (".parquet",))
                            if f.rsplit("/", 1)[-1].startswith("part-cache-"))
     say("[label] reused from " + source + ": " + ", ".join(f"{t}={n:,}" for t, n in reused.items()))
     return reused
@@ -538,7 +539,7 @@ def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, row
 def _labeling_seconds(out_dir: str) -> dict[str, float]:
     """Per task, the slowest worker's time from its first batch to its last part written (this run:
     startup excluded; it is `train_job_seconds` minus these)."""
-    folder = storage.join(out_dir, "_timings")
+    folder = LabelDir(out_dir).timings
     out: dict[str, float] = {}
     for path in storage.list_files(folder, (".json",)) if storage.exists(folder) else []:
         for task, t in storage.read_json(path).items():

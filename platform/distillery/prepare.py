@@ -28,6 +28,7 @@ from .data.sources import load_sources
 from .data.validate import (INTERACTION_COLUMNS, REJECT_SCHEMA, REVIEW_COLUMNS, mark_duplicates, to_arrow,
                             validate_items, validate_rows)
 from .errors import DataError, StageError
+from .layout import PrepareDir, RunLayout
 
 log = logging.getLogger("distillery.prepare")
 
@@ -42,7 +43,7 @@ INTERNAL_COLUMNS = {"_source": pa.string(), "_reason": pa.string(), "_column": p
 
 # ------------------------------------------------------------------------------ inputs
 def synthetic_dir(cfg: RunConfig) -> str:
-    return storage.join(cfg.run_dir, "data", f"synthetic-{stable_hash(cfg.data.synthetic)[:12]}")
+    return RunLayout(cfg.run_dir).synthetic_data(stable_hash(cfg.data.synthetic)[:12])
 
 
 def input_config(cfg: RunConfig) -> DataConfig:
@@ -226,17 +227,18 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
 
 def _run(cfg: RunConfig, out_dir: str) -> dict:
+    out = PrepareDir(out_dir)
     data_cfg = input_config(cfg)
     src = load_sources(data_cfg)
     tasks = tuple(cfg.tasks.enabled())
     items, item_rejects, n_items_in = _catalogue(src["items"], data_cfg)
     item_ids = items["item_id"].to_numpy(dtype=object)
     tables = {name: _validate_table(src[name], name, cfg, item_ids) for name in ("interactions", "reviews") if name in src}
-    summary, input_rows = _quarantine(tables, item_rejects, n_items_in, cfg, out_dir)
+    summary, input_rows = _quarantine(tables, item_rejects, n_items_in, cfg, out)
 
     clean = {n: ds.map_batches(_clean_rows, batch_format="pyarrow").materialize() for n, ds in tables.items()}
     for name, ds in clean.items():
-        _write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), storage.join(out_dir, name),
+        _write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), out.table(name),
                    pa.schema(list((INTERACTION_COLUMNS if name == "interactions" else REVIEW_COLUMNS).items())))
     kept = {"items": len(items), **{n: ds.count() for n, ds in clean.items()}}
     by_table = _by_table(summary)
@@ -246,7 +248,7 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
                              f"{by_table.get(name, 0)} rejected")
     inter, n_inter = clean["interactions"], kept["interactions"]
     if n_inter == 0:
-        raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {storage.join(out_dir, 'rejects')}")
+        raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {out.rejects}")
 
     pop = _counts(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
@@ -256,18 +258,17 @@ def _run(cfg: RunConfig, out_dir: str) -> dict:
     users = sorted(set(per_user["user_id"]))
     user_clicks = per_user[per_user["clicked"] == 1].set_index("user_id")["count"].reindex(users).fillna(0)
     item_text = _item_text(items)
-    _write_vocabularies(items, item_text, clicks, users, out_dir)
-    warmstart.check_catalogue(cfg, storage.join(out_dir, "items.parquet"))
+    _write_vocabularies(items, item_text, clicks, users, out)
+    warmstart.check_catalogue(cfg, out.items)
 
-    examples_dir = storage.join(out_dir, "examples")
     counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
     per_user = tuple(t for t in tasks if t in ("recommendation", "ctr"))
     if per_user:
-        counts.update(_user_examples(inter, per_user, item_ids, clicks, real_impressions, cfg, examples_dir))
+        counts.update(_user_examples(inter, per_user, item_ids, clicks, real_impressions, cfg, out))
     intent_info = {}
     if "intent" in tasks:
         counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, data_cfg,
-                                                         examples_dir, out_dir)
+                                                         out)
 
     coverage = _coverage(items, item_text, clicks, user_clicks)
     _print_coverage(coverage, len(items), len(users), intent_info)
@@ -297,9 +298,9 @@ def _catalogue(src: ray.data.Dataset, data_cfg: DataConfig) -> tuple[pd.DataFram
 
 
 def _quarantine(tables: dict, item_rejects: pd.DataFrame, n_items_in: int, cfg: RunConfig,
-                out_dir: str) -> tuple[pd.DataFrame, dict]:
+                out: PrepareDir) -> tuple[pd.DataFrame, dict]:
     """Write every reject, print the first ones, and fail above data.max_reject_fraction."""
-    rejects_dir = storage.join(out_dir, "rejects")
+    rejects_dir = out.rejects
     parts = [ray.data.from_arrow(pa.Table.from_pandas(item_rejects, schema=REJECT_SCHEMA, preserve_index=False))]
     for name, ds in tables.items():
         parts.append(ds.map_batches(lambda t, n=name: _as_rejects(_reject_rows(t), n), batch_format="pyarrow"))
@@ -314,7 +315,7 @@ def _quarantine(tables: dict, item_rejects: pd.DataFrame, n_items_in: int, cfg: 
 
 
 def _write_vocabularies(items: pd.DataFrame, item_text: list[str], clicks: pd.Series, users: list[str],
-                        out_dir: str) -> None:
+                        out: PrepareDir) -> None:
     categories = ex.RESERVED + sorted({c for c in items["category"] if isinstance(c, str)})
     cat_index = {c: i for i, c in enumerate(categories)}
     catalogue = pd.DataFrame({
@@ -323,13 +324,13 @@ def _write_vocabularies(items: pd.DataFrame, item_text: list[str], clicks: pd.Se
         "category": items["category"], "category_idx": [cat_index.get(c, ex.UNK) for c in items["category"]],
         "text": item_text, "clicks": clicks.to_numpy(), "price": items["price"],
     })
-    _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), storage.join(out_dir, "items.parquet"))
-    storage.write_json(storage.join(out_dir, "vocab", "categories.json"), categories)
-    storage.write_json(storage.join(out_dir, "vocab", "users.json"), ex.RESERVED + users)
+    _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), out.items)
+    storage.write_json(out.vocab("categories"), categories)
+    storage.write_json(out.vocab("users"), ex.RESERVED + users)
 
 
 def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np.ndarray, clicks: pd.Series,
-                   real_impressions: bool, cfg: RunConfig, examples_dir: str) -> dict:
+                   real_impressions: bool, cfg: RunConfig, out: PrepareDir) -> dict:
     """Recommendation and CTR examples in one pass over the user buckets."""
     kwargs = dict(item_ids=item_ids, tasks=tasks, rec_history=cfg.tasks.recommendation.max_history,
                   ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
@@ -340,7 +341,7 @@ def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np
     for task in tasks:
         for split in ex.SPLITS:
             part = built.filter(expr=(col("task") == task) & (col("split") == split))
-            _write_dir(part, storage.join(examples_dir, task, split), ex.EXAMPLE_SCHEMA)
+            _write_dir(part, out.examples(task, split), ex.EXAMPLE_SCHEMA)
     counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
     for task, split, n in _counts(built, ["task", "split"]).itertuples(index=False):
         counts[task][split] = int(n)
@@ -348,7 +349,7 @@ def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np
 
 
 def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, items: pd.DataFrame,
-                     cfg: RunConfig, data_cfg: DataConfig, examples_dir: str, out_dir: str) -> tuple[dict, dict]:
+                     cfg: RunConfig, data_cfg: DataConfig, out: PrepareDir) -> tuple[dict, dict]:
     task = cfg.tasks.intent
     labels = np.array([ex.category_at(c, task.category_level) for c in items["category"]], dtype=object)
     kw = dict(item_ids=items["item_id"].to_numpy(dtype=object), item_labels=labels)
@@ -388,15 +389,15 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
     for split in ex.SPLITS:
         part = df[df["split"] == split]
         ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
-        _write_dir(ds, storage.join(examples_dir, "intent", split), ex.INTENT_SCHEMA)
+        _write_dir(ds, out.examples("intent", split), ex.INTENT_SCHEMA)
         counts[split] = int(len(part))
     if task.transfer_variants:
         train = df.loc[df["split"] == "train", "text"].tolist()
         transfer = ex.transfer_examples(ex.transfer_texts(train, set(df["text"]), task.transfer_variants))
         _write_dir(ray.data.from_arrow(pa.Table.from_pandas(transfer, schema=ex.INTENT_SCHEMA, preserve_index=False))
-                   if len(transfer) else None, storage.join(examples_dir, "intent", ex.TRANSFER), ex.INTENT_SCHEMA)
+                   if len(transfer) else None, out.examples("intent", ex.TRANSFER), ex.INTENT_SCHEMA)
         counts[ex.TRANSFER] = int(len(transfer))
-    storage.write_json(storage.join(out_dir, "vocab", "intent_labels.json"), names)
+    storage.write_json(out.vocab("intent_labels"), names)
     return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
                     "left_out": {"no_category": len(unlabelled), "outside_classes": int(texts - len(df))}}
 

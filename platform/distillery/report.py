@@ -30,6 +30,7 @@ from . import student as S
 from .config import RunConfig
 from .data.examples import read_split
 from .errors import StageError
+from .layout import RunLayout, TeacherDir
 from .progress import say
 from .teacher import SCORE_METRIC, load_model
 from .runtime import StudentRuntime, pad
@@ -176,21 +177,21 @@ def _size(model_dir: str) -> int:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
-    teacher_metrics = storage.read_json(storage.join(cfg.run_dir, "teacher", "metrics.json"))
+    run = RunLayout(cfg.run_dir)
+    prepare_dir = run.prepare.root
+    teacher_metrics = storage.read_json(run.teacher.metrics)
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["test"]]
-    teacher_dir = storage.join(cfg.run_dir, "teacher", "model")
+    teacher_dir = run.teacher.model
     teacher, t_tok, t_meta = load_model(teacher_dir)
     variants = {}
     for name in ("student", "student_no_kd"):
-        d = storage.join(cfg.run_dir, "distill", name)
-        if not storage.exists(storage.join(d, "metrics.json")):
-            raise StageError(f"{d}/metrics.json is missing: run the distill stage first (--stages distill,report)")
-        variants[name] = (*S.load(storage.join(d, "model")), storage.read_json(storage.join(d, "metrics.json")),
-                          storage.join(d, "model"))
+        d = run.distill.variant(name)
+        if not storage.exists(d.metrics):
+            raise StageError(f"{d.metrics} is missing: run the distill stage first (--stages distill,report)")
+        variants[name] = (*S.load(d.model), storage.read_json(d.metrics), d.model)
 
     variants.update(_later_stages(cfg.run_dir))
-    warm = storage.join(cfg.run_dir, "distill", "warm_start.json")
+    warm = run.distill.warm_start
     warm_start = storage.read_json(warm) if storage.exists(warm) else None
     if warm_start:  # the student this run continued from, measured on this run's window
         from . import bundle
@@ -213,20 +214,19 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         task_report[t] = {"teacher": teacher_metrics["test"][t],
                           **{n: v[3]["test"][t] for n, v in variants.items()},
                           "baselines": teacher_metrics.get("baselines", {}).get(t, {})}
-    prep = storage.read_json(storage.join(cfg.run_dir, "prepare", "manifest.json"))
+    prep = storage.read_json(run.prepare.manifest)
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
               "models": models, "tasks": task_report}
     if warm_start:
         report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
-    for stage, name in (("tune", "best.json"), ("compress", "variants.json")):
-        path = storage.join(cfg.run_dir, stage, name)
+    for stage, path in (("tune", run.tune.summary), ("compress", run.compress.variants)):
         if storage.exists(path):
             report[stage] = storage.read_json(path)
-    histories = {n: _read_history(storage.join(cfg.run_dir, "distill", n, "history.json")) for n in variants}
+    histories = {n: _read_history(run.distill.variant(n).history) for n in variants}
     with tempfile.TemporaryDirectory() as tmp:
         storage.write_json(os.path.join(tmp, "report.json"), report)
         plots = write_plots(report, histories, tmp)
-        plots += teacher_plot(storage.join(cfg.run_dir, "teacher"), tmp)
+        plots += teacher_plot(run.teacher.root, tmp)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(markdown(report, plots))
         storage.upload_dir(tmp, out_dir)
@@ -241,17 +241,16 @@ def _later_stages(run_dir: str) -> dict:
     those stages ran. The kept variant is left out when it is the uncompressed winner itself."""
     from . import bundle
 
-    out = {}
-    best = storage.join(run_dir, "tune", "best")
-    if storage.exists(storage.join(best, "metrics.json")):
-        out["student_tuned"] = (*S.load(storage.join(best, "model")), storage.read_json(storage.join(best, "metrics.json")),
-                                storage.join(best, "model"))
-    chosen = storage.join(run_dir, "compress", "metrics.json")
+    out, run = {}, RunLayout(run_dir)
+    best = run.tune.best
+    if storage.exists(best.metrics):
+        out["student_tuned"] = (*S.load(best.model), storage.read_json(best.metrics), best.model)
+    chosen = run.compress.metrics
     if storage.exists(chosen):
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
-            model, tok, config, *_ = bundle.load(storage.join(run_dir, "bundle"))
-            out[metrics["variant"]] = (model, tok, config, metrics, storage.join(run_dir, "bundle"))
+            model, tok, config, *_ = bundle.load(run.bundle)
+            out[metrics["variant"]] = (model, tok, config, metrics, run.bundle)
     return out
 
 
@@ -384,18 +383,15 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def runs(sub: str) -> dict[str, list]:
-        root = storage.join(teacher_dir, sub)
-        if not storage.exists(root):
-            return {}
-        names = sorted({storage.parent(f).rsplit("/", 1)[-1] for f in storage.list_files(root, (".json",))
-                        if f.endswith("history.json")})
-        return {n: _read_history(storage.join(root, n, "history.json")) for n in names}
+    teacher = TeacherDir(teacher_dir)
 
-    metrics = storage.read_json(storage.join(teacher_dir, "metrics.json"))
+    def runs(kind: str) -> dict[str, list]:
+        return {n: _read_history(part.history) for n, part in teacher.trained(kind).items()}
+
+    metrics = storage.read_json(teacher.metrics)
     seq = {f"teacher member {n}": h for n, h in runs("members").items()}
     seq.update(runs("sasrec"))
-    intent = _read_history(storage.join(teacher_dir, "intent", "history.json"))
+    intent = _read_history(teacher.intent.history)
     if not seq and not intent:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from . import __version__, compress, distill, label, prepare, report, storage, teacher, tune, warmstart
 from .config import RunConfig, stable_hash
 from .errors import StageError
+from .layout import RunLayout
 
 STAGES = ("prepare", "teacher", "label", "distill", "tune", "compress", "report")
 
@@ -100,7 +101,7 @@ def parse_stages(text: str | None, warm_start: bool = False) -> list[str]:
 
 
 def manifest_path(run_dir: str, stage: str) -> str:
-    return storage.join(run_dir, stage, "manifest.json")
+    return RunLayout(run_dir).manifest(stage)
 
 
 def read_manifest(run_dir: str, stage: str) -> dict | None:
@@ -155,7 +156,7 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
     data = {k: storage.absolute(v) for k in ("items", "interactions", "reviews") if (v := getattr(cfg.data, k))}
     cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir), "data": cfg.data.model_copy(update=data)})
     storage.makedirs(cfg.run_dir)
-    storage.write_json(storage.join(cfg.run_dir, "config.json"), cfg.model_dump(mode="json"))
+    storage.write_json(RunLayout(cfg.run_dir).config, cfg.model_dump(mode="json"))
     manifests = {}
     for name in names:
         stage = AVAILABLE[name]
@@ -167,7 +168,7 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
             print(f"[{name}] up to date: manifest matches config and inputs; skipped (--force redoes it)")
             manifests[name] = current
             continue
-        out_dir = storage.join(cfg.run_dir, name)
+        out_dir = RunLayout(cfg.run_dir).stage(name)
         attempt = storage.join(out_dir, "_attempt.json")
         resume = (stage.resumable and not force and not current and storage.exists(attempt)
                   and storage.read_json(attempt) == expected)

@@ -14,11 +14,12 @@ import torch
 from . import evaluation, storage
 from .config import RunConfig
 from .data.examples import read_items, vocab_size
+from .layout import RunLayout
 from .student_model import Student, text_bag
 
 
 def student_meta(cfg: RunConfig, prepare_dir: str, tokenizer) -> dict:
-    teacher_meta = storage.read_json(storage.join(cfg.run_dir, "teacher", "model", "teacher.json"))
+    teacher_meta = storage.read_json(RunLayout(cfg.run_dir).teacher.spec)
     sc = cfg.student
     return {"n_items": vocab_size(prepare_dir), "n_categories": teacher_meta["n_categories"],
             "n_intents": teacher_meta["n_intents"], "intent_labels": teacher_meta["intent_labels"],

@@ -32,6 +32,7 @@ from torch import nn
 from . import baselines, evaluation, loop, storage, trainstate
 from .config import RunConfig
 from .data.examples import read_items, read_split, vocab_size
+from .layout import PartDir, PrepareDir, RunLayout, TeacherDir
 from .progress import say
 from .seqrec import NextItemLoss, SeqSpec, SequenceModel
 from .teacher_model import (CtrHead, IntentTeacher, SeqMember, Teacher, load_backbone, pad_list_array, set_threads,
@@ -62,9 +63,9 @@ def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int | None = N
 def model_meta(cfg: RunConfig, prepare_dir: str, text_dim: int) -> dict:
     """teacher.json: what `build` needs to rebuild the teacher (`text_dim`: the encoder's width)."""
     items = read_items(prepare_dir)
-    labels = storage.read_json(storage.join(prepare_dir, "vocab", "intent_labels.json")) \
-        if storage.exists(storage.join(prepare_dir, "vocab", "intent_labels.json")) else []
-    cats = storage.read_json(storage.join(prepare_dir, "vocab", "categories.json"))
+    prep = PrepareDir(prepare_dir)
+    labels = storage.read_json(prep.vocab("intent_labels")) if storage.exists(prep.vocab("intent_labels")) else []
+    cats = storage.read_json(prep.vocab("categories"))
     tasks = list(cfg.tasks.enabled())
     spec = seq_spec(cfg, vocab_size(prepare_dir), text_dim)
     return {"n_items": spec.n_items, "n_intents": len(labels), "intent_labels": labels, "n_categories": len(cats),
@@ -185,10 +186,10 @@ def item_text_embeddings(cfg: RunConfig, out_dir: str) -> torch.Tensor:
     """The item text embeddings of this run: computed once, as a Ray task, and kept in out_dir."""
     import ray
 
-    path = storage.join(out_dir, "item_text.safetensors")
+    path = TeacherDir(out_dir).item_text
     if storage.exists(path):
         return load_weights(path)["item_text"]
-    texts = read_items(storage.join(cfg.run_dir, "prepare"))["text"].tolist()
+    texts = read_items(RunLayout(cfg.run_dir).prepare.root)["text"].tolist()
     t0 = time.perf_counter()
     task = ray.remote(num_cpus=cfg.teacher.cpus_per_worker, num_gpus=1 if cfg.teacher.use_gpu else 0)(_encode_task)
     emb = ray.get(task.remote(cfg.teacher.model, texts, cfg.teacher.max_length, cfg.teacher.use_gpu,
@@ -336,7 +337,7 @@ def seq_loop(config: dict) -> None:
 
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:
-            save_weights(member, storage.join(out_dir, "model.safetensors"))
+            save_weights(member, PartDir(out_dir).weights)
         trainstate.report_epoch(member, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
 
     def log(epoch: int, entry: dict, improved: bool) -> None:
@@ -352,7 +353,7 @@ def seq_loop(config: dict) -> None:
                      batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device),
                      loss=model, validate=validate, on_validated=on_validated, state=state, autocast=autocast, log=log)
     if rank == 0:
-        storage.write_json(storage.join(out_dir, "history.json"), state["history"])
+        storage.write_json(PartDir(out_dir).history, state["history"])
 
 
 # ------------------------------------------------------------------------------ 4. intent
@@ -452,7 +453,7 @@ def intent_loop(config: dict) -> None:
 
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:
-            save_weights(model, storage.join(out_dir, "model.safetensors"))
+            save_weights(model, PartDir(out_dir).weights)
         trainstate.report_epoch(model, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
 
     def log(epoch: int, entry: dict, improved: bool) -> None:
@@ -466,7 +467,7 @@ def intent_loop(config: dict) -> None:
     state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
                      on_validated=on_validated, state=state, autocast=autocast, log=log)
     if rank == 0:
-        storage.write_json(storage.join(out_dir, "history.json"), state["history"])
+        storage.write_json(PartDir(out_dir).history, state["history"])
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -476,17 +477,18 @@ def _fit(cfg: RunConfig, loop_fn, name: str, out_dir: str, datasets: dict, loop_
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if storage.exists(storage.join(out_dir, "history.json")):
+    if storage.exists(PartDir(out_dir).history):
         say(f"[teacher] {name}: already trained, kept")
         return
+    run = RunLayout(cfg.run_dir)
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "out_dir": out_dir,
-                           "prepare_dir": storage.join(cfg.run_dir, "prepare"), **loop_config},
+                           "prepare_dir": run.prepare.root, **loop_config},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
-        run_config=TrainRunConfig(name=name, storage_path=storage.join(cfg.run_dir, "teacher", "ray_train"),
+        run_config=TrainRunConfig(name=name, storage_path=run.teacher.ray_train,
                                   failure_config=FailureConfig(max_failures=cfg.teacher.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -508,7 +510,8 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
     {"members": [dirs], "sasrec": [{name, dir, spec, valid, best_epoch, epochs_run}]}."""
     import ray
 
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    out_dir = TeacherDir(out_dir)
+    prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
     n_items = meta["n_items"]
     datasets, steps = {}, 1
@@ -517,12 +520,12 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
         datasets["sequences"] = ray.data.from_arrow(users).materialize()
         steps = max(1, math.ceil(users.num_rows / cfg.teacher.num_workers / cfg.teacher.sequence.batch_size))
     if "ctr" in tasks:
-        datasets["ctr"] = ray.data.read_parquet(storage.join(prepare_dir, "examples", "ctr", "train")).materialize()
+        datasets["ctr"] = ray.data.read_parquet(PrepareDir(prepare_dir).examples("ctr", "train")).materialize()
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
     common = {"meta": meta, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
-              "item_text": storage.join(out_dir, "item_text.safetensors")}
+              "item_text": out_dir.item_text}
     text_dim = 0 if text is None else text.shape[1]
     out = {"members": [], "sasrec": []}
     if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
@@ -530,17 +533,17 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
             for p in cfg.teacher.sasrec.dropouts:
                 spec = seq_spec(cfg, n_items, text_dim, dim=dim, dropout=p, item_text=False)
                 name = f"sasrec-d{dim}-p{p:g}"
-                d = storage.join(out_dir, "sasrec", name)
-                _fit(cfg, seq_loop, name, d, {"sequences": datasets["sequences"]},
+                d = out_dir.sasrec(name)
+                _fit(cfg, seq_loop, name, d.root, {"sequences": datasets["sequences"]},
                      {**common, "spec": spec.to_json(), "tasks": ["recommendation"], "ctr_head": False,
                       "seed": cfg.seed})
-                out["sasrec"].append({"name": name, "dir": d, "spec": spec.to_json(),
-                                      **_best(storage.read_json(storage.join(d, "history.json")))})
+                out["sasrec"].append({"name": name, "dir": d.root, "spec": spec.to_json(),
+                                      **_best(storage.read_json(d.history))})
     spec = SeqSpec.from_json(meta["sequence"])
     for i in range(cfg.teacher.sequence.members):
         name = f"teacher-seq{i}" if cfg.teacher.sequence.members > 1 else "teacher-seq"
-        d = storage.join(out_dir, "members", str(i))
-        _fit(cfg, seq_loop, name, d, datasets, {**common, "spec": spec.to_json(), "tasks": tasks, "ctr_head": True,
+        d = out_dir.member(i)
+        _fit(cfg, seq_loop, name, d.root, datasets, {**common, "spec": spec.to_json(), "tasks": tasks, "ctr_head": True,
                                                  "seed": cfg.seed + 1000 * i})
         out["members"].append(d)
     return out
@@ -554,7 +557,7 @@ def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, meta: 
         return {}
     spec = SeqSpec.from_json(next(r["spec"] for r in metrics["sasrec_grid"] if r["name"] == chosen))
     model = build_member(spec, meta, ctr_head=False)
-    model.load_state_dict(load_weights(storage.join(teacher_dir, "sasrec", chosen, "model.safetensors")))
+    model.load_state_dict(load_weights(TeacherDir(teacher_dir).sasrec(chosen).weights))
     sas_tasks = [t for t in SEQ_TASKS if t in tasks]
     return evaluate_member(model, prepare_dir, "test", sas_tasks, meta["n_items"], spec.max_history, seed)
 
@@ -567,7 +570,8 @@ def _best(history: list[dict]) -> dict:
 def run(cfg: RunConfig, out_dir: str) -> dict:
     import ray
 
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    out = TeacherDir(out_dir)
+    prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = cfg.tasks.enabled()
     backbone, tokenizer = load_backbone(cfg.teacher.model)  # fail here, with the path, not inside a worker
     hidden = backbone.config.hidden_size
@@ -576,22 +580,22 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     text = item_text_embeddings(cfg, out_dir) if uses_text else None
     meta = model_meta(cfg, prepare_dir, hidden if uses_text else 0)
     trained = train_sequence_models(cfg, out_dir, text, meta) if seq_tasks else {"members": [], "sasrec": []}
-    intent_dir = storage.join(out_dir, "intent")
+    intent_dir = out.intent
     if "intent" in tasks:
-        ds = ray.data.read_parquet(storage.join(prepare_dir, "examples", "intent", "train")).materialize()
+        ds = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
         steps = max(1, math.ceil(ds.count() / cfg.teacher.num_workers / cfg.teacher.intent_batch_size))
-        _fit(cfg, intent_loop, "intent", intent_dir, {"intent": ds}, {"meta": meta, "steps": steps})
+        _fit(cfg, intent_loop, "intent", intent_dir.root, {"intent": ds}, {"meta": meta, "steps": steps})
 
     # assemble the teacher from its trained parts
     model = build(backbone, meta, text)
     state = model.state_dict()
     if "intent" in tasks:
-        state.update({f"intent.{k}": v for k, v in load_weights(storage.join(intent_dir, "model.safetensors")).items()})
+        state.update({f"intent.{k}": v for k, v in load_weights(intent_dir.weights).items()})
     for i, d in enumerate(trained["members"]):
-        state.update({f"members.{i}.{k}": v for k, v in load_weights(storage.join(d, "model.safetensors")).items()})
+        state.update({f"members.{i}.{k}": v for k, v in load_weights(d.weights).items()})
     model.load_state_dict(state)
     model.eval()
-    save_model(model, tokenizer, meta, storage.join(out_dir, "model"))
+    save_model(model, tokenizer, meta, out.model)
 
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
@@ -605,15 +609,15 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, meta, cfg.seed).items():
             base.setdefault(t, {})["sasrec"] = m
     if "intent" in tasks:
-        report["intent_epochs"] = _best(storage.read_json(storage.join(intent_dir, "history.json")))
-    report["sequence_epochs"] = [_best(storage.read_json(storage.join(d, "history.json"))) for d in trained["members"]]
+        report["intent_epochs"] = _best(storage.read_json(intent_dir.history))
+    report["sequence_epochs"] = [_best(storage.read_json(d.history)) for d in trained["members"]]
     if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
         report["members_test"] = [evaluate_member(m, prepare_dir, "test", [t for t in SEQ_TASKS if t in tasks],
                                                   meta["n_items"], meta["max_history"], cfg.seed)
                                   for m in model.members]
-    storage.write_json(storage.join(out_dir, "metrics.json"), report)
+    storage.write_json(out.metrics, report)
     print_metrics(report)
-    storage.remove(storage.join(out_dir, "ray_train"))  # checkpoints only matter while the stage is unfinished
+    storage.remove(out.ray_train)  # checkpoints only matter while the stage is unfinished
     return {"counts": {"params": sum(p.numel() for p in model.parameters()),
                        "sequence_params": sum(p.numel() for p in model.members.parameters())},
             "sasrec": report.get("sasrec_chosen"), "valid_score": combined_score(valid), "test": test}

@@ -32,16 +32,18 @@ import os
 import re
 import tempfile
 
+from typing import NamedTuple
+
 from . import distill, storage
 from . import student as S
 from .config import RunConfig, TuneSpace
 from .errors import StageError
+from .layout import RunLayout, TuneDir
 from .progress import say
 from .teacher import SCORE_METRIC
 
 PER_TASK = ("temperature", "alpha", "weight")
 EXPERIMENT = "sweep"
-FAULT_ENV = "DISTILLERY_FAIL_TRIALS"  # "2,4": the 2nd and 4th trials raise at start (fault-injection tests)
 
 
 def param_space(space: TuneSpace, tasks: list[str]) -> dict:
@@ -105,21 +107,19 @@ def trial_config(cfg: RunConfig, params: dict) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
-def _trial(params: dict, *, inp: distill.Inputs, datasets: dict, out_root: str, fail: frozenset = frozenset()) -> None:
+def _trial(params: dict, *, inp: distill.Inputs, datasets: dict, out_root: str) -> None:
     """One Tune trial: a distillation TorchTrainer with this trial's config, on the datasets the
     driver materialized once for the whole sweep."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    if _trial_dir_parts(tune.get_context().get_trial_dir())[1] in fail:
-        raise RuntimeError(f"fault injected into trial {trial_id} ({FAULT_ENV})")
     cfg = trial_config(inp.cfg, params)
     meta = {**inp.meta, "dim": cfg.student.dim}
-    out_dir = storage.join(out_root, "trials", trial_id)
+    out = TuneDir(out_root)
     # same name and storage when Tune restarts the trial: Train resumes from its last checkpoint
-    distill.trainer(inp, cfg, "student", out_dir, datasets, run_name=f"trial-{trial_id}", meta=meta,
-                    storage_path=storage.join(out_root, "ray_train"), callbacks=(TuneReportCallback(),)).fit()
+    distill.trainer(inp, cfg, "student", out.trial(trial_id).root, datasets, run_name=f"trial-{trial_id}", meta=meta,
+                    storage_path=out.ray_train, callbacks=(TuneReportCallback(),)).fit()
 
 
 def _tuner(cfg: RunConfig, inp: distill.Inputs, out_dir: str):
@@ -128,13 +128,12 @@ def _tuner(cfg: RunConfig, inp: distill.Inputs, out_dir: str):
     from ray.tune.schedulers import ASHAScheduler
 
     epochs = cfg.tune.epochs or cfg.distill.epochs
-    fail = frozenset(int(x) for x in os.environ.get(FAULT_ENV, "").split(",") if x.strip())
     # materialized here, not in each trial: a trial's own Ray Data tasks could wait for CPUs that
     # the running trainers hold
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
-    trainable = tune.with_resources(tune.with_parameters(_trial, inp=inp, datasets=datasets, out_root=out_dir, fail=fail),
+    trainable = tune.with_resources(tune.with_parameters(_trial, inp=inp, datasets=datasets, out_root=out_dir),
                                     {"cpu": 0.01})  # the trial only drives its TorchTrainer's workers
-    path = storage.join(out_dir, "ray_tune", EXPERIMENT)
+    path = storage.join(TuneDir(out_dir).ray_tune, EXPERIMENT)
     if tune.Tuner.can_restore(path):
         say(f"[tune] resuming the interrupted sweep in {path}")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -157,7 +156,7 @@ def _tuner(cfg: RunConfig, inp: distill.Inputs, out_dir: str):
             max_concurrent_trials=cfg.tune.max_concurrent_trials,
             scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.tune.grace_period, epochs),
                                     reduction_factor=cfg.tune.reduction_factor)),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage.join(out_dir, "ray_tune"), verbose=1),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=TuneDir(out_dir).ray_tune, verbose=1),
     )
 
 
@@ -184,7 +183,7 @@ def _rows(results, out_dir: str) -> list[dict]:
         row["epochs_run"] = ran
         if r.error is not None:
             row["status"], row["error"] = "failed", _error_line(r.error)
-        elif not storage.exists(storage.join(out_dir, "trials", trial_id, "history.json")):
+        elif not storage.exists(TuneDir(out_dir).trial(trial_id).history):
             row["status"] = "stopped early"  # by ASHA: the trial's loop never reached its end
         else:
             row["status"] = "completed"  # all epochs, or fewer by its own patience (early stopping)
@@ -240,7 +239,8 @@ def plot(rows: list[dict], tasks: list[str], path: str) -> None:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    default = storage.join(cfg.run_dir, "distill", "student", "metrics.json")
+    default = RunLayout(cfg.run_dir).distill.variant("student").metrics
+    out = TuneDir(out_dir)
     if not storage.exists(default):
         raise StageError(f"{default} is missing: run the distill stage first (--stages distill,tune)")
     if cfg.tune.space.dim and any(d % cfg.student.heads for d in cfg.tune.space.dim):
@@ -252,23 +252,23 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         f"{min(cfg.tune.grace_period, epochs)} of {epochs}), {cfg.tune.max_concurrent_trials} at a time")
     results = _tuner(cfg, inp, out_dir).fit()
     rows = _rows(results, out_dir)
-    _write_csv(rows, storage.join(out_dir, "trials.csv"))
-    plot(rows, inp.tasks, storage.join(out_dir, "tune.png"))
+    _write_csv(rows, out.trials_csv)
+    plot(rows, inp.tasks, out.plot)
     ok = [r for r in rows if r["score"] == r["score"] and
-          storage.exists(storage.join(out_dir, "trials", r["trial_id"], "model", "model.safetensors"))]
+          storage.exists(storage.join(out.trial(r["trial_id"]).model, "model.safetensors"))]
     failed = sum(r["status"] == "failed" for r in rows)
     if not ok:
         raise StageError(f"no trial of the sweep finished an epoch ({failed} failed): see trials.csv and "
-                         f"{storage.join(out_dir, 'ray_tune')} for their errors")
+                         f"{out.ray_tune} for their errors")
     best = ok[0]
-    best_dir = storage.join(out_dir, "best")
-    _copy_dir(storage.join(out_dir, "trials", best["trial_id"]), best_dir)
+    best_dir = out.best
+    _copy_dir(out.trial(best["trial_id"]).root, best_dir.root)
     params = next(r for r in results if _rid(r) == best["trial_id"]).config
     cfg_best = trial_config(cfg, params)
     meta = {**inp.meta, "dim": cfg_best.student.dim}
-    if not storage.exists(storage.join(best_dir, "history.json")):  # a stopped trial wrote none
-        storage.write_json(storage.join(best_dir, "history.json"), _history(results, best["trial_id"]))
-    metrics = distill.finish(inp, best_dir, meta)
+    if not storage.exists(best_dir.history):  # a stopped trial wrote none
+        storage.write_json(best_dir.history, _history(results, best["trial_id"]))
+    metrics = distill.finish(inp, best_dir.root, meta)
     default_score = storage.read_json(default)["valid_score"]
     same_budget = next((r for r in rows if r["defaults"] and r["score"] == r["score"]), None)
     summary = {"trial_id": best["trial_id"], "valid_score": best["score"],
@@ -283,8 +283,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                "params": params,
                "test": metrics["test"], "trials": len(rows), "failed": failed,
                "stopped_early": sum(r["status"] == "stopped early" for r in rows)}
-    storage.write_json(storage.join(out_dir, "best.json"), summary)
-    storage.remove(storage.join(out_dir, "ray_train"))
+    storage.write_json(out.summary, summary)
+    storage.remove(out.ray_train)
     versus = (f"{same_budget['score']:.4f} for the defaults at the same budget "
               f"({summary['relative_gain_over_defaults_trial']:+.1%})" if same_budget else "no finished defaults trial")
     say(f"[tune] best trial {best['trial_id']}: validation score {best['score']:.4f} against {versus}, "
@@ -301,9 +301,10 @@ def _error_line(error: BaseException) -> str:
 
 
 def _trial_dir_parts(path: str) -> tuple[str, int]:
-    """(trial id, trial number from 1) from a trial folder's name, `_trial_<id>_<n>_<params>_<date>`;
-    ids are 8 hex digits from a searcher, `<5 hex>_<5 digits>` from random sampling."""
-    found = re.match(r"_trial_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_", os.path.basename((path or "").rstrip("/")))
+    """(trial id, trial number from 1) from a trial folder's name, `<trainable>_<id>_<n>_<params>_<date>`
+    (the trainable's function name first); ids are 8 hex digits from a searcher, `<5 hex>_<5 digits>`
+    from random sampling."""
+    found = re.match(r".*?_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_", os.path.basename((path or "").rstrip("/")))
     return (found.group(1), int(found.group(2))) if found else ("unknown", -1)
 
 
@@ -331,17 +332,30 @@ def _copy_dir(src: str, dst: str) -> None:
         storage.upload_dir(local, dst)
 
 
-def load_winner(run_dir: str):
-    """(model, tokenizer, meta, folder) of the sweep's best student when the tune stage ran and it
-    beat the default settings on validation, else of the distill stage's student."""
-    best = storage.join(run_dir, "tune", "best.json")
-    folders = [storage.join(run_dir, "distill", "student", "model")]
-    if storage.exists(best) and storage.read_json(best).get("winner") == "tune":
-        folders.insert(0, storage.join(run_dir, "tune", "best", "model"))
-    for d in folders:
-        if storage.exists(storage.join(d, "model.safetensors")):
-            return (*S.load(d), d)
+class Winner(NamedTuple):
+    """The student that compress takes, and where it came from (best.json's record, not its path)."""
+
+    model: object
+    tokenizer: object
+    meta: dict
+    folder: str
+    source: str                 # "distill" or "tune"
+    params: dict | None = None  # the winning trial's sampled values (source "tune")
+    trial_id: str | None = None
+
+
+def load_winner(run_dir: str) -> Winner:
+    """The sweep's best student when the tune stage ran and it beat the distill stage's student on
+    validation (best.json `winner`), else the distill stage's student."""
+    layout = RunLayout(run_dir)
+    summary = storage.read_json(layout.tune.summary) if storage.exists(layout.tune.summary) else {}
+    tuned = layout.tune.best.model
+    if summary.get("winner") == "tune" and storage.exists(storage.join(tuned, "model.safetensors")):
+        return Winner(*S.load(tuned), tuned, "tune", summary["params"], summary["trial_id"])
+    folder = layout.distill.variant("student").model
+    if storage.exists(storage.join(folder, "model.safetensors")):
+        return Winner(*S.load(folder), folder, "distill")
     raise StageError(f"no student in {run_dir}: run the distill stage first")
 
 
-__all__ = ["run", "param_space", "trial_config", "plot", "load_winner"]
+__all__ = ["run", "param_space", "trial_config", "plot", "load_winner", "Winner"]

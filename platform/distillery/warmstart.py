@@ -30,6 +30,7 @@ import torch
 from . import bundle, storage
 from .config import RunConfig
 from .errors import DataError, StageError
+from .layout import RunLayout, TeacherDir
 from .progress import say
 
 # the student's shape: a bundle's weights fit a new student only where all of these are equal
@@ -43,16 +44,20 @@ class Source(NamedTuple):
     run_dir: str  # the run that wrote the bundle
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    @property
     def teacher_dir(self) -> str:
-        return storage.join(self.run_dir, "teacher", "model")
+        return self.layout.teacher.model
 
     @property
     def label_dir(self) -> str:
-        return storage.join(self.run_dir, "label")
+        return self.layout.label.root
 
     @property
     def items(self) -> str:
-        return storage.join(self.run_dir, "prepare", "items.parquet")
+        return self.layout.prepare.items
 
     @property
     def student_dir(self) -> str | None:
@@ -133,13 +138,14 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     from . import baselines, teacher
 
     src = source(cfg)
-    model_dir = storage.join(out_dir, "model")
+    out, run = TeacherDir(out_dir), RunLayout(cfg.run_dir)
+    model_dir = out.model
     say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
     storage.copy_dir(src.teacher_dir, model_dir)
     model, tokenizer, meta = teacher.load_model(model_dir)
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    prepare_dir = run.prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in meta["tasks"]]
-    new_labels = storage.read_json(storage.join(prepare_dir, "vocab", "intent_labels.json"))
+    new_labels = storage.read_json(run.prepare.vocab("intent_labels"))
     if "intent" in tasks and new_labels != meta["intent_labels"]:
         raise StageError(f"the teacher of {src.run_dir} has intent classes {meta['intent_labels']}, the new window "
                          f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
@@ -148,16 +154,16 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     report = {"valid": valid, "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
               "reused_from": src.run_dir}
     # the earlier run's SASRec baseline, like its teacher, measured on this window
-    earlier_dir = storage.join(src.run_dir, "teacher")
-    earlier = storage.read_json(storage.join(earlier_dir, "metrics.json"))
+    earlier_dir = src.layout.teacher
+    earlier = storage.read_json(earlier_dir.metrics)
     if earlier.get("sasrec_chosen"):
         # copied with its teacher, so that a run warm-started from this one finds it too
         chosen = earlier["sasrec_chosen"]
-        storage.copy_dir(storage.join(earlier_dir, "sasrec", chosen), storage.join(out_dir, "sasrec", chosen))
+        storage.copy_dir(earlier_dir.sasrec(chosen), out.sasrec(chosen))
         for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
             report["baselines"].setdefault(t, {})["sasrec"] = m
         report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
-    storage.write_json(storage.join(out_dir, "metrics.json"), report)
+    storage.write_json(out.metrics, report)
     teacher.print_metrics(report)
     return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,
             "valid_score": teacher.combined_score(valid), "test": test,
@@ -202,7 +208,7 @@ def previous_metrics(cfg: RunConfig, tasks: list[str]) -> dict:
     from . import student as S
 
     loaded = bundle.load(source(cfg).bundle)
-    prepare_dir = storage.join(cfg.run_dir, "prepare")
+    prepare_dir = RunLayout(cfg.run_dir).prepare.root
     out = {}
     for split in ("valid", "test"):
         out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.config, tasks), prepare_dir,

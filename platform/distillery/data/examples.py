@@ -264,8 +264,9 @@ def read_split(prepare_dir: str, task: str, split: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     from .. import storage
+    from ..layout import PrepareDir
 
-    fs, path = storage.resolve(storage.join(prepare_dir, "examples", task, split))
+    fs, path = storage.resolve(PrepareDir(prepare_dir).examples(task, split))
     return pq.read_table(path, filesystem=fs).to_pandas()
 
 
@@ -274,8 +275,9 @@ def read_items(prepare_dir: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     from .. import storage
+    from ..layout import PrepareDir
 
-    fs, path = storage.resolve(storage.join(prepare_dir, "items.parquet"))
+    fs, path = storage.resolve(PrepareDir(prepare_dir).items)
     return pq.read_table(path, filesystem=fs).to_pandas()
 
 
@@ -284,6 +286,7 @@ def vocab_size(prepare_dir: str) -> int:
     import pyarrow.parquet as pq
 
     from .. import storage
+    from ..layout import PrepareDir
 
-    fs, path = storage.resolve(storage.join(prepare_dir, "items.parquet"))
+    fs, path = storage.resolve(PrepareDir(prepare_dir).items)
     return pq.read_metadata(path, filesystem=fs).num_rows + len(RESERVED)
