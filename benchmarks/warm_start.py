@@ -34,7 +34,7 @@ from distillery import runner  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.data import synthetic  # noqa: E402
 from distillery.prepare import write_tables  # noqa: E402
-from distillery.teacher import SCORE_METRIC  # noqa: E402
+from distillery.metrics import SCORE_METRIC  # noqa: E402
 
 STAGES = ["prepare", "teacher", "label", "distill", "compress", "report"]
 

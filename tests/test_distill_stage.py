@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distillery import distill, runner
+from distillery import distill, metrics, runner
 from distillery.errors import StageError
 
 
@@ -71,10 +71,10 @@ def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_gr
     assert all(p.ndim > 1 for p in decayed["params"])
 
 
-def test_combined_score_is_the_mean_ratio_to_the_teacher():
+def test_the_students_score_is_the_mean_ratio_to_the_teacher():
     teacher = {"recommendation": {"ndcg@10": 0.2}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.5}}
     student = {"recommendation": {"ndcg@10": 0.1}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.6}}
-    assert distill.combined_score(student, teacher) == pytest.approx((0.5 + 1.0 + 1.2) / 3)
+    assert metrics.teacher_relative_score(student, teacher) == pytest.approx((0.5 + 1.0 + 1.2) / 3)
 
 
 @pytest.mark.integration

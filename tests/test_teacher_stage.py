@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT
 from distillery import runner
-from distillery.teacher import SCORE_METRIC, evaluate, load_model
+from distillery.metrics import SCORE_METRIC
+from distillery.teacher import evaluate, load_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 

@@ -205,7 +205,7 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_warm_start_refuses_what_it_cannot_continue(windows, tmp_path):
+def test_warm_start_refuses_what_it_cannot_continue(windows, tmp_path, monkeypatch):
     tmp, config = windows
     bundle_dir = tmp / "old" / "bundle"
     with pytest.raises(StageError, match="give the new window a new run_dir"):
@@ -227,8 +227,15 @@ def test_warm_start_refuses_what_it_cannot_continue(windows, tmp_path):
     meta = {**src.config, "dim": src.config["dim"] * 2}
     with pytest.raises(StageError, match=r"student.dim: bundle \d+, this run \d+"):
         warmstart.check_student(config("w2", "x", f"warm_start={bundle_dir}"), meta)
+    # every stage asks for the source; the bundle is hashed once, and again when a file of it changes
+    copied = tmp_path / "copied"
+    shutil.copytree(bundle_dir, copied)
+    verify, calls = warmstart.bundle.verify, []
+    monkeypatch.setattr(warmstart.bundle, "verify", lambda path: calls.append(path) or verify(path))
+    for _ in range(3):
+        warmstart.source(config("w2", "x", f"warm_start={copied}"))
+    assert len(calls) == 1
+    (copied / "metrics.json").write_text("{}\n")
     with pytest.raises(Exception, match="failed verification"):
-        broken = tmp_path / "broken"
-        shutil.copytree(bundle_dir, broken)
-        (broken / "metrics.json").write_text("{}\n")
-        warmstart.source(config("w2", "x", f"warm_start={broken}"))
+        warmstart.source(config("w2", "x", f"warm_start={copied}"))
+    assert len(calls) == 2

@@ -32,7 +32,7 @@ from . import student as S
 from .config import RunConfig
 from .layout import CompressDir, RunLayout
 from .progress import say
-from .teacher import SCORE_METRIC
+from .metrics import SCORE_METRIC
 
 
 def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:

@@ -26,7 +26,7 @@ from .errors import StageError
 from .layout import DistillDir, RunLayout, StudentDir
 from .losses import LOSSES
 from .progress import say
-from .teacher import SCORE_METRIC
+from .metrics import SCORE_METRIC, teacher_relative_score
 from .teacher_model import pad_list_array, set_threads
 
 VARIANTS = ("student", "student_no_kd")
@@ -168,14 +168,6 @@ def _shares(cfg: RunConfig, tasks: list[str]) -> dict[str, int]:
     return {t: max(1, round(cfg.distill.batch_size * cfg.distill.mix[t] / total)) for t in tasks}
 
 
-def combined_score(valid: dict, teacher_valid: dict) -> float:
-    """Mean over tasks of student metric / teacher metric (NDCG@10, AUC, macro-F1)."""
-    ratios = [valid[t][m] / teacher_valid[t][m] for t, m in SCORE_METRIC.items()
-              if t in valid and t in teacher_valid and teacher_valid[t][m]
-              and not math.isnan(valid[t][m]) and not math.isnan(teacher_valid[t][m])]
-    return float(np.mean(ratios)) if ratios else float("nan")
-
-
 def optimizer(student: torch.nn.Module, dc) -> torch.optim.AdamW:
     """AdamW in three groups: weight matrices and embedding tables with decay; biases, norms and the
     pooling query without; the text bag's table without decay and at `text_lr_scale` x the rate, as
@@ -235,7 +227,7 @@ def train_loop(config: dict) -> None:
     def validate():
         valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
                                     n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
-        return combined_score(valid, config["teacher_valid"]), valid
+        return teacher_relative_score(valid, config["teacher_valid"]), valid
 
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:

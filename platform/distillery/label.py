@@ -25,7 +25,6 @@ task and split are exactly the prepared ones.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import uuid
 
@@ -139,8 +138,6 @@ def tokenize_batch(batch: pa.Table, *, tokenizer, max_length: int, buckets: int)
     the teacher has a lexical bag). In Ray Data tasks, tokenization runs on the cluster's spare CPUs
     while the workers run the teacher, instead of stalling each forward pass: on a GPU it was the
     bottleneck (see benchmarks/README.md)."""
-    # One task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
     cols = {name: batch.column(name) for name in ("example_id", "split", "fingerprint") if name in batch.column_names}
     cols |= {"input_ids": pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"],
@@ -454,6 +451,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         buckets = meta.get("lexical_buckets", 1 << 16) if meta.get("lexical_dim", 0) else 0
         datasets["intent"] = datasets["intent"].map_batches(
             tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=lc.tokenize_cpus,
+            # one task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
             fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.teacher.max_length, "buckets": buckets})
     trainer = TorchTrainer(
         label_loop,

@@ -21,6 +21,27 @@ import numpy as np
 RESERVED = 2  # vocabulary ids 0 (pad) and 1 (unknown)
 
 
+# The metric that ranks models on each task (early stopping, the SASRec grid, the report's tables).
+SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
+
+
+def mean_metric(valid: dict) -> float:
+    """Mean over tasks of SCORE_METRIC: how the teacher stage summarizes a model it trains (its
+    manifest's `valid_mean_metric`)."""
+    vals = [valid[t][m] for t, m in SCORE_METRIC.items() if t in valid and not math.isnan(valid[t][m])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def teacher_relative_score(valid: dict, teacher_valid: dict) -> float:
+    """Mean over tasks of student metric / teacher metric: the students' early-stopping and sweep
+    score (`valid_score` in the distill and tune outputs). Tasks the teacher scores 0 or NaN on
+    are left out."""
+    ratios = [valid[t][m] / teacher_valid[t][m] for t, m in SCORE_METRIC.items()
+              if t in valid and t in teacher_valid and teacher_valid[t][m]
+              and not math.isnan(valid[t][m]) and not math.isnan(teacher_valid[t][m])]
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
 def ranks_full(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
     """1-based rank of each target among all catalogue items.
 

@@ -32,7 +32,8 @@ from .data.examples import read_split
 from .errors import StageError
 from .layout import RunLayout, TeacherDir
 from .progress import say
-from .teacher import SCORE_METRIC, load_model
+from .metrics import SCORE_METRIC
+from .teacher import load_model
 from .runtime import StudentRuntime, pad
 from .student_model import longs
 from .teacher_model import text_inputs

@@ -33,19 +33,13 @@ from . import baselines, evaluation, loop, storage, trainstate
 from .config import RunConfig
 from .data.examples import read_items, read_split, vocab_size
 from .layout import PartDir, PrepareDir, RunLayout, TeacherDir
+from .metrics import SCORE_METRIC, mean_metric
 from .progress import say
 from .seqrec import NextItemLoss, SeqSpec, SequenceModel
 from .teacher_model import (CtrHead, IntentTeacher, SeqMember, Teacher, load_backbone, pad_list_array, set_threads,
                             text_inputs)
 
-SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
 SEQ_TASKS = ("recommendation", "ctr")
-
-
-def combined_score(valid: dict) -> float:
-    """Mean over tasks of the metric that ranks models (NDCG@10, AUC, macro-F1)."""
-    vals = [valid[t][m] for t, m in SCORE_METRIC.items() if t in valid and not math.isnan(valid[t][m])]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 # ------------------------------------------------------------------------------ model i/o
@@ -620,7 +614,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     storage.remove(out.ray_train)  # checkpoints only matter while the stage is unfinished
     return {"counts": {"params": sum(p.numel() for p in model.parameters()),
                        "sequence_params": sum(p.numel() for p in model.members.parameters())},
-            "sasrec": report.get("sasrec_chosen"), "valid_score": combined_score(valid), "test": test}
+            "sasrec": report.get("sasrec_chosen"), "valid_mean_metric": mean_metric(valid), "test": test}
 
 
 def print_metrics(report: dict) -> None:

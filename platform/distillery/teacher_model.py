@@ -16,7 +16,6 @@ CTR logits are the members' means.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +226,8 @@ def trim_padding(history: torch.Tensor) -> torch.Tensor:
 
 
 def set_threads(cpus: float) -> None:
-    """Torch threads = the CPUs Ray gave this worker (torch would otherwise take every core)."""
+    """Torch threads = the CPUs Ray gave this worker (torch would otherwise take every core).
+    torch.set_num_threads resizes torch's own pool whenever it is called; OMP_NUM_THREADS would be
+    read only when the pool starts, before this runs, so it is not set here (Ray sets it per worker)."""
     n = max(1, math.ceil(cpus))  # 1.5 CPUs: two threads, half a CPU left for Ray Data
     torch.set_num_threads(n)
-    os.environ.setdefault("OMP_NUM_THREADS", str(n))

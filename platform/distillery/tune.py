@@ -40,7 +40,7 @@ from .config import RunConfig, TuneSpace
 from .errors import StageError
 from .layout import RunLayout, TuneDir
 from .progress import say
-from .teacher import SCORE_METRIC
+from .metrics import SCORE_METRIC
 
 PER_TASK = ("temperature", "alpha", "weight")
 EXPERIMENT = "sweep"

@@ -22,15 +22,18 @@ that run's teacher and labels are reused:
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 
 from . import bundle, storage
-from .config import RunConfig
+from .config import RunConfig, stable_hash
 from .errors import DataError, StageError
 from .layout import RunLayout, TeacherDir
+from .metrics import mean_metric
 from .progress import say
 
 # the student's shape: a bundle's weights fit a new student only where all of these are equal
@@ -65,14 +68,22 @@ class Source(NamedTuple):
         return self.config.get("student_dir")
 
 
+@functools.lru_cache(maxsize=8)
+def _verified_config(path: str, identity: str) -> dict:
+    """The config.json of the bundle at `path`, after `bundle.verify`. Every stage of a run asks for
+    the warm-start source; `identity` (a hash of the bundle's file names, sizes and mtimes) keys the
+    cache, so its files are hashed once per process and again only when they change."""
+    bundle.verify(path)
+    return storage.read_json(storage.join(path, "config.json"))
+
+
 def source(cfg: RunConfig) -> Source | None:
     """The earlier run of a warm-started config (None without `warm_start`), checked: the bundle
     verifies, its run is another one, and that run still has its teacher and catalogue."""
     if not cfg.warm_start:
         return None
     path = storage.absolute(cfg.warm_start)
-    bundle.verify(path)
-    config = storage.read_json(storage.join(path, "config.json"))
+    config = copy.deepcopy(_verified_config(path, stable_hash(storage.fingerprint(path))))
     run_dir = config.get("run_dir")
     if not run_dir:
         raise StageError(f"warm_start={cfg.warm_start}: the bundle does not say which run built it (no run_dir in "
@@ -159,14 +170,14 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     if earlier.get("sasrec_chosen"):
         # copied with its teacher, so that a run warm-started from this one finds it too
         chosen = earlier["sasrec_chosen"]
-        storage.copy_dir(earlier_dir.sasrec(chosen), out.sasrec(chosen))
+        storage.copy_dir(earlier_dir.sasrec(chosen).root, out.sasrec(chosen).root)
         for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
             report["baselines"].setdefault(t, {})["sasrec"] = m
         report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
     storage.write_json(out.metrics, report)
     teacher.print_metrics(report)
     return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,
-            "valid_score": teacher.combined_score(valid), "test": test,
+            "valid_mean_metric": mean_metric(valid), "test": test,
             "model_sha256": storage.sha256(storage.join(model_dir, "model.safetensors"))}
 
 
