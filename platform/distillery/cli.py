@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir", help="a run directory whose compress stage wrote RUN_DIR/bundle")
     exp.add_argument("out", help="destination folder (replaced)")
 
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="serve a model bundle over HTTP on a local Ray (foreground)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Verify BUNDLE, start a local Ray and Serve, and answer the HTTP API\n"
@@ -108,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Serve's per-request access log and INFO logs (off by default: WARNING and above)")
     srv.add_argument("--demo", action="store_true",
                      help="send one request of each kind over HTTP, print the answers, and stop")
-    return parser
 
 
 def _serve_defaults():

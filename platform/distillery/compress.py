@@ -153,7 +153,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from . import tune
 
     winner = tune.load_winner(cfg.run_dir)
-    model_dir, tok, run, out = winner.folder, winner.tokenizer, RunLayout(cfg.run_dir), CompressDir(out_dir)
+    model_dir, tok, layout, out = winner.folder, winner.tokenizer, RunLayout(cfg.run_dir), CompressDir(out_dir)
     loss_cfg, source = cfg, "distill"
     if winner.source == "tune":  # fine-tuned with the loss settings the winning trial was trained with
         loss_cfg, source = tune.trial_config(cfg, winner.params), f"tune (trial {winner.trial_id})"
@@ -164,21 +164,21 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     result = ray.get(work.remote(cfg, loss_cfg, inp, model_dir, threads))
     chosen = result["chosen"]
     storage.write_json(out.variants, result["variants"])
-    teacher_metrics = storage.read_json(run.teacher.metrics)
+    teacher_metrics = storage.read_json(layout.teacher.metrics)
     metrics = {"variant": chosen["name"], "source": source, "valid": chosen["valid"], "test": chosen["test"],
                "drops": chosen["drops"], "teacher": {"valid": teacher_metrics["valid"], "test": teacher_metrics["test"]}}
     storage.write_json(out.metrics, metrics)
 
-    fs, path = storage.resolve(run.prepare.items)
+    fs, path = storage.resolve(layout.prepare.items)
     items = pq.read_table(path, filesystem=fs, columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
     # student_dir: the uncompressed student, which a warm start continues from
     config = {**result["meta"], "weights": "int8-rowwise" if chosen["int8"] else "float32",
               "variant": chosen["name"], "source": source, "run_dir": cfg.run_dir, "student_dir": model_dir}
-    manifest = bundle.write(run.bundle, state=result["state"], config=config, tokenizer=tok,
+    manifest = bundle.write(layout.bundle, state=result["state"], config=config, tokenizer=tok,
                             items=items, metrics=metrics)
     base = result["variants"][0]
     say(f"[compress] kept {chosen['name']}: {chosen['bytes'] / 1e6:.2f} MB against {base['bytes'] / 1e6:.2f} MB "
-        f"({base['bytes'] / chosen['bytes']:.1f}x smaller); bundle in {run.bundle} "
+        f"({base['bytes'] / chosen['bytes']:.1f}x smaller); bundle in {layout.bundle} "
         f"({len(manifest['files'])} files, verified by `distillery verify`)")
     return {"chosen": chosen["name"], "bytes": chosen["bytes"], "fp32_bytes": base["bytes"],
             "drops": chosen["drops"], "variants": {v["name"]: {"bytes": v["bytes"], "within_budget": v["within_budget"]}

@@ -180,6 +180,36 @@ def optimizer(student: torch.nn.Module, dc) -> torch.optim.AdamW:
                               {"params": text, "weight_decay": 0.0, "lr": dc.lr * dc.text_lr_scale}], lr=dc.lr)
 
 
+def _initial_student(config: dict, cfg: RunConfig, announce: bool):
+    """(student, tokenizer) a worker starts from: a warm start's weights, the teacher's projected
+    vectors (the KD student) or random ones (the no-KD baseline). A restored checkpoint overrides it."""
+    from transformers import AutoTokenizer
+
+    with storage.local_copy(config["tokenizer_dir"]) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    student = S.build_for_run(config["meta"], config["prepare_dir"], tokenizer)
+    if config.get("init"):
+        student.load_state_dict(warmstart.initial_state(config["init"]))
+        if announce:
+            say(f"[distill] {config.get('name', config['variant'])}: starting from the weights of {config['init']}")
+    elif config["variant"] == "student" and cfg.student.init_from_teacher:
+        S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
+    return student, tokenizer
+
+
+def _shard_tensors(tasks: list[str], variant: str, meta: dict) -> dict:
+    """This worker's shard of each task's train rows (`rows_for` the variant) as tensors; None for a
+    task whose shard is empty."""
+    import ray.train
+
+    data = {}
+    for t in tasks:
+        parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
+        table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
+        data[t] = TASKS[t].tensors(table, meta) if table is not None and table.num_rows else None
+    return data
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker function: one variant (student or student_no_kd)."""
     import ray.train
@@ -195,16 +225,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     tasks, meta, prepare_dir = config["tasks"], config["meta"], config["prepare_dir"]
 
-    from transformers import AutoTokenizer
-    with storage.local_copy(config["tokenizer_dir"]) as local:
-        tokenizer = AutoTokenizer.from_pretrained(local)
-    student = S.build_for_run(meta, prepare_dir, tokenizer)
-    if config.get("init"):  # a warm start; a checkpoint restored below takes precedence
-        student.load_state_dict(warmstart.initial_state(config["init"]))
-        if rank == 0:
-            say(f"[distill] {name}: starting from the weights of {config['init']}")
-    elif variant == "student" and cfg.student.init_from_teacher:
-        S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
+    student, tokenizer = _initial_student(config, cfg, announce=rank == 0)
     student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
     optim = optimizer(student, dc)
     shares, steps = config["shares"], config["steps"]
@@ -216,11 +237,7 @@ def train_loop(config: dict) -> None:
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn
-    data = {}
-    for t in tasks:
-        parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
-        table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
-        data[t] = TASKS[t].tensors(table, meta) if table is not None and table.num_rows else None
+    data = _shard_tensors(tasks, variant, meta)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batches = mixed_batches(data, shares, steps, device)
 
@@ -260,8 +277,8 @@ def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table
     have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
     spec = TASKS[task]
     splits = ["train"] + ([TRANSFER] if task == "intent" else [])  # transfer: teacher-labelled texts only
-    run = RunLayout(cfg.run_dir)
-    ex_dir, lab_dir = run.prepare.examples(task), run.label.task(task)
+    layout = RunLayout(cfg.run_dir)
+    ex_dir, lab_dir = layout.prepare.examples(task), layout.label.task(task)
     examples = _read_splits(ex_dir, splits, list(spec.example_columns))
     labels = _read_splits(lab_dir, splits, ["example_id", *spec.label_columns])
     # joined by position (Arrow's hash join does not carry list columns)
@@ -318,13 +335,13 @@ class Inputs:
 def inputs(cfg: RunConfig) -> Inputs:
     from transformers import AutoTokenizer
 
-    run = RunLayout(cfg.run_dir)
-    teacher_dir = run.teacher.model
-    for need, stage in ((run.teacher.spec, "teacher"), (run.label.manifest, "label")):
+    layout = RunLayout(cfg.run_dir)
+    teacher_dir = layout.teacher.model
+    for need, stage in ((layout.teacher.spec, "teacher"), (layout.label.manifest, "label")):
         if not storage.exists(need):
             raise StageError(f"{need} is missing: run the {stage} stage first (--stages teacher,label,distill)")
-    prepare_dir = run.prepare.root
-    teacher_metrics = storage.read_json(run.teacher.metrics)
+    prepare_dir = layout.prepare.root
+    teacher_metrics = storage.read_json(layout.teacher.metrics)
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["valid"]]
     with storage.local_copy(teacher_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)

@@ -25,6 +25,7 @@ task and split are exactly the prepared ones.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 
@@ -265,6 +266,19 @@ def _lockstep(batches, sharded: bool, device):
         yield batch
 
 
+def _label_columns(task: str, model: Teacher, tokenizer, items: torch.Tensor, batch: pa.Table, cfg: RunConfig,
+                   meta: dict, device) -> dict:
+    """The teacher's label columns of one batch of `task`."""
+    if task == "recommendation":
+        return label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=cfg.label.top_k,
+                                    device=device)
+    if task == "ctr":
+        return label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
+    if "input_ids" in batch.column_names:  # tokenized by Ray Data
+        return label_intent_tokens(model, batch, pad_id=tokenizer.pad_token_id or 0, device=device)
+    return label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
+
+
 def label_loop(config: dict) -> None:
     """Ray Train worker function: label this worker's shard of every task."""
     import ray.train
@@ -308,15 +322,7 @@ def label_loop(config: dict) -> None:
             if batch.num_rows == 0:
                 continue
             with autocast:
-                if task == "recommendation":
-                    cols = label_recommendation(model, items, batch, max_history=meta["max_history"],
-                                                top_k=lc.top_k, device=device)
-                elif task == "ctr":
-                    cols = label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
-                elif "input_ids" in batch.column_names:  # tokenized by Ray Data
-                    cols = label_intent_tokens(model, batch, pad_id=tokenizer.pad_token_id or 0, device=device)
-                else:
-                    cols = label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
+                cols = _label_columns(task, model, tokenizer, items, batch, cfg, meta, device)
             writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
                                  "fingerprint": batch.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
             if time.perf_counter() - last > 15:
@@ -411,8 +417,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run, out = RunLayout(cfg.run_dir), LabelDir(out_dir)
-    model_dir = run.teacher.model
+    layout, out = RunLayout(cfg.run_dir), LabelDir(out_dir)
+    model_dir = layout.teacher.model
     if not storage.exists(storage.join(model_dir, "model.safetensors")):
         raise StageError(f"no teacher model in {model_dir}: run the teacher stage first (--stages teacher,label)")
     tasks = [t for t in cfg.tasks.enabled() if t in expected_counts(cfg)]
@@ -421,7 +427,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     key = cache_key(cfg, teacher_sha256)
     # Materialized before the workers start: a worker holding most CPUs of a small machine would
     # otherwise starve the read tasks of its own input.
-    examples = {t: ray.data.read_parquet(run.prepare.examples(t), columns=COLUMNS[t])
+    examples = {t: ray.data.read_parquet(layout.prepare.examples(t), columns=COLUMNS[t])
                 .map_batches(with_fingerprints, fn_kwargs={"task": t}, batch_format="pyarrow").materialize()
                 for t in tasks}
     totals = {t: ds.count() for t, ds in examples.items()}
@@ -429,31 +435,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     from . import warmstart
 
     reused = reuse_labels(examples, out_dir, warmstart.label_source(cfg), key, lc.rows_per_file)
-    datasets = {}
-    for t, ds in examples.items():
-        done = done_ids(out_dir, t)  # from the cache, or from an interrupted attempt
-        if len(done):
-            ds = ds.map_batches(_without, fn_kwargs={"ids": done}, batch_format="pyarrow")
-        # blocks of a few batches each, so the workers share every task, however the files were cut
-        datasets[t] = ds.repartition(
-            target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size)).materialize()
-        if len(done) > reused.get(t, 0):
-            say(f"[label] {t}: {len(done) - reused.get(t, 0):,} examples were labelled by an interrupted attempt; kept")
+    datasets = _still_to_label(examples, out_dir, reused, lc)
     todo = {t: ds.count() for t, ds in datasets.items()}  # for the teacher in this attempt
     say(f"[label] to the teacher: {sum(todo.values()):,} of {total:,} examples "
         + ", ".join(f"{t}={todo[t]:,}/{totals[t]:,}" for t in tasks))
     if "intent" in datasets and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
-        with storage.local_copy(model_dir) as local:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(local)
-            meta = storage.read_json(storage.join(model_dir, "teacher.json"))
-        buckets = meta.get("lexical_buckets", 1 << 16) if meta.get("lexical_dim", 0) else 0
-        datasets["intent"] = datasets["intent"].map_batches(
-            tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=lc.tokenize_cpus,
-            # one task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-            fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.teacher.max_length, "buckets": buckets})
+        datasets["intent"] = _tokenized(datasets["intent"], model_dir, cfg)
     trainer = TorchTrainer(
         label_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
@@ -484,6 +471,37 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             "labelled": labelled, "reused": reused, "labeling_seconds": seconds, "train_job_seconds": round(took, 2),
             "teacher_sha256": teacher_sha256, "cache_key": key,
             "top_k": lc.top_k, "workers": lc.num_workers, "use_gpu": lc.use_gpu}
+
+
+def _still_to_label(examples: dict, out_dir: str, reused: dict[str, int], lc) -> dict:
+    """{task: the examples without a label in `out_dir` yet (neither reused nor written by an
+    interrupted attempt)}, in blocks of a few batches each, so the workers share every task however
+    the files were cut."""
+    datasets = {}
+    for t, ds in examples.items():
+        done = done_ids(out_dir, t)
+        if len(done):
+            ds = ds.map_batches(_without, fn_kwargs={"ids": done}, batch_format="pyarrow")
+        datasets[t] = ds.repartition(
+            target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size)).materialize()
+        if len(done) > reused.get(t, 0):
+            say(f"[label] {t}: {len(done) - reused.get(t, 0):,} examples were labelled by an interrupted attempt; kept")
+    return datasets
+
+
+def _tokenized(ds, model_dir: str, cfg: RunConfig):
+    """The intent examples with the teacher's inputs added by Ray Data tasks (`tokenize_batch`)."""
+    from transformers import AutoTokenizer
+
+    with storage.local_copy(model_dir) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        meta = storage.read_json(os.path.join(local, "teacher.json"))
+    return ds.map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cfg.label.tokenize_cpus,
+        # one task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.teacher.max_length,
+                   "buckets": meta["lexical_buckets"] if meta.get("lexical_dim") else 0})
 
 
 def _without(batch: pa.Table, ids: pa.Array) -> pa.Table:

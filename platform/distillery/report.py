@@ -178,21 +178,21 @@ def _size(model_dir: str) -> int:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    run = RunLayout(cfg.run_dir)
-    prepare_dir = run.prepare.root
-    teacher_metrics = storage.read_json(run.teacher.metrics)
+    layout = RunLayout(cfg.run_dir)
+    prepare_dir = layout.prepare.root
+    teacher_metrics = storage.read_json(layout.teacher.metrics)
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["test"]]
-    teacher_dir = run.teacher.model
+    teacher_dir = layout.teacher.model
     teacher, t_tok, t_meta = load_model(teacher_dir)
     variants = {}
     for name in ("student", "student_no_kd"):
-        d = run.distill.variant(name)
+        d = layout.distill.variant(name)
         if not storage.exists(d.metrics):
             raise StageError(f"{d.metrics} is missing: run the distill stage first (--stages distill,report)")
         variants[name] = (*S.load(d.model), storage.read_json(d.metrics), d.model)
 
     variants.update(_later_stages(cfg.run_dir))
-    warm = run.distill.warm_start
+    warm = layout.distill.warm_start
     warm_start = storage.read_json(warm) if storage.exists(warm) else None
     if warm_start:  # the student this run continued from, measured on this run's window
         from . import bundle
@@ -215,19 +215,19 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         task_report[t] = {"teacher": teacher_metrics["test"][t],
                           **{n: v[3]["test"][t] for n, v in variants.items()},
                           "baselines": teacher_metrics.get("baselines", {}).get(t, {})}
-    prep = storage.read_json(run.prepare.manifest)
+    prep = storage.read_json(layout.prepare.manifest)
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
               "models": models, "tasks": task_report}
     if warm_start:
         report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
-    for stage, path in (("tune", run.tune.summary), ("compress", run.compress.variants)):
+    for stage, path in (("tune", layout.tune.summary), ("compress", layout.compress.variants)):
         if storage.exists(path):
             report[stage] = storage.read_json(path)
-    histories = {n: _read_history(run.distill.variant(n).history) for n in variants}
+    histories = {n: _read_history(layout.distill.variant(n).history) for n in variants}
     with tempfile.TemporaryDirectory() as tmp:
         storage.write_json(os.path.join(tmp, "report.json"), report)
         plots = write_plots(report, histories, tmp)
-        plots += teacher_plot(run.teacher.root, tmp)
+        plots += teacher_plot(layout.teacher.root, tmp)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(markdown(report, plots))
         storage.upload_dir(tmp, out_dir)
@@ -242,16 +242,16 @@ def _later_stages(run_dir: str) -> dict:
     those stages ran. The kept variant is left out when it is the uncompressed winner itself."""
     from . import bundle
 
-    out, run = {}, RunLayout(run_dir)
-    best = run.tune.best
+    out, layout = {}, RunLayout(run_dir)
+    best = layout.tune.best
     if storage.exists(best.metrics):
         out["student_tuned"] = (*S.load(best.model), storage.read_json(best.metrics), best.model)
-    chosen = run.compress.metrics
+    chosen = layout.compress.metrics
     if storage.exists(chosen):
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
-            model, tok, config, *_ = bundle.load(run.bundle)
-            out[metrics["variant"]] = (model, tok, config, metrics, run.bundle)
+            model, tok, config, *_ = bundle.load(layout.bundle)
+            out[metrics["variant"]] = (model, tok, config, metrics, layout.bundle)
     return out
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -278,6 +279,35 @@ def sequence_batches(seqs: torch.Tensor, ctr: dict | None, steps: int, ctr_batch
     return out
 
 
+def _sequence_shards(tasks, sequence_length: int, ctr_history: int) -> tuple:
+    """This worker's (padded train sequences [N, sequence_length] or None, CTR tensors or None)."""
+    import ray.train
+
+    def shard(name):
+        parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="pyarrow"))
+        return pa.concat_tables(parts) if parts else None
+
+    seqs = ctr = None
+    if "recommendation" in tasks and (t := shard("sequences")) is not None:
+        seqs = pad_list_array(t.column("sequence"), sequence_length)
+    if "ctr" in tasks and (t := shard("ctr")) is not None:
+        ctr = {"history": pad_list_array(t.column("history"), ctr_history),
+               "item": torch.from_numpy(t.column("item").to_numpy().astype(np.int64)),
+               "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
+               "label": torch.from_numpy(t.column("label").to_numpy().astype(np.float32))}
+    return seqs, ctr
+
+
+def _keep_best(model: nn.Module, optim, sched, out_dir: str, rank: int) -> Callable[[dict, bool], None]:
+    """`loop.fit`'s on_validated for a teacher part: rank 0 saves the weights of each new best
+    validation, and every rank reports the epoch to Ray Train with its checkpoint."""
+    def on_validated(st: dict, improved: bool) -> None:
+        if rank == 0 and improved:
+            save_weights(model, PartDir(out_dir).weights)
+        trainstate.report_epoch(model, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
+    return on_validated
+
+
 def seq_loop(config: dict) -> None:
     """Ray Train worker function: one sequence model (a baseline or a teacher member)."""
     import ray.train
@@ -296,18 +326,7 @@ def seq_loop(config: dict) -> None:
     meta = config["meta"]
     member = build_member(spec, meta, item_text, ctr_head=config["ctr_head"] and "ctr" in tasks)
 
-    seqs = ctr = None
-    if "recommendation" in tasks:
-        parts = list(ray.train.get_dataset_shard("sequences").iter_batches(batch_size=None, batch_format="pyarrow"))
-        seqs = pad_list_array(pa.concat_tables(parts).column("sequence"), spec.max_history + 1) if parts else None
-    if "ctr" in tasks:
-        parts = list(ray.train.get_dataset_shard("ctr").iter_batches(batch_size=None, batch_format="pyarrow"))
-        if parts:
-            t = pa.concat_tables(parts)
-            ctr = {"history": pad_list_array(t.column("history"), cfg.tasks.ctr.max_history),
-                   "item": torch.from_numpy(t.column("item").to_numpy().astype(np.int64)),
-                   "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
-                   "label": torch.from_numpy(t.column("label").to_numpy().astype(np.float32))}
+    seqs, ctr = _sequence_shards(tasks, spec.max_history + 1, cfg.tasks.ctr.max_history)
     sampled = spec.n_items - 2 > sc.sampled_softmax_above
     proposal = torch.tensor(config["popularity"], dtype=torch.float32) if sampled else None
     weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
@@ -329,11 +348,6 @@ def seq_loop(config: dict) -> None:
         valid = evaluate_member(member, prepare_dir, "valid", tasks, spec.n_items, spec.max_history, cfg.seed, device)
         return valid[score_task][SCORE_METRIC[score_task]], valid
 
-    def on_validated(st: dict, improved: bool) -> None:
-        if rank == 0 and improved:
-            save_weights(member, PartDir(out_dir).weights)
-        trainstate.report_epoch(member, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
-
     def log(epoch: int, entry: dict, improved: bool) -> None:
         if rank == 0:
             v = entry["valid"]
@@ -345,7 +359,8 @@ def seq_loop(config: dict) -> None:
                      seed=config["seed"], rank=rank)
     state = loop.fit(model, optim, sched, plan,
                      batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device),
-                     loss=model, validate=validate, on_validated=on_validated, state=state, autocast=autocast, log=log)
+                     loss=model, validate=validate, on_validated=_keep_best(member, optim, sched, out_dir, rank),
+                     state=state, autocast=autocast, log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
 
@@ -390,6 +405,36 @@ class IntentLoss(nn.Module):
         return {"intent": loss, "total": loss}
 
 
+def _intent_optimizer(model: IntentTeacher, tc) -> torch.optim.AdamW:
+    """AdamW with the encoder, the head and the lexical bag each at its own rate."""
+    groups = [{"params": list(model.backbone.parameters()), "lr": tc.lr},
+              {"params": list(model.intent_head.parameters()), "lr": tc.head_lr}]
+    if model.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
+        groups.append({"params": list(model.lexical.parameters()), "lr": tc.lexical_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=True)  # one kernel, not a loop over tensors
+
+
+def _intent_batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Callable:
+    """An epoch for `loop.fit`: `steps` batches of `tc.intent_batch_size` texts bucketed by length
+    (sorted with jitter, cut, taken in random order): each pads to its longest text, and titles range
+    from a few tokens to max_length. A shard shorter than the others repeats texts."""
+    lengths = df["text"].str.len().to_numpy(float) if len(df) else np.zeros(0)
+    buckets = tc.lexical_buckets if tc.lexical_dim else 0
+
+    def batches(gen: torch.Generator):
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        bs = tc.intent_batch_size
+        idx = np.arange(steps * bs) % max(len(df), 1)
+        idx = rng.permutation(len(df))[idx] if len(df) else idx
+        idx = idx[np.argsort(lengths[idx] * rng.uniform(0.8, 1.25, len(idx)), kind="stable")]
+        for i in rng.permutation(steps) if len(df) else []:
+            rows = df.iloc[idx[i * bs:(i + 1) * bs]]
+            texts = add_typos(drop_words(rows["text"].tolist(), tc.word_drop_augment, rng), tc.typo_augment, rng)
+            yield {**text_inputs(tokenizer, texts, max_length=tc.max_length, buckets=buckets, device=device),
+                   "label": torch.as_tensor(rows["label"].to_numpy(np.int64), device=device)}
+    return batches
+
+
 def intent_loop(config: dict) -> None:
     """Ray Train worker function: fine-tune the encoder and its lexical bag on the intent texts."""
     import ray.train
@@ -405,11 +450,7 @@ def intent_loop(config: dict) -> None:
     backbone, tokenizer = load_backbone(tc.model)
     meta = config["meta"]
     model = IntentTeacher(backbone, meta["n_intents"], tc.lexical_dim, tc.lexical_buckets).to(device)
-    groups = [{"params": list(model.backbone.parameters()), "lr": tc.lr},
-              {"params": list(model.intent_head.parameters()), "lr": tc.head_lr}]
-    if model.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
-        groups.append({"params": list(model.lexical.parameters()), "lr": tc.lexical_lr, "weight_decay": 0.0})
-    optim = torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=True)  # one kernel, not a loop over tensors
+    optim = _intent_optimizer(model, tc)
     steps = config["steps"]
     sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
     state = trainstate.restore(model, optim, sched)
@@ -422,33 +463,13 @@ def intent_loop(config: dict) -> None:
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"text": [], "label": []})
     buckets = tc.lexical_buckets if tc.lexical_dim else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-
-    lengths = df["text"].str.len().to_numpy(float) if len(df) else np.zeros(0)
-
-    def batches(gen: torch.Generator):
-        """`steps` batches bucketed by text length (sorted with jitter, cut, taken in random order):
-        each pads to its longest text, and titles range from a few tokens to max_length."""
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        bs = tc.intent_batch_size
-        idx = np.arange(steps * bs) % max(len(df), 1)  # a shard shorter than the others repeats texts
-        idx = rng.permutation(len(df))[idx] if len(df) else idx
-        idx = idx[np.argsort(lengths[idx] * rng.uniform(0.8, 1.25, len(idx)), kind="stable")]
-        for i in rng.permutation(steps) if len(df) else []:
-            rows = df.iloc[idx[i * bs:(i + 1) * bs]]
-            texts = add_typos(drop_words(rows["text"].tolist(), tc.word_drop_augment, rng), tc.typo_augment, rng)
-            yield {**text_inputs(tokenizer, texts, max_length=tc.max_length, buckets=buckets, device=device),
-                   "label": torch.as_tensor(rows["label"].to_numpy(np.int64), device=device)}
+    batches = _intent_batches(df, tokenizer, tc, steps, device)
 
     def validate():
         texts_pred = {"intent": lambda texts: model(**text_inputs(tokenizer, texts, max_length=tc.max_length,
                                                                   buckets=buckets, device=device)).argmax(-1).cpu().numpy()}
         valid = evaluation.evaluate(texts_pred, prepare_dir, "valid", n_items=0, max_history=1, seed=cfg.seed)
         return valid["intent"]["macro_f1"], valid
-
-    def on_validated(st: dict, improved: bool) -> None:
-        if rank == 0 and improved:
-            save_weights(model, PartDir(out_dir).weights)
-        trainstate.report_epoch(model, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
 
     def log(epoch: int, entry: dict, improved: bool) -> None:
         if rank == 0:
@@ -459,7 +480,8 @@ def intent_loop(config: dict) -> None:
 
     plan = loop.Plan(epochs=tc.epochs, patience=tc.patience, eval_every=1, clip=1.0, seed=cfg.seed, rank=rank)
     state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
-                     on_validated=on_validated, state=state, autocast=autocast, log=log)
+                     on_validated=_keep_best(model, optim, sched, out_dir, rank), state=state, autocast=autocast,
+                     log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
 
@@ -474,15 +496,15 @@ def _fit(cfg: RunConfig, loop_fn, name: str, out_dir: str, datasets: dict, loop_
     if storage.exists(PartDir(out_dir).history):
         say(f"[teacher] {name}: already trained, kept")
         return
-    run = RunLayout(cfg.run_dir)
+    layout = RunLayout(cfg.run_dir)
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "out_dir": out_dir,
-                           "prepare_dir": run.prepare.root, **loop_config},
+                           "prepare_dir": layout.prepare.root, **loop_config},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
-        run_config=TrainRunConfig(name=name, storage_path=run.teacher.ray_train,
+        run_config=TrainRunConfig(name=name, storage_path=layout.teacher.ray_train,
                                   failure_config=FailureConfig(max_failures=cfg.teacher.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )

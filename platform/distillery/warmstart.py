@@ -149,14 +149,14 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     from . import baselines, teacher
 
     src = source(cfg)
-    out, run = TeacherDir(out_dir), RunLayout(cfg.run_dir)
+    out, layout = TeacherDir(out_dir), RunLayout(cfg.run_dir)
     model_dir = out.model
     say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
     storage.copy_dir(src.teacher_dir, model_dir)
     model, tokenizer, meta = teacher.load_model(model_dir)
-    prepare_dir = run.prepare.root
+    prepare_dir = layout.prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in meta["tasks"]]
-    new_labels = storage.read_json(run.prepare.vocab("intent_labels"))
+    new_labels = storage.read_json(layout.prepare.vocab("intent_labels"))
     if "intent" in tasks and new_labels != meta["intent_labels"]:
         raise StageError(f"the teacher of {src.run_dir} has intent classes {meta['intent_labels']}, the new window "
                          f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")

@@ -162,6 +162,35 @@ class _Reasons:
         self.column[mask] = column
 
 
+def _interaction_columns(df: pd.DataFrame, out: pd.DataFrame, r: "_Reasons") -> None:
+    """An interaction's clicked flag, query, impression and slot into `out`, rejects into `r`."""
+    if "clicked" in df.columns:
+        clicked = parse_binary(df["clicked"])
+        given = df["clicked"].notna()
+        r.flag(given & clicked.isna(), "clicked_not_binary", "clicked")
+        # null = absent (files whose columns differ are read together, padded with nulls)
+        out["clicked"] = clicked.where(given, 1).fillna(1)
+    else:
+        out["clicked"] = 1  # absent = implicit positive
+    out["query"] = _text(df["query"]) if "query" in df.columns else None
+    out["impression_id"] = _text(df["impression_id"]) if "impression_id" in df.columns else None
+    out["slot"] = pd.to_numeric(df["slot"], errors="coerce") if "slot" in df.columns else pd.Series(np.nan, index=df.index)
+
+
+def _review_columns(df: pd.DataFrame, out: pd.DataFrame, r: "_Reasons", rating_range) -> None:
+    """A review's rating, title and text into `out`, rejects into `r`."""
+    rating = pd.to_numeric(df["rating"], errors="coerce") if "rating" in df.columns else pd.Series(np.nan, index=df.index)
+    if "rating" in df.columns:
+        given = df["rating"].notna()
+        r.flag(given & rating.isna(), "rating_not_numeric", "rating")
+        lo, hi = rating_range
+        r.flag(given & ((rating < lo) | (rating > hi)), "rating_out_of_range", "rating")
+    out["rating"] = rating
+    out["title"] = _text(df["title"]) if "title" in df.columns else None
+    out["text"] = _text(df["text"]) if "text" in df.columns else None
+    r.flag(out["title"].isna() & out["text"].isna(), "empty_text", "text")
+
+
 def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1.0, 5.0),
                   buckets: int = 16) -> pd.DataFrame:
     """Normalize one batch of interactions or reviews and mark rejects (reason/column/row)."""
@@ -192,31 +221,11 @@ def validate_rows(batch: pd.DataFrame, *, table: str, catalogue, rating_range=(1
     out["position"] = pos.where(pos_given)
 
     if table == "interactions":
-        if "clicked" in df.columns:
-            clicked = parse_binary(df["clicked"])
-            given = df["clicked"].notna()
-            r.flag(given & clicked.isna(), "clicked_not_binary", "clicked")
-            # null = absent (files whose columns differ are read together, padded with nulls)
-            out["clicked"] = clicked.where(given, 1).fillna(1)
-        else:
-            out["clicked"] = 1  # absent = implicit positive
-        out["query"] = _text(df["query"]) if "query" in df.columns else None
-        out["impression_id"] = _text(df["impression_id"]) if "impression_id" in df.columns else None
-        slot = pd.to_numeric(df["slot"], errors="coerce") if "slot" in df.columns else pd.Series(np.nan, index=df.index)
-        out["slot"] = slot
+        _interaction_columns(df, out, r)
         # Ordering key: timestamp when given, else position within the user.
         out["_order"] = out["timestamp"].where(ts_given, out["position"])
     else:
-        rating = pd.to_numeric(df["rating"], errors="coerce") if "rating" in df.columns else pd.Series(np.nan, index=df.index)
-        if "rating" in df.columns:
-            given = df["rating"].notna()
-            r.flag(given & rating.isna(), "rating_not_numeric", "rating")
-            lo, hi = rating_range
-            r.flag(given & ((rating < lo) | (rating > hi)), "rating_out_of_range", "rating")
-        out["rating"] = rating
-        out["title"] = _text(df["title"]) if "title" in df.columns else None
-        out["text"] = _text(df["text"]) if "text" in df.columns else None
-        r.flag(out["title"].isna() & out["text"].isna(), "empty_text", "text")
+        _review_columns(df, out, r, rating_range)
 
     extras = [c for c in df.columns if c not in spec and c not in INTERNAL]
     for c in extras:
