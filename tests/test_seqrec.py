@@ -1,12 +1,11 @@
 """The sequence recommender: its losses against reference computations, causality and padding,
-the training sequences taken from prepare's examples, and the Ray-free epoch loop."""
+and the training sequences taken from prepare's examples."""
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from distillery import loop
 from distillery.seqrec import NextItemLoss, SeqSpec, SequenceModel, whitening
 from distillery.teacher import sequence_batches, user_sequences
 
@@ -106,92 +105,3 @@ def test_sequence_batches_cover_every_user_once_trimmed_to_their_longest():
     for b in batches:
         s = b["sequences"]
         assert (s[:, 0] != 0).any()  # no all-padding column kept on the left
-
-
-def _fit(scores, *, interrupt_at=None, resume=None, epochs=10):
-    """A tiny model through loop.fit with dropout (so the per-epoch seeding matters); returns
-    (state, model, the validations seen, a checkpoint taken at `interrupt_at`)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
-    optim = torch.optim.Adam(model.parameters(), lr=0.05)
-    state = None
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optim.load_state_dict(resume["optim"])
-        state = resume["state"]
-    scores = iter(scores[len(state["history"]) if state else 0:])
-    seen, ckpt = [], {}
-
-    def batches(gen):
-        for _ in range(3):
-            yield torch.randn(4, 3, generator=gen)
-
-    def on_validated(st, improved):
-        seen.append((st["epoch"], improved))
-        if st["epoch"] == interrupt_at:
-            import copy
-            ckpt.update(model=copy.deepcopy(model.state_dict()), optim=copy.deepcopy(optim.state_dict()),
-                        state=copy.deepcopy(st))
-            raise KeyboardInterrupt
-
-    plan = loop.Plan(epochs=epochs, patience=3, eval_every=1)
-    try:
-        state = loop.fit(model, optim, None, plan, batches=batches, loss=lambda x: {"total": model(x).pow(2).mean()},
-                         validate=lambda: (next(scores), {}), on_validated=on_validated, state=state)
-    except KeyboardInterrupt:
-        return None, model, seen, ckpt
-    return state, model, seen, ckpt
-
-
-def test_fit_stops_after_patience_validations_without_a_better_score():
-    state, _, seen, _ = _fit([0.1, 0.3, 0.2, 0.25, 0.2, 0.9])
-    # best at the 2nd validation, then 3 without a better score: stopped after epoch 5 (0.9 never seen)
-    assert seen == [(1, True), (2, True), (3, False), (4, False), (5, False)]
-    assert state["best"] == pytest.approx(0.3) and len(state["history"]) == 5
-
-
-def test_an_unscorable_validation_keeps_the_first_model_and_a_later_score_still_wins():
-    # a tiny split can leave every task unscorable (one class, no text): NaN is never a new best,
-    # except at the first validation, so a best model always exists
-    state, _, seen, _ = _fit([float("nan"), float("nan"), 0.2, float("nan"), 0.1, 0.1, 0.1])
-    assert seen[:3] == [(1, True), (2, False), (3, True)] and state["best"] == pytest.approx(0.2)
-
-
-def test_a_run_killed_after_its_stopping_validation_stays_stopped_when_resumed():
-    scores = [0.1, 0.3, 0.2, 0.25, 0.2, 0.9]
-    _, _, _, ckpt = _fit(scores, interrupt_at=5)  # killed in the checkpoint of the validation that stops it
-    resumed, _, seen, _ = _fit(scores, resume=ckpt)
-    assert seen == [] and len(resumed["history"]) == 5 and resumed["best"] == pytest.approx(0.3)
-
-
-def test_a_resumed_fit_repeats_an_uninterrupted_one():
-    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    whole, model, _, _ = _fit(scores, epochs=6)
-    _, _, _, ckpt = _fit(scores, interrupt_at=2, epochs=6)
-    resumed, model2, seen, _ = _fit(scores, resume=ckpt, epochs=6)
-    assert [e for e, _ in seen] == [3, 4, 5, 6]
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
-
-
-def test_epoch_seeds_differ_across_epochs_ranks_and_streams():
-    seeds = {loop.epoch_seed(s, e, r, k) for s in (0, 1, -1, 2**40) for e in range(3) for r in range(2) for k in range(2)}
-    assert len(seeds) == 4 * 3 * 2 * 2 and all(0 <= x < 2**63 for x in seeds)
-
-
-@pytest.mark.parametrize("per_group", [True, False])
-def test_fit_clips_the_gradient_norm_per_group_or_over_all_parameters(per_group):
-    """Two groups with gradients of norm 3 and 4: per group each is cut to 1; together the norm 5 is
-    cut to 1 (so the groups keep their 3:4 ratio)."""
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    optim = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=1.0)
-
-    def loss(_):
-        return {"total": -(3 * a + 4 * b).sum()}
-
-    plan = loop.Plan(epochs=1, patience=1, clip=1.0, clip_per_group=per_group)
-    loop.fit(torch.nn.Module(), optim, None, plan, batches=lambda gen: [None], loss=loss,
-             validate=lambda: (0.0, {}), on_validated=lambda st, imp: None)
-    expected = (1.0, 1.0) if per_group else (0.6, 0.8)
-    assert (a.item(), b.item()) == pytest.approx(expected)
