@@ -93,11 +93,11 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
         assert (d / "model" / "model.safetensors").exists() and (d / "model" / "student.json").exists()
         assert m[variant]["params"] > 0 and np.isfinite(m[variant]["valid_score"])
     assert not (run_dir / "distill" / "ray_train").exists()
-    # the two variants differ only in alpha: same seed and data, different weights
-    from distillery import student as S
-    a = S.load(str(run_dir / "distill" / "student" / "model"))[0]
-    b = S.load(str(run_dir / "distill" / "student_no_kd" / "model"))[0]
-    assert not torch.equal(a.intent_mlp[-1].weight, b.intent_mlp[-1].weight)
+    # the variants differ in what they learn from: the KD losses mix in the teacher at the config's
+    # alpha, the no-KD ones never do (rows_for, tested above, drops its intent transfer texts)
+    for t in ("recommendation", "ctr", "intent"):
+        assert distill.loss_module(cfg, t, kd=True).alpha == getattr(cfg.tasks, t).alpha > 0
+        assert distill.loss_module(cfg, t, kd=False).alpha == 0
 
     # interrupted after the KD student finished: a re-run keeps it and trains only the baseline
     kept = (run_dir / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns

@@ -246,8 +246,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
     def ask(i):
         return requests.post(f"{served}/v1/ctr", json={"history": [IDS[i % 10]], "candidates": [IDS[(i + 1) % 10]]}).json()
 
+    before = requests.get(f"{served}/v1/model").json()["batches"]["ctr"]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(48)))
+    after = requests.get(f"{served}/v1/model").json()["batches"]["ctr"]
+    # one replica answered all 48, in fewer model calls than requests: they were batched
+    assert after["requests"] - before["requests"] == 48 and after["calls"] - before["calls"] < 48
     for i, a in enumerate(answers):
         assert [p["item_id"] for p in a["predictions"]] == [IDS[(i + 1) % 10]]
         alone = requests.post(f"{served}/v1/ctr", json={"history": [IDS[i % 10]], "candidates": [IDS[(i + 1) % 10]]})

@@ -44,31 +44,39 @@ class AppArgs(ServeConfig):
 class Batched:
     """`api.Backend` over a `service.Service`, whose task calls wait up to `batch_wait_timeout_s`
     for company and run as one batch (`@serve.batch`, in whichever Serve replica holds this object;
-    the decorator's sizes are replaced per instance from the config)."""
+    the decorator's sizes are replaced per instance from the config). The model card it returns
+    says how full this replica's batches have been: per task, model calls and the requests they
+    answered (a mean near 1 under load means batch_wait_timeout_s is too short to gather company)."""
 
     def __init__(self, service, max_batch_size: int, batch_wait_timeout_s: float):
         self.service = service
         for method in (self.recommend, self.ctr, self.intent):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = {task: {"calls": 0, "requests": 0} for task in ("recommend", "ctr", "intent")}
+
+    def _counted(self, task: str, requests: list[dict]) -> list[dict]:
+        self.batches[task]["calls"] += 1
+        self.batches[task]["requests"] += len(requests)
+        return requests
 
     @serve.batch
     async def recommend(self, requests: list[dict]) -> list[dict]:
-        return self.service.recommend(requests)
+        return self.service.recommend(self._counted("recommend", requests))
 
     @serve.batch
     async def ctr(self, requests: list[dict]) -> list[dict]:
-        return self.service.ctr(requests)
+        return self.service.ctr(self._counted("ctr", requests))
 
     @serve.batch
     async def intent(self, requests: list[dict]) -> list[dict]:
-        return self.service.intent(requests)
+        return self.service.intent(self._counted("intent", requests))
 
     async def items(self, limit: int, offset: int) -> dict:
         return self.service.items(limit, offset)
 
     async def card(self) -> dict:
-        return self.service.card
+        return {**self.service.card, "batches": {t: dict(v) for t, v in self.batches.items()}}
 
 
 def _batched(load: Callable[[], Any], max_batch_size: int, batch_wait_timeout_s: float, threads: int) -> Batched:
