@@ -31,8 +31,8 @@ from . import bundle, distill, evaluation, loop, quant, shrink, storage, trainst
 from . import student as S
 from .config import RunConfig
 from .layout import CompressDir, RunLayout
-from .progress import say
 from .metrics import SCORE_METRIC
+from .progress import say
 
 
 def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:

@@ -25,8 +25,8 @@ from .data.examples import TRANSFER
 from .errors import StageError
 from .layout import DistillDir, RunLayout, StudentDir
 from .losses import LOSSES
-from .progress import say
 from .metrics import SCORE_METRIC, teacher_relative_score
+from .progress import say
 from .teacher_model import pad_list_array, set_threads
 
 VARIANTS = ("student", "student_no_kd")

@@ -31,11 +31,11 @@ from .config import RunConfig
 from .data.examples import read_split
 from .errors import StageError
 from .layout import RunLayout, TeacherDir
-from .progress import say
 from .metrics import SCORE_METRIC
-from .teacher import load_model
+from .progress import say
 from .runtime import StudentRuntime, pad
 from .student_model import longs
+from .teacher import load_model
 from .teacher_model import text_inputs
 
 METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],

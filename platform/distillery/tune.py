@@ -31,7 +31,6 @@ import csv
 import os
 import re
 import tempfile
-
 from typing import NamedTuple
 
 from . import distill, storage
@@ -39,8 +38,8 @@ from . import student as S
 from .config import RunConfig, TuneSpace
 from .errors import StageError
 from .layout import RunLayout, TuneDir
-from .progress import say
 from .metrics import SCORE_METRIC
+from .progress import say
 
 PER_TASK = ("temperature", "alpha", "weight")
 EXPERIMENT = "sweep"
