@@ -7,7 +7,7 @@ paths from strings. Paths are strings because a run directory may be a URI (`s3:
     RUN_DIR/
       config.json                       the validated config of the last `distillery run`
       data/synthetic-<hash>/            generated input tables (data.synthetic)
-      prepare/  manifest.json  items.parquet  interactions/  rejects/
+      prepare/  manifest.json  items.parquet  interactions/  [reviews/]  rejects/
                 vocab/{categories,users,intent_labels}.json
                 examples/<task>/<split>/        train | valid | test | transfer (intent)
       teacher/  manifest.json  metrics.json  item_text.safetensors

@@ -80,10 +80,13 @@ class IntentTeacher(nn.Module):
     baseline keeps and the fine-tuned encoder missed when they came alone, and most of a misspelt
     word's n-grams; the encoder brings synonyms."""
 
-    def __init__(self, backbone: nn.Module, n_intents: int, lexical_dim: int = 0, lexical_buckets: int = 1 << 16):
+    def __init__(self, backbone: nn.Module, n_intents: int, lexical_dim: int = 0, lexical_buckets: int = 0):
+        """`lexical_dim` > 0 adds the lexical bag, `lexical_buckets` rows (teacher.lexical_buckets)."""
         super().__init__()
         hidden = backbone.config.hidden_size
         self.backbone = backbone
+        if lexical_dim and lexical_buckets < 1:
+            raise ValueError(f"a lexical bag of width {lexical_dim} needs lexical_buckets >= 1, got {lexical_buckets}")
         self.lexical_buckets = lexical_buckets if lexical_dim else 0
         self.lexical = nn.EmbeddingBag(lexical_buckets, lexical_dim, mode="mean") if lexical_dim else None
         if self.lexical is not None:
