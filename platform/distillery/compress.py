@@ -45,7 +45,7 @@ def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: d
     plan = loop.Plan(epochs=1, patience=1, clip=1.0, clip_per_group=False, seed=seed)
     state = loop.fit(model, optim, sched, plan, batches=batches, loss=loss_fn, validate=lambda: (0.0, {}),
                      on_validated=lambda state, improved: None)
-    return state["history"][-1]["loss"].get("total", float("nan")) if steps else float("nan")
+    return state["history"][-1]["loss"].get("total", float("nan"))  # NaN for 0 steps: no loss was taken
 
 
 def _bytes(state: dict[str, torch.Tensor]) -> int:
@@ -152,8 +152,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     from . import tune
 
+    from transformers import AutoTokenizer
+
     winner = tune.load_winner(cfg.run_dir)
-    model_dir, tok, layout, out = winner.folder, winner.tokenizer, RunLayout(cfg.run_dir), CompressDir(out_dir)
+    model_dir, layout, out = winner.folder, RunLayout(cfg.run_dir), CompressDir(out_dir)
+    with storage.local_copy(model_dir) as local:  # the bundle's tokenizer; the weights load in the task
+        tok = AutoTokenizer.from_pretrained(local)
     loss_cfg, source = cfg, "distill"
     if winner.source == "tune":  # fine-tuned with the loss settings the winning trial was trained with
         loss_cfg, source = tune.trial_config(cfg, winner.params), f"tune (trial {winner.trial_id})"

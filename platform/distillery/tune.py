@@ -34,7 +34,6 @@ import tempfile
 from typing import NamedTuple
 
 from . import distill, storage
-from . import student as S
 from .config import RunConfig, TuneSpace
 from .errors import StageError
 from .layout import RunLayout, TuneDir
@@ -332,11 +331,9 @@ def _copy_dir(src: str, dst: str) -> None:
 
 
 class Winner(NamedTuple):
-    """The student that compress takes, and where it came from (best.json's record, not its path)."""
+    """The student that compress takes, and where it came from (best.json's record, not its path).
+    Only located here: the compress task loads it where it compresses it."""
 
-    model: object
-    tokenizer: object
-    meta: dict
     folder: str
     source: str                 # "distill" or "tune"
     params: dict | None = None  # the winning trial's sampled values (source "tune")
@@ -350,10 +347,10 @@ def load_winner(run_dir: str) -> Winner:
     summary = storage.read_json(layout.tune.summary) if storage.exists(layout.tune.summary) else {}
     tuned = layout.tune.best.model
     if summary.get("winner") == "tune" and storage.exists(storage.join(tuned, "model.safetensors")):
-        return Winner(*S.load(tuned), tuned, "tune", summary["params"], summary["trial_id"])
+        return Winner(tuned, "tune", summary["params"], summary["trial_id"])
     folder = layout.distill.variant("student").model
     if storage.exists(storage.join(folder, "model.safetensors")):
-        return Winner(*S.load(folder), folder, "distill")
+        return Winner(folder, "distill")
     raise StageError(f"no student in {run_dir}: run the distill stage first")
 
 
