@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 import office  # noqa: E402  (benchmarks/office.py)
-from distillery import bundle, runner, storage  # noqa: E402
+from distillery import runner, storage  # noqa: E402
+from distillery.layout import RunLayout  # noqa: E402
+from distillery.serving import bundle  # noqa: E402
 
 
 def _file_bytes(path: Path) -> int:
@@ -106,18 +108,18 @@ def main() -> int:
     t0 = time.perf_counter()
     m = runner.run(cfg, ["compress"], force=True)["compress"]
     seconds = time.perf_counter() - t0
-    work = Path(cfg.run_dir)
-    variants = json.loads((work / "compress" / "variants.json").read_text())
-    metrics = json.loads((work / "compress" / "metrics.json").read_text())
-    bundle.verify(str(work / "bundle"))
-    teacher_bytes = _file_bytes(work / "teacher" / "model" / "model.safetensors")
-    bundle_bytes = _file_bytes(work / "bundle" / "model.safetensors")
+    layout = RunLayout(cfg.run_dir)
+    variants = storage.read_json(layout.compress.variants)
+    metrics = storage.read_json(layout.compress.metrics)
+    bundle.verify(layout.bundle)
+    teacher_bytes = _file_bytes(Path(layout.teacher.model) / "model.safetensors")
+    bundle_bytes = _file_bytes(Path(layout.bundle) / "model.safetensors")
     kept = m["chosen"]
     result = {
         "data": args.data, "student_source": metrics["source"], "seconds": round(seconds, 1),
         "kept": kept, "budget": cfg.compress.max_relative_drop, "task_budgets": cfg.compress.task_budgets,
         "teacher_bytes": teacher_bytes, "bundle_weights_bytes": bundle_bytes,
-        "bundle_total_bytes": sum(f.stat().st_size for f in (work / "bundle").iterdir() if f.is_file()),
+        "bundle_total_bytes": sum(f.stat().st_size for f in Path(layout.bundle).iterdir() if f.is_file()),
         "ratios": {"fp32_over_bundle": variants[0]["bytes"] / bundle_bytes,
                    "teacher_over_bundle": teacher_bytes / bundle_bytes},
         "variants": variants,

@@ -39,17 +39,18 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-
-from distillery import label, runner, storage, teacher  # noqa: E402
+from distillery import runner, storage  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.data.examples import read_items  # noqa: E402
+from distillery.layout import RunLayout  # noqa: E402
+from distillery.models import teacher as teacher_model  # noqa: E402
+from distillery.stages import label, teacher  # noqa: E402
 
 
 def build_teacher(cfg, kind: str, run_dir: Path, tokenizer: str) -> int:
     """Save an untrained teacher where the teacher stage saves its model; return its parameter count."""
+    from distillery.models.teacher import load_backbone, resolve_model_path
     from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from distillery.teacher_model import load_backbone, resolve_model_path
 
     if kind == "minilm":
         backbone, tok = load_backbone("all-MiniLM-L6-v2")
@@ -58,18 +59,20 @@ def build_teacher(cfg, kind: str, run_dir: Path, tokenizer: str) -> int:
         backbone = BertModel(BertConfig(vocab_size=tok.vocab_size))  # 12 layers, 768 wide: BERT-base
     else:
         backbone, tok = load_backbone(kind)
-    meta = teacher.model_meta(cfg, str(run_dir / "prepare"), text_dim=backbone.config.hidden_size)
+    layout = RunLayout(str(run_dir))
+    spec = teacher.teacher_spec(cfg, layout.prepare.root, text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
-    teacher.save_model(model, tok, meta, str(run_dir / "teacher" / "model"))
-    storage.write_json(str(run_dir / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete",
+    model = teacher_model.build(backbone, spec, torch.randn(spec.n_items, backbone.config.hidden_size))
+    teacher_model.save_model(model, tok, spec, layout.teacher.model)
+    storage.write_json(layout.manifest("teacher"), {"stage": "teacher", "status": "complete",
                                                                      "benchmark_teacher": kind})
     return sum(p.numel() for p in model.parameters())
 
 
 def long_intent_texts(run_dir: Path, n: int, max_length: int) -> None:
     """Replace the intent examples by `n` texts of >= max_length tokens (item titles strung together)."""
-    titles = read_items(str(run_dir / "prepare"))["title"].tolist()
+    prep = RunLayout(str(run_dir)).prepare
+    titles = read_items(prep.root)["title"].tolist()
     rng = np.random.default_rng(0)
     words_needed = max_length  # a title word is at least one token
     texts = []
@@ -78,7 +81,7 @@ def long_intent_texts(run_dir: Path, n: int, max_length: int) -> None:
         while len(words) < words_needed:
             words += titles[rng.integers(len(titles))].split()
         texts.append(" ".join(words))
-    base = run_dir / "prepare" / "examples" / "intent"
+    base = Path(prep.examples("intent"))
     shutil.rmtree(base)
     cut = {"train": (0, int(n * 0.8)), "valid": (int(n * 0.8), int(n * 0.9)), "test": (int(n * 0.9), n)}
     counts = {}
@@ -89,7 +92,7 @@ def long_intent_texts(run_dir: Path, n: int, max_length: int) -> None:
                                  "split": [split] * (b - a), "count": pa.array(np.ones(b - a, np.int32))}),
                        base / split / "part-0.parquet")
         counts[split] = b - a
-    manifest_path = run_dir / "prepare" / "manifest.json"
+    manifest_path = Path(prep.manifest)
     manifest = json.loads(manifest_path.read_text())
     manifest["examples"]["intent"] = counts
     manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -97,7 +100,8 @@ def long_intent_texts(run_dir: Path, n: int, max_length: int) -> None:
 
 def plain_loop(cfg, run_dir: Path, device: str) -> dict[str, float]:
     """Seconds per task of a hand-written loop: same model, same labelers, same batches."""
-    model, tok, meta = teacher.load_model(str(run_dir / "teacher" / "model"), device)
+    layout = RunLayout(str(run_dir))
+    model, tok, spec = teacher_model.load_model(layout.teacher.model, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     with torch.no_grad(), autocast:
         items = model.item_vectors()
@@ -107,14 +111,14 @@ def plain_loop(cfg, run_dir: Path, device: str) -> dict[str, float]:
     seconds = {}
     for task in cfg.tasks.enabled():
         t0 = time.perf_counter()
-        table = pq.read_table(run_dir / "prepare" / "examples" / task, columns=label.COLUMNS[task])
+        table = pq.read_table(layout.prepare.examples(task), columns=label.COLUMNS[task])
         size = cfg.label.text_batch_size if task == "intent" else cfg.label.batch_size
         parts = []
         for batch in table.to_batches(max_chunksize=size):
             batch = pa.Table.from_batches([batch])
             with autocast:
                 if task == "recommendation":
-                    cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"],
+                    cols = label.label_recommendation(model, items, batch, max_history=spec.max_history,
                                                       top_k=cfg.label.top_k, device=device)
                 elif task == "ctr":
                     cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 from distillery import runner  # noqa: E402
 from distillery.config import SyntheticConfig, load_config  # noqa: E402
 from distillery.data import synthetic  # noqa: E402
-from distillery.prepare import write_tables  # noqa: E402
+from distillery.stages.prepare import write_tables  # noqa: E402
 
 ROWS_PER_USER = 12 * 8  # sessions_per_user x slots of the generator defaults
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 import office  # noqa: E402  (benchmarks/office.py)
 from distillery import runner, storage  # noqa: E402
+from distillery.layout import RunLayout  # noqa: E402
 from distillery.metrics import SCORE_METRIC  # noqa: E402
 
 MODELS = ("teacher", "student", "student_no_kd")
@@ -52,21 +53,22 @@ def _stats(values: list[float]) -> dict:
 def run_seed(cfg, work: Path, seed: int) -> dict:
     """Teacher, label, distill and report for one seed over the shared prepare output; its numbers."""
     run_dir = work / f"seed{seed}"
-    if not (run_dir / "prepare" / "manifest.json").exists():
-        shutil.rmtree(run_dir / "prepare", ignore_errors=True)
-        shutil.copytree(work / "data" / "prepare", run_dir / "prepare")
+    layout = RunLayout(str(run_dir))
+    if not storage.exists(layout.prepare.manifest):
+        shutil.rmtree(layout.prepare.root, ignore_errors=True)
+        shutil.copytree(RunLayout(str(work / "data")).prepare.root, layout.prepare.root)
     s_cfg = cfg.model_copy(update={"seed": seed, "run_dir": str(run_dir)})
     t0 = time.perf_counter()
     manifests = runner.run(s_cfg, ["teacher", "label", "distill", "report"])
-    teacher = storage.read_json(str(run_dir / "teacher" / "metrics.json"))
-    report = storage.read_json(str(run_dir / "report" / "report.json"))
+    teacher = storage.read_json(layout.teacher.metrics)
+    report = storage.read_json(storage.join(layout.report, "report.json"))
     out = {"test": {"teacher": teacher["test"]}, "baselines": teacher["baselines"],
            "sasrec_chosen": teacher.get("sasrec_chosen"), "sasrec_grid": teacher.get("sasrec_grid"),
            "teacher_members_test": teacher.get("members_test"),
            "stage_seconds": {k: m.get("wall_time_s") for k, m in manifests.items()},
            "seconds": round(time.perf_counter() - t0, 1)}
     for v in ("student", "student_no_kd"):
-        m = storage.read_json(str(run_dir / "distill" / v / "metrics.json"))
+        m = storage.read_json(layout.distill.variant(v).metrics)
         out["test"][v] = m["test"]
         out[f"{v}_best_epoch"] = m["best_epoch"]
     t, s = report["models"]["teacher"], report["models"]["student"]

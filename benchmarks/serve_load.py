@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from distillery.serving import INGRESS_KNOBS, spare_port, wait_ready  # noqa: E402
+from distillery.serving.app import INGRESS_KNOBS, spare_port, wait_ready  # noqa: E402
 
 ENDPOINTS = ("recommend", "ctr", "intent")
 
@@ -60,18 +60,17 @@ class TeacherRuntime:
 
     def __init__(self, teacher_dir: str, ctr_history: int):
         import torch
+        from distillery.models.teacher import load_model
 
-        from distillery.teacher import load_model
-
-        self.model, self.tokenizer, meta = load_model(teacher_dir)
-        self.max_length = meta.get("max_length", 64)
+        self.model, self.tokenizer, spec = load_model(teacher_dir)
+        self.max_length = spec.max_length
         with torch.inference_mode():
             self.items = self.model.item_vectors()
         self.rec_history = self.model.max_history
         self.ctr_history = ctr_history
 
     def histories(self, lists, task="recommendation"):
-        from distillery.runtime import pad
+        from distillery.serving.runtime import pad
 
         return pad(lists, self.rec_history if task == "recommendation" else self.ctr_history)
 
@@ -106,8 +105,7 @@ class TeacherRuntime:
 
     def intent_texts(self, texts):
         import torch
-
-        from distillery.teacher_model import text_inputs
+        from distillery.models.teacher import text_inputs
 
         with torch.inference_mode():
             inputs = text_inputs(self.tokenizer, texts, max_length=self.max_length, buckets=self.model.lexical_buckets)
@@ -116,12 +114,12 @@ class TeacherRuntime:
 
 def teacher_service(teacher_dir: str, bundle_path: str):
     """A `Service` over the teacher, with the bundle's catalogue and labels."""
-    from distillery import bundle
-    from distillery.service import Service
+    from distillery.serving import bundle
+    from distillery.serving.service import Service
 
     b = bundle.load(bundle_path)
-    rt = TeacherRuntime(teacher_dir, b.config.get("ctr_history", b.config["max_history"]))
-    return Service(rt, b.items, labels=b.config["intent_labels"],
+    rt = TeacherRuntime(teacher_dir, b.spec.ctr_history)
+    return Service(rt, b.items, labels=list(b.spec.intent_labels),
                    card={"version": "teacher", "created": None, "metrics": {}, "catalogue_size": len(b.items)})
 
 
@@ -137,9 +135,8 @@ def bare_server(bundle_path: str, port: int, teacher_dir: str | None) -> None:
     uvicorn, no Ray."""
     import torch
     import uvicorn
-
-    from distillery import api
-    from distillery.service import Service
+    from distillery.serving import api
+    from distillery.serving.service import Service
 
     torch.set_num_threads(1)
     # one request at a time, no batching (@serve.batch needs a Serve replica): the plain server a
@@ -225,9 +222,8 @@ def serve_app(load, bundle_path: str, proxy_port: int, split: bool, batch_wait_m
               access_log: bool = False, client_port: int | None = None):
     """The app on this process's Ray, Serve's proxy on `proxy_port`; the base URL on `client_port`
     (default: the proxy's) once it answers."""
+    from distillery.serving.app import APP_NAME, AppArgs, build_app, logging_config
     from ray import serve
-
-    from distillery.serving import APP_NAME, AppArgs, build_app, logging_config
 
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port}, logging_config=logging_config(access_log))
     wait = {} if batch_wait_ms is None else {"batch_wait_timeout_s": batch_wait_ms / 1000}
@@ -333,11 +329,10 @@ def run_serve_server(kind: str, bundle_path: str, teacher_dir: str, requests: di
     import functools
 
     import ray
-    from ray import serve
-
     from distillery.config import ServeConfig
-    from distillery.serving import ingress
-    from distillery.service import Service
+    from distillery.serving.app import ingress
+    from distillery.serving.service import Service
+    from ray import serve
 
     spec = SERVE_SERVERS[kind]
     port = spare_port()

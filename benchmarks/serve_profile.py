@@ -94,10 +94,9 @@ def pids(pattern: str) -> list[int]:
 
 def profile_mode(mode: str, args, bundle_path: str, bodies: list[dict]) -> dict:
     import ray
+    from distillery.serving.app import APP_NAME, AppArgs, build_app, logging_config, spare_port, wait_ready
     from ray import serve
     from serve_load import closed_loop, replica_url
-
-    from distillery.serving import APP_NAME, AppArgs, build_app, logging_config, spare_port, wait_ready
 
     for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
         os.environ.pop(k, None)

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 import office  # noqa: E402  (benchmarks/office.py)
-from distillery import bundle, compress, runner, storage, tune  # noqa: E402
+from distillery import runner, storage  # noqa: E402
+from distillery.layout import RunLayout  # noqa: E402
+from distillery.serving import bundle  # noqa: E402
+from distillery.stages import compress, tune  # noqa: E402
 
 
 def main() -> int:
@@ -42,20 +45,20 @@ def main() -> int:
     cfg = cfg.model_copy(update={"run_dir": storage.absolute(cfg.run_dir)})
     runner.init_ray()
     runner.run(cfg, ["prepare", "teacher", "label", "distill"])
-    work = Path(cfg.run_dir)
+    layout = RunLayout(cfg.run_dir)
 
     t0 = time.perf_counter()
-    storage.remove(str(work / "tune"))
-    storage.makedirs(str(work / "tune"))
-    swept = tune.run(cfg, str(work / "tune"))
+    storage.remove(layout.tune.root)
+    storage.makedirs(layout.tune.root)
+    swept = tune.run(cfg, layout.tune.root)
     sweep_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    storage.remove(str(work / "compress"))
-    storage.makedirs(str(work / "compress"))
-    kept = compress.run(cfg, str(work / "compress"))
+    storage.remove(layout.compress.root)
+    storage.makedirs(layout.compress.root)
+    kept = compress.run(cfg, layout.compress.root)
     compress_s = time.perf_counter() - t1
-    variants = json.loads((work / "compress" / "variants.json").read_text())
-    bundle.verify(str(work / "bundle"))
+    variants = storage.read_json(layout.compress.variants)
+    bundle.verify(layout.bundle)
 
     best = swept["best"]
     result = {
@@ -76,7 +79,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    shutil.copyfile(work / "tune" / "tune.png", out.with_name("tune_office.png"))
+    shutil.copyfile(layout.tune.plot, out.with_name("tune_office.png"))
     print(json.dumps({k: result[k] for k in ("sweep", "compress", "targets")}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-
-from distillery import runner  # noqa: E402
+from distillery import runner, storage  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.data import synthetic  # noqa: E402
-from distillery.prepare import write_tables  # noqa: E402
+from distillery.layout import RunLayout  # noqa: E402
 from distillery.metrics import SCORE_METRIC  # noqa: E402
+from distillery.stages.prepare import write_tables  # noqa: E402
 
 STAGES = ["prepare", "teacher", "label", "distill", "compress", "report"]
 
@@ -51,16 +51,17 @@ def windows(cfg, work: Path, fraction: float) -> dict[str, Path]:
 
 
 def summary(run_dir: Path) -> dict:
-    read = lambda *p: json.loads(run_dir.joinpath(*p).read_text())  # noqa: E731
-    out = {"wall_s": {s: read(s, "manifest.json")["wall_time_s"] for s in STAGES if (run_dir / s / "manifest.json").exists()}}
-    lm = read("label", "manifest.json")
+    layout = RunLayout(str(run_dir))
+    out = {"wall_s": {s: storage.read_json(layout.manifest(s))["wall_time_s"] for s in STAGES
+                      if storage.exists(layout.manifest(s))}}
+    lm = storage.read_json(layout.label.manifest)
     out["labels"] = {"total": lm["counts"]["labels"], "labelled": lm["counts"]["labelled"],
                      "reused": lm["counts"]["reused"], "labelled_by_task": lm["labelled"], "reused_by_task": lm["reused"]}
-    teacher, bundle = read("teacher", "metrics.json"), read("compress", "metrics.json")
-    out["test"] = {"teacher": teacher["test"], "student": read("distill", "student", "metrics.json")["test"],
-                   "student_no_kd": read("distill", "student_no_kd", "metrics.json")["test"], "bundle": bundle["test"]}
-    if (run_dir / "distill" / "warm_start.json").exists():
-        out["test"]["previous_bundle"] = read("distill", "warm_start.json")["previous"]["test"]
+    teacher, bundle = storage.read_json(layout.teacher.metrics), storage.read_json(layout.compress.metrics)
+    out["test"] = {"teacher": teacher["test"], "bundle": bundle["test"],
+                   **{v: storage.read_json(layout.distill.variant(v).metrics)["test"] for v in ("student", "student_no_kd")}}
+    if storage.exists(layout.distill.warm_start):
+        out["test"]["previous_bundle"] = storage.read_json(layout.distill.warm_start)["previous"]["test"]
     return out
 
 

@@ -2,7 +2,7 @@
 
 It only builds the application from typed args; the deployments live in distillery.serving.
 """
-from distillery.serving import AppArgs, build_app
+from distillery.serving.app import AppArgs, build_app
 
 
 def app(args: AppArgs):

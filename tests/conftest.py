@@ -107,9 +107,8 @@ def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1):
     """A Teacher over `backbone` with 12 items, 3 intents, 4 categories, width 16, history 5 and
     random item text embeddings (what the stage would train, untrained)."""
     import torch
-
-    from distillery.seqrec import SeqSpec, SequenceModel
-    from distillery.teacher_model import CtrHead, IntentTeacher, SeqMember, Teacher
+    from distillery.models.seqrec import SeqSpec, SequenceModel
+    from distillery.models.teacher import CtrHead, IntentTeacher, SeqMember, Teacher
 
     torch.manual_seed(0)
     spec = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.1, max_history=5, text_dim=8)
@@ -122,8 +121,7 @@ def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1):
 def tiny_teacher(tiny_bert):
     """(Teacher over the tiny BERT with 12 items, 3 intents, 4 categories, dim 16, history 5, tokenizer)."""
     import torch
-
-    from distillery.teacher_model import load_backbone
+    from distillery.models.teacher import load_backbone
 
     backbone, tok = load_backbone(tiny_bert)
     torch.manual_seed(0)
@@ -140,37 +138,37 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
 
     import pyarrow as pa
     import torch
-
-    from distillery import storage, teacher
-    from distillery.teacher_model import load_backbone
+    from distillery import storage
+    from distillery.models import teacher as teacher_model
+    from distillery.models.teacher import load_backbone
+    from distillery.stages import teacher
 
     cfg, run_dir, _ = prepared
     new = tmp_path_factory.mktemp("distillrun")
     shutil.copytree(run_dir / "prepare", new / "prepare")
     cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
+    spec = teacher.teacher_spec(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size)).eval()
-    teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
-    valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length)
-    test = teacher.evaluate(model, tok, str(new / "prepare"), "test", meta["tasks"], cfg.teacher.max_length)
+    model = teacher_model.build(backbone, spec, torch.randn(spec.n_items, backbone.config.hidden_size)).eval()
+    teacher_model.save_model(model, tok, spec, str(new / "teacher" / "model"))
+    valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", spec.tasks, cfg.teacher.max_length)
+    test = teacher.evaluate(model, tok, str(new / "prepare"), "test", spec.tasks, cfg.teacher.max_length)
     from distillery import baselines
-    base = baselines.evaluate(str(new / "prepare"), tuple(meta["tasks"]), "test")
+    base = baselines.evaluate(str(new / "prepare"), spec.tasks, "test")
     for task in ("recommendation", "ctr"):  # stands in for the teacher stage's SASRec baseline
         base[task]["sasrec"] = {k: v * 0.9 for k, v in test[task].items()}
     storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": base})
     storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     # the label stage's output, computed in-process (the label tests run the stage itself)
     import pyarrow.parquet as pq
-
-    from distillery import label
+    from distillery.stages import label
     items = model.item_vectors()
-    for task in meta["tasks"]:
+    for task in spec.tasks:
         for split in ("train", "transfer") if task == "intent" else ("train",):
             batch = pq.read_table(new / "prepare" / "examples" / task / split)
             if task == "recommendation":
-                cols = label.label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=8,
+                cols = label.label_recommendation(model, items, batch, max_history=spec.max_history, top_k=8,
                                                   device="cpu")
             elif task == "ctr":
                 cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
@@ -194,7 +192,7 @@ IDS = [f"sku-{i}" for i in range(len(TITLES))]
 
 def free_port() -> int:
     """A TCP port free on loopback now (for a server a test starts)."""
-    from distillery.serving import spare_port
+    from distillery.serving.app import spare_port
 
     return spare_port()
 
@@ -204,18 +202,18 @@ def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
     """A verified bundle of a tiny random student over a 10-item catalogue (no training needed)."""
     import pyarrow as pa
     import torch
-
-    from distillery import bundle, student
-    from distillery.teacher_model import load_backbone
+    from distillery.models import student
+    from distillery.models.teacher import load_backbone
+    from distillery.serving import bundle
 
     tok = load_backbone(tiny_bert)[1]
-    meta = {"n_items": len(TITLES) + 2, "n_categories": 3, "n_intents": len(LABELS), "intent_labels": LABELS,
-            "vocab_size": tok.vocab_size, "dim": 16, "text_dim": 8, "ngram_buckets": 256, "heads": 2, "layers": 0,
-            "dropout": 0.0, "max_history": 5, "ctr_history": 4, "max_length": 16,
-            "tasks": ["recommendation", "ctr", "intent"]}
+    spec = student.StudentSpec(n_items=len(TITLES) + 2, n_categories=3, intent_labels=tuple(LABELS),
+                               vocab_size=tok.vocab_size, dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=0,
+                               dropout=0.0, max_history=5, ctr_history=4, max_length=16,
+                               tasks=("recommendation", "ctr", "intent"))
     torch.manual_seed(0)
     category = torch.tensor([0, 0] + [i % 3 for i in range(len(TITLES))])
-    model = student.build(meta, category, TITLES, tok)
+    model = student.build(spec, category, TITLES, tok)
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     items = pa.table({"idx": pa.array(range(2, len(TITLES) + 2), pa.int32()), "item_id": IDS, "title": TITLES,
@@ -223,6 +221,6 @@ def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
                       "category_idx": [i % 3 for i in range(len(TITLES))], "clicks": CLICKS})
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     bundle.write(str(out), state=model.state_dict(), tokenizer=tok, items=items,
-                 config={**meta, "weights": "float32", "variant": "student", "source": "test"},
+                 config={"spec": spec.to_json(), "weights": "float32", "variant": "student", "source": "test"},
                  metrics={"test": {"intent": {"macro_f1": 0.5}}})
     return str(out)

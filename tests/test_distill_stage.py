@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-
-from distillery import distill, metrics, runner
+from distillery import metrics, runner
 from distillery.errors import StageError
+from distillery.stages import distill
 
 
 def _small(cfg, **distill_kw):
@@ -43,8 +43,9 @@ def test_transfer_texts_train_the_kd_student_only(labelled):
 
     cfg, run_dir = labelled
     tok = AutoTokenizer.from_pretrained(str(run_dir / "teacher" / "model"))
-    meta = {"max_length": 16, "ngram_buckets": 64}
-    table = distill.training_table(cfg, "intent", tok, meta)
+    spec = distill.student_spec(cfg, str(run_dir / "prepare"), tok)
+    assert (spec.max_length, spec.ngram_buckets) == (cfg.teacher.max_length, cfg.student.ngram_buckets)
+    table = distill.training_table(cfg, "intent", tok, spec)
     labels = table.column("label").to_numpy()
     transfer = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]["intent"]["transfer"]
     assert (labels == -1).sum() == transfer > 0
@@ -55,7 +56,7 @@ def test_transfer_texts_train_the_kd_student_only(labelled):
 
 
 def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_group(prepared):
-    from distillery.student_model import Student
+    from distillery.models.student import Student
 
     dc = prepared[0].distill.model_copy(update={"lr": 2e-3, "text_lr_scale": 5.0, "weight_decay": 0.1})
     model = Student(vocab_size=50, n_items=10, n_categories=3, n_intents=4, item_category=torch.zeros(10),
@@ -137,7 +138,7 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
 
 
 def test_report_markdown_labels_the_sampled_protocol_and_the_summary_gives_the_ratios():
-    from distillery import report
+    from distillery.stages import report
 
     speed = {"cpu_latency_ms": {"p50": 10.0, "p99": 12.0}, "cpu_latency_ms_by_task": {"intent": 10.0},
              "cpu_throughput": {"batch1": 100.0, "batch256": 300.0}}

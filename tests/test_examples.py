@@ -1,10 +1,9 @@
 """Task example builders on hand-made users: splits, histories, negatives, intent merging."""
 import numpy as np
 import pandas as pd
+from distillery.data import examples as ex
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distillery.data import examples as ex
 
 ITEMS = np.array([f"i{k}" for k in range(10)], dtype=object)  # vocab index = k + 2
 
@@ -140,7 +139,7 @@ def test_missing_text_is_none_and_a_missing_category_has_no_label():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(FIELD, FIELD, FIELD, FIELD), min_size=1, max_size=6))
 def test_item_text_uses_what_is_present_and_never_spells_a_missing_value(rows):
-    from distillery.prepare import _coverage, _item_text
+    from distillery.stages.prepare import _coverage, _item_text
 
     items = pd.DataFrame(rows, columns=["title", "brand", "category", "description"])
     items["price"] = np.nan

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from distillery import distill, label, teacher
-from distillery import tune as dtune
+from distillery.stages import distill, label, teacher
+from distillery.stages import tune as dtune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.fault, pytest.mark.usefixtures("ray_local")]
 TOL = 1e-4
@@ -219,10 +218,9 @@ def test_a_killed_serve_replica_under_steady_load_is_replaced(tiny_bundle, relia
     """Two replicas, four clients sending CTR requests back to back; one replica's process is
     killed. Measured: the requests that failed, and the seconds until two replicas serve again."""
     import requests
-    from ray import serve
-
     from conftest import IDS, free_port
-    from distillery.serving import AppArgs, build_app, wait_ready
+    from distillery.serving.app import AppArgs, build_app, wait_ready
+    from ray import serve
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -21,13 +21,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
+from distillery.data.validate import (
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    MAX_TIMESTAMP,
+    REVIEW_COLUMNS,
+    mark_duplicates,
+    to_arrow,
+    validate_items,
+    validate_rows,
+)
+from distillery.stages.prepare import _typed as prepare_typed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import free_port
-from distillery.data.validate import (INTERACTION_COLUMNS, ITEM_COLUMNS, MAX_TIMESTAMP, REVIEW_COLUMNS,
-                                      mark_duplicates, to_arrow, validate_items, validate_rows)
-from distillery.prepare import _typed as prepare_typed
 
 pytestmark = pytest.mark.fuzz
 # derandomized, so CI runs the same inputs every time (a failure prints the input to add as an example)
@@ -280,9 +287,8 @@ def from_schema(schema: dict, components: dict, depth: int = 0) -> st.SearchStra
 def live_api(tiny_bundle):
     """The HTTP app over the tiny bundle, served by uvicorn on a loopback port in this process."""
     import uvicorn
-
-    from distillery import api
-    from distillery.service import Service
+    from distillery.serving import api
+    from distillery.serving.service import Service
 
     app = api.create_app(api.LocalBackend(Service.from_bundle(tiny_bundle)), max_body_bytes=16_384, api_key="")
     port = free_port()

@@ -61,7 +61,7 @@ def test_the_pipeline_runs_as_one_submitted_job(head, tiny_bert, tmp_path):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest.get("status", "complete") == "complete", stage
     assert (run / "report" / "report.json").exists() and (run / "bundle" / "manifest.json").exists()
-    from distillery import bundle
+    from distillery.serving import bundle
 
     bundle.verify(str(run / "bundle"))
     assert "[report]" in logs

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import ROOT, tiny_teacher_model
-from distillery import label, runner
+from distillery import runner
 from distillery.errors import StageError
-from distillery.teacher_model import load_backbone, pad_histories, text_inputs
+from distillery.histories import pad_histories
+from distillery.models.teacher import load_backbone, text_inputs
+from distillery.stages import label
 
 
 # ------------------------------------------------------------------------------ units
@@ -87,18 +88,20 @@ def test_part_writer_groups_splits_and_writes_whole_files(tmp_path):
 def trained(prepared, tiny_bert, tmp_path_factory):
     """A run dir with the shared prepare output and a tiny untrained teacher saved where the teacher
     stage saves its model (training it is the teacher tests' business, and costs a minute)."""
-    from distillery import storage, teacher
-    from distillery.teacher_model import load_backbone
+    from distillery import storage
+    from distillery.models import teacher as teacher_model
+    from distillery.models.teacher import load_backbone
+    from distillery.stages import teacher
 
     cfg, run_dir, _ = prepared
     new = tmp_path_factory.mktemp("labelrun")
     shutil.copytree(run_dir / "prepare", new / "prepare")
     cfg = cfg.model_copy(update={"run_dir": str(new), "teacher": cfg.teacher.model_copy(update={"model": tiny_bert})})
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
+    spec = teacher.teacher_spec(cfg, str(new / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
-    teacher.save_model(model, tok, meta, str(new / "teacher" / "model"))
+    model = teacher_model.build(backbone, spec, torch.randn(spec.n_items, backbone.config.hidden_size))
+    teacher_model.save_model(model, tok, spec, str(new / "teacher" / "model"))
     storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     return cfg, new
 
@@ -119,8 +122,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     """Killed partway on one worker, resumed on two: the finished parts are kept, and every example
     ends up labelled exactly once (the worker count may change on resume: it does not change labels)."""
     import ray
-
-    from distillery.teacher import load_model
+    from distillery.models.teacher import load_model
 
     cfg, run_dir = trained
     argv = [sys.executable, "-m", "distillery.cli", "run", str(ROOT / "configs" / "demo.yaml"), "--stages", "label",
@@ -157,7 +159,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     assert first <= after and len(after) > len(first)  # finished parts were kept, not redone
     assert not list((run_dir / "label").rglob(".part-*"))
 
-    model, tok, meta = load_model(str(run_dir / "teacher" / "model"))
+    model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
     for task in ("recommendation", "ctr", "intent"):
         got = _read(run_dir, task)
         assert got.schema.remove_metadata() == label.LABEL_SCHEMAS[task]
@@ -169,7 +171,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     assert {p.name.split("-")[2] for p in (run_dir / "label").rglob("part-*.parquet")} == {"000", "001"}
     rec = _read(run_dir, "recommendation")
     assert set(map(len, rec.column("top_ids").to_pylist())) == {5}
-    assert set(map(len, _read(run_dir, "intent").column("logits").to_pylist())) == {meta["n_intents"]}
+    assert set(map(len, _read(run_dir, "intent").column("logits").to_pylist())) == {spec.n_intents}
     # labels are the teacher's own outputs, joined by example id
     ex = pq.read_table(run_dir / "prepare" / "examples" / "ctr" / "valid").slice(0, 64).to_pandas()
     logits = model.ctr_logits(pad_histories(ex["history"], cfg.tasks.ctr.max_history), torch.tensor(ex["item"].to_numpy()),
@@ -202,7 +204,7 @@ def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
     """teacher.shard=fsdp on two CPU workers (gloo): the encoder is split between them, the workers
     run the sharded forwards in lockstep although their shards differ in size, and the logits are
     the unsharded model's."""
-    from distillery.teacher import load_model
+    from distillery.models.teacher import load_model
 
     cfg, run_dir = trained
     tasks = cfg.tasks.model_copy(update={

@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from distillery import prepare, runner
+from distillery import runner
 from distillery.errors import DataError, StageError
+from distillery.stages import prepare
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -156,3 +156,26 @@ def test_reject_ceiling_names_file_column_and_reason(tmp_path, tiny_config):
     assert "above data.max_reject_fraction=0.0" in msg and "b.parquet" in msg and "column" in msg
     assert not (Path(cfg.run_dir) / "prepare" / "manifest.json").exists()  # failed stage leaves no manifest
     assert (Path(cfg.run_dir) / "prepare" / "rejects").exists()  # ...but keeps the rejects to look at
+
+
+def test_the_groupby_shuffle_is_set_on_the_stages_datasets_not_the_process():
+    """data.shuffle reaches the groupby it is meant for; the process-wide DataContext, which other
+    work in the same driver reads, keeps its own strategy, and a dataset made elsewhere is unaffected."""
+    import ray
+    from distillery.data.sources import group_by
+
+    before = ray.data.DataContext.get_current().shuffle_strategy
+    assert before.value != "sort_shuffle_pull_based"  # else this test could not tell the two apart
+
+    def rows():
+        return ray.data.range(200).map_batches(lambda b: {"k": b["id"] % 5, "v": b["id"]})
+
+    def operators(ds):
+        return " ".join(line for line in ds.stats().splitlines() if line.startswith("Operator"))
+
+    scoped = group_by(rows(), "k", "sort_shuffle_pull_based", num_partitions=2).map_groups(lambda g: g).materialize()
+    other = rows().groupby("k", num_partitions=2).map_groups(lambda g: g).materialize()
+    assert "Sort" in operators(scoped) and "HashShuffle" not in operators(scoped)
+    assert "Sort" not in operators(other)
+    assert ray.data.DataContext.get_current().shuffle_strategy == before
+    assert scoped.count() == other.count() == 200

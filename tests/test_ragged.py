@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from conftest import ROOT
 
 ITEM_OPTIONAL = ("title", "category", "brand", "description", "price")
 INTERACTION_OPTIONAL = ("query", "impression_id", "slot", "clicked")
@@ -201,10 +200,9 @@ def test_prepare_handles_every_ragged_shop(base_shop, ray_local, tmp_path_factor
 
 def serve_every_endpoint(bundle_dir: str, items: pd.DataFrame) -> int:
     """Every endpoint of a bundle answers a valid request with 200; returns the requests sent."""
+    from distillery.serving import api
+    from distillery.serving.service import Service
     from fastapi.testclient import TestClient
-
-    from distillery import api
-    from distillery.service import Service
 
     service = Service.from_bundle(bundle_dir)
     client = TestClient(api.create_app(api.LocalBackend(service), api_key=""))

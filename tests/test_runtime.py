@@ -1,10 +1,9 @@
 """The serving runtime gives the student's own outputs, whatever the batch and padding."""
 import pytest
 import torch
-
-from distillery.runtime import StudentRuntime, pad
-from distillery.student_model import Student, text_bag
-from distillery.teacher_model import MAX_SLOTS, load_backbone
+from distillery.models.student import Student, StudentSpec, text_bag
+from distillery.models.teacher import MAX_SLOTS, load_backbone
+from distillery.serving.runtime import StudentRuntime, pad
 
 ITEM_TEXTS = ["", "", "red gel pen", "bike helmet mips", "espresso beans dark roast", "stapler", "desk lamp"]
 
@@ -22,8 +21,10 @@ def _runtime(tok, layers: int):
                 dim=16, text_dim=8, ngram_buckets=256, max_history=5, heads=2, history_layers=layers).eval()
     for p in m.parameters():  # trained-looking weights: biases and the slot table non-zero
         p.data.normal_(0, 0.3)
-    meta = {"max_history": 5, "ctr_history": 4, "max_length": 16, "ngram_buckets": 256}
-    return m, StudentRuntime(m, tok, meta)
+    spec = StudentSpec(n_items=len(ITEM_TEXTS), n_categories=3, intent_labels=tuple("abcd"), vocab_size=tok.vocab_size,
+                       dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=layers, dropout=0.1, max_history=5,
+                       ctr_history=4, max_length=16, tasks=("recommendation", "ctr", "intent"))
+    return m, StudentRuntime(m, tok, spec)
 
 
 def test_pad_keeps_the_most_recent_items_and_pads_on_the_left():

@@ -5,9 +5,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-
-from distillery.seqrec import NextItemLoss, SeqSpec, SequenceModel, whitening
-from distillery.teacher import sequence_batches, user_sequences
+from distillery.models.seqrec import NextItemLoss, SeqSpec, SequenceModel, whitening
+from distillery.stages.teacher import sequence_batches, user_sequences
 
 
 def _model(**kw) -> SequenceModel:

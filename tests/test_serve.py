@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from distillery import api, bundle
-from distillery.service import Service
-
 from conftest import IDS, LABELS, free_port  # IDS, LABELS: the catalogue of conftest.tiny_bundle
+from distillery.serving import api, bundle
+from distillery.serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,9 +195,8 @@ def test_the_api_key_is_required_on_v1_when_set(service):
 def serve_apps(ray_local, tiny_bundle):
     """Both topologies on the session's Ray, on a free loopback port: {"one": base URL (the default,
     one deployment), "split": base URL (ingress and model apart)}."""
+    from distillery.serving.app import APP_NAME, AppArgs, build_app, wait_ready
     from ray import serve
-
-    from distillery.serving import APP_NAME, AppArgs, build_app, wait_ready
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -283,9 +280,8 @@ def test_malformed_and_oversized_bodies_over_http_are_4xx(served):
 
 # ------------------------------------------------------------------------------ deployment config, CLI
 def test_serve_config_validates_against_ray_serves_schema_and_the_app_args():
+    from distillery.serving.app import AppArgs
     from ray.serve.schema import ServeDeploySchema
-
-    from distillery.serving import AppArgs
 
     raw = yaml.safe_load(open(ROOT / "serve" / "config.yaml"))
     schema = ServeDeploySchema(**raw)
@@ -313,9 +309,9 @@ def test_the_app_builder_takes_typed_args(tiny_bundle):
 
 
 def test_the_default_ingress_is_direct_for_one_replica_and_haproxy_for_more(monkeypatch):
-    from distillery import serving
     from distillery.config import ServeConfig
     from distillery.errors import ConfigError
+    from distillery.serving import app as serving
 
     one = serving.ingress(ServeConfig(port=8123), lambda: 40001)
     # the replica takes the served port itself; Serve's own proxy gets a spare one
@@ -336,8 +332,8 @@ def test_the_default_ingress_is_direct_for_one_replica_and_haproxy_for_more(monk
 def test_a_port_in_use_or_a_bad_host_is_a_named_error_before_ray_starts():
     import socket
 
-    from distillery import serving
     from distillery.errors import ConfigError
+    from distillery.serving import app as serving
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from distillery.serving import HAPROXY_ENV, demo_requests, wait_ready  # noqa: E402
+from distillery.serving.app import HAPROXY_ENV, demo_requests, wait_ready  # noqa: E402
 from local_cluster import cluster_yaml_env, free_ports, local_serve_config, ray_head, serve_deploy  # noqa: E402
 
 KEY = "deploy-test-key"

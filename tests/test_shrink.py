@@ -2,14 +2,13 @@
 the original's where what it removed was zero or unused, and that survives a save and a load."""
 import pytest
 import torch
+from distillery import quant, shrink
+from distillery.models import student as S
+from distillery.models.student import text_bag
+from distillery.models.teacher import load_backbone
+from distillery.serving.runtime import StudentRuntime
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distillery import quant, shrink
-from distillery import student as S
-from distillery.runtime import StudentRuntime
-from distillery.student_model import text_bag
-from distillery.teacher_model import load_backbone
 
 ITEM_TEXTS = ["red gel pen", "bike helmet mips", "espresso beans dark roast", "stapler", "desk lamp"]
 QUERIES = ["red pen", "stapler refill", "a lamp for my desk", "zzqx unseen wordpiece", ""]
@@ -22,18 +21,18 @@ def tok(tiny_bert):
 
 
 def _student(tok, seed=0):
-    meta = {"n_items": len(ITEM_TEXTS) + 2, "n_categories": 3, "n_intents": 4, "intent_labels": list("abcd"),
-            "vocab_size": tok.vocab_size, "dim": 16, "text_dim": 8, "ngram_buckets": BUCKETS, "heads": 2,
-            "layers": 0, "dropout": 0.1, "max_history": 5, "ctr_history": 4, "max_length": 16,
-            "tasks": ["recommendation", "ctr", "intent"]}
+    spec = S.StudentSpec(n_items=len(ITEM_TEXTS) + 2, n_categories=3, intent_labels=tuple("abcd"),
+                         vocab_size=tok.vocab_size, dim=16, text_dim=8, ngram_buckets=BUCKETS, heads=2, layers=0,
+                         dropout=0.1, max_history=5, ctr_history=4, max_length=16,
+                         tasks=("recommendation", "ctr", "intent"))
     torch.manual_seed(seed)
-    model = S.build(meta, torch.tensor([0, 1, 2, 2, 0, 1, 2]), ITEM_TEXTS, tok)
+    model = S.build(spec, torch.tensor([0, 1, 2, 2, 0, 1, 2]), ITEM_TEXTS, tok)
     for p in model.parameters():  # trained-looking weights: biases non-zero
         p.data.normal_(0, 0.3)
-    return model.eval(), meta
+    return model.eval(), spec
 
 
-def _outputs(model, tok, meta, texts=QUERIES):
+def _outputs(model, tok, spec, texts=QUERIES):
     history = torch.tensor([[0, 2, 3, 4], [0, 0, 0, 6], [0, 0, 0, 0]])
     ids, offsets = text_bag(tok, texts, max_length=16, buckets=BUCKETS)
     with torch.no_grad():
@@ -52,21 +51,21 @@ def _bags(tok, texts):
 
 
 def test_folding_the_item_text_is_exact_and_drops_the_bags(tok):
-    model, meta = _student(tok)
-    folded, fmeta = shrink.fold_item_text(model, meta)
-    assert fmeta["item_text"] is False and not hasattr(folded, "item_bag_ids")
+    model, spec = _student(tok)
+    folded, fspec = shrink.fold_item_text(model, spec)
+    assert fspec.item_text is False and not hasattr(folded, "item_bag_ids")
     assert "item_bag_ids" not in folded.state_dict()
-    _assert_close(_outputs(model, tok, meta), _outputs(folded, tok, fmeta))
+    _assert_close(_outputs(model, tok, spec), _outputs(folded, tok, fspec))
 
 
 def test_a_pruned_vocabulary_is_exact_on_kept_texts_and_shares_one_row_for_the_rest(tok):
-    model, meta = _student(tok)
-    counts = shrink.token_counts(meta, [model.item_bag_ids, _bags(tok, QUERIES[:3])])
-    pruned, pmeta = shrink.prune_vocabulary(model, meta, counts)
+    model, spec = _student(tok)
+    counts = shrink.token_counts(spec, [model.item_bag_ids, _bags(tok, QUERIES[:3])])
+    pruned, pspec = shrink.prune_vocabulary(model, spec, counts)
     kept = int((counts > 0).sum())
-    assert pruned.text.weight.shape == (kept + 1, 8) and pmeta["text_rows_kept"] == kept
+    assert pruned.text.weight.shape == (kept + 1, 8) and pspec.text_rows_kept == kept
     # every text made of kept ids scores as before, item vectors included
-    _assert_close(_outputs(model, tok, meta, QUERIES[:3]), _outputs(pruned, tok, pmeta, QUERIES[:3]))
+    _assert_close(_outputs(model, tok, spec, QUERIES[:3]), _outputs(pruned, tok, pspec, QUERIES[:3]))
     # an id outside the kept set reads the shared row: the mean of the dropped rows
     unseen = int((counts == 0).nonzero()[0])
     dropped = model.text.weight[counts == 0].mean(0)
@@ -75,79 +74,83 @@ def test_a_pruned_vocabulary_is_exact_on_kept_texts_and_shares_one_row_for_the_r
 
 
 def test_the_reserve_keeps_more_word_pieces_and_min_count_fewer(tok):
-    model, meta = _student(tok)
-    counts = shrink.token_counts(meta, [model.item_bag_ids])
-    base = shrink.prune_vocabulary(model, meta, counts)[1]["text_rows_kept"]
-    assert shrink.prune_vocabulary(model, meta, counts, reserve=10)[1]["text_rows_kept"] == base + 10
-    assert shrink.prune_vocabulary(model, meta, counts, min_count=2)[1]["text_rows_kept"] < base
+    model, spec = _student(tok)
+    counts = shrink.token_counts(spec, [model.item_bag_ids])
+    base = shrink.prune_vocabulary(model, spec, counts)[1].text_rows_kept
+    assert shrink.prune_vocabulary(model, spec, counts, reserve=10)[1].text_rows_kept == base + 10
+    assert shrink.prune_vocabulary(model, spec, counts, min_count=2)[1].text_rows_kept < base
 
 
 def test_units_pruned_where_their_outgoing_weights_are_zero_change_nothing(tok):
-    model, meta = _student(tok)
+    model, spec = _student(tok)
     with torch.no_grad():  # half of every prunable unit made dead, and small on the way in
         for mlp in (model.ctr_mlp, model.intent_mlp):
             mlp[3].weight[:, ::2] = 0
             mlp[0].weight[::2] *= 1e-3
         model.text_proj.weight[:, ::2] = 0
         model.text.weight[:, ::2] *= 1e-3
-    pruned, pmeta = shrink.prune_units(model, meta, 0.5)
-    assert (pmeta["ctr_hidden"], pmeta["intent_hidden"], pmeta["text_dim"]) == (8, 8, 4)
+    pruned, pspec = shrink.prune_units(model, spec, 0.5)
+    assert (pspec.ctr_hidden, pspec.intent_hidden, pspec.text_dim) == (8, 8, 4)
     assert shrink.params(pruned) < shrink.params(model)
-    _assert_close(_outputs(model, tok, meta), _outputs(pruned, tok, pmeta))
+    _assert_close(_outputs(model, tok, spec), _outputs(pruned, tok, pspec))
 
 
 @settings(max_examples=15, deadline=None)
 @given(keep=st.floats(0.05, 1.0), fold=st.booleans(), vocab=st.booleans(), int8=st.booleans())
 def test_every_compressed_shape_saves_loads_and_serves_as_it_scores(tok, tmp_path_factory, keep, fold, vocab, int8):
-    model, meta = _student(tok)
+    model, spec = _student(tok)
     if vocab:
-        model, meta = shrink.prune_vocabulary(model, meta, shrink.token_counts(meta, [model.item_bag_ids]))
+        model, spec = shrink.prune_vocabulary(model, spec, shrink.token_counts(spec, [model.item_bag_ids]))
     if fold:
-        model, meta = shrink.fold_item_text(model, meta)
-    model, meta = shrink.prune_units(model, meta, keep)
+        model, spec = shrink.fold_item_text(model, spec)
+    model, spec = shrink.prune_units(model, spec, keep)
     state = model.state_dict()
     stored = quant.quantize_state(state) if int8 else quant.narrow_ints(state)
     assert all(t.dtype != torch.int64 for t in stored.values())
-    back = S.from_state(meta, quant.dequantize_state(stored)).eval()
+    back = S.from_state(spec, quant.dequantize_state(stored)).eval()
     if not int8:
-        _assert_close(_outputs(model, tok, meta), _outputs(back, tok, meta))
-    rt = StudentRuntime(back, tok, meta)
-    expected = _outputs(back, tok, meta)["intent"]
+        _assert_close(_outputs(model, tok, spec), _outputs(back, tok, spec))
+    rt = StudentRuntime(back, tok, spec)
+    expected = _outputs(back, tok, spec)["intent"]
     torch.testing.assert_close(rt.intent_texts(QUERIES), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rt.intent_texts(QUERIES[:1]), expected[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_pruning_a_pruned_vocabulary_again_is_refused(tok):
-    model, meta = _student(tok)
-    counts = shrink.token_counts(meta, [model.item_bag_ids])
-    pruned, pmeta = shrink.prune_vocabulary(model, meta, counts)
+    model, spec = _student(tok)
+    counts = shrink.token_counts(spec, [model.item_bag_ids])
+    pruned, pspec = shrink.prune_vocabulary(model, spec, counts)
     with pytest.raises(ValueError, match="already pruned"):
-        shrink.prune_vocabulary(pruned, pmeta, counts)
+        shrink.prune_vocabulary(pruned, pspec, counts)
 
 
 def test_a_compact_8bit_bundle_loads_as_it_was_written_and_is_refused_when_altered(tok, tmp_path):
     import pyarrow as pa
+    from distillery.serving import bundle
 
-    from distillery import bundle
-
-    model, meta = _student(tok)
-    model, meta = shrink.prune_vocabulary(model, meta, shrink.token_counts(meta, [model.item_bag_ids]))
-    model, meta = shrink.fold_item_text(model, meta)
+    model, spec = _student(tok)
+    model, spec = shrink.prune_vocabulary(model, spec, shrink.token_counts(spec, [model.item_bag_ids]))
+    model, spec = shrink.fold_item_text(model, spec)
     stored = quant.quantize_state(model.state_dict())
     items = pa.table({"idx": list(range(2, 7)), "item_id": [f"i{k}" for k in range(5)], "title": ITEM_TEXTS,
                       "category": ["a", "b", "c", "c", "a"], "category_idx": [1, 2, 2, 0, 1], "clicks": [1] * 5})
-    bundle.write(str(tmp_path / "b"), state=stored, config={**meta, "weights": "int8-rowwise"}, tokenizer=tok,
+    bundle.write(str(tmp_path / "b"), state=stored, config={"spec": spec.to_json(), "weights": "int8-rowwise"}, tokenizer=tok,
                  items=items, metrics={})
     loaded = bundle.load(str(tmp_path / "b"))
-    assert loaded.config["item_text"] is False and loaded.config["text_rows_kept"] == meta["text_rows_kept"]
-    in_memory = S.from_state(meta, quant.dequantize_state(stored)).eval()
-    _assert_close(_outputs(in_memory, tok, meta), _outputs(loaded.model, tok, loaded.config))
+    assert loaded.spec == spec and loaded.spec.item_text is False
+    in_memory = S.from_state(spec, quant.dequantize_state(stored)).eval()
+    _assert_close(_outputs(in_memory, tok, spec), _outputs(loaded.model, tok, loaded.spec))
     weights = tmp_path / "b" / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 1
     weights.write_bytes(bytes(raw))
     with pytest.raises(bundle.BundleError, match="model.safetensors"):
         bundle.load(str(tmp_path / "b"))
+    # a bundle written without the student's spec (an older distillery's) says to re-export
+    bundle.write(str(tmp_path / "old"), state=stored, config={**spec.to_json(), "weights": "int8-rowwise"},
+                 tokenizer=tok, items=items, metrics={})
+    with pytest.raises(bundle.BundleError, match="no student spec.*re-export"):
+        bundle.load(str(tmp_path / "old"))
 
 
 def _intent_data(tok, n=24, seed=0):
@@ -161,8 +164,8 @@ def _intent_data(tok, n=24, seed=0):
 
 
 def test_the_unit_pruned_students_fine_tune_runs_the_shared_loop_lowers_the_loss_and_repeats(tok):
-    from distillery import compress, distill
     from distillery.config import RunConfig
+    from distillery.stages import compress, distill
 
     cfg = RunConfig.model_validate({"distill": {"lr": 0.03}})  # the fine-tune runs at 0.3 x this
     data = {"intent": _intent_data(tok)}

@@ -3,7 +3,6 @@ import json
 
 import pandas as pd
 import pytest
-
 from distillery.config import DataConfig
 from distillery.data.sources import amazon_item, amazon_review, load_sources
 
@@ -140,9 +139,8 @@ def test_huggingface_amazon_2023_schema(tmp_path):
 
 def test_tables_are_written_under_a_file_uri(tmp_path):
     import pyarrow as pa
-
     from distillery import storage
-    from distillery.prepare import write_tables
+    from distillery.stages.prepare import write_tables
 
     assert storage.parent(f"file://{tmp_path}/a/b.parquet") == f"file://{tmp_path}/a"
     paths = write_tables({"items": pa.table({"x": [1, 2]})}, f"file://{tmp_path}/out")

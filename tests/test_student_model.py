@@ -1,9 +1,8 @@
 """The student network: shapes, empty histories, the text bag, save and load."""
 import pytest
 import torch
-
-from distillery.student_model import Student, text_bag
-from distillery.teacher_model import load_backbone
+from distillery.models.student import Student, text_bag
+from distillery.models.teacher import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +52,27 @@ def test_padding_does_not_change_a_users_scores(tok):
 
 
 def test_save_and_load_give_the_same_outputs(tok, tmp_path):
-    from distillery import student as S
+    from distillery.models import student as S
 
     m = _student(tok)
-    meta = {"n_items": 6, "n_categories": 3, "n_intents": 4, "intent_labels": list("abcd"), "vocab_size": tok.vocab_size,
-            "dim": 16, "text_dim": 8, "ngram_buckets": 256, "heads": 2, "layers": 1, "dropout": 0.1,
-            "max_history": 5, "ctr_history": 5, "max_length": 16, "tasks": ["recommendation", "ctr", "intent"]}
-    S.save(m, tok, meta, str(tmp_path / "s"))
+    spec = S.StudentSpec(n_items=6, n_categories=3, intent_labels=tuple("abcd"), vocab_size=tok.vocab_size,
+                         dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=1, dropout=0.1,
+                         max_history=5, ctr_history=5, max_length=16, tasks=("recommendation", "ctr", "intent"))
+    S.save(m, tok, spec, str(tmp_path / "s"))
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith("tokenizer") and
                   p.name not in ("special_tokens_map.json", "vocab.txt")) == ["model.safetensors", "student.json"]
-    loaded, tok2, meta2 = S.load(str(tmp_path / "s"))
+    loaded, tok2, spec2 = S.load(str(tmp_path / "s"))
     hist = torch.tensor([[0, 2, 3, 4, 5]])
     assert torch.allclose(loaded.rec_scores(hist), m.rec_scores(hist))
-    p = S.predictors(loaded, tok2, meta2, ["intent"])
+    p = S.predictors(loaded, tok2, spec2, ["intent"])
     assert list(p) == ["intent"] and p["intent"](["red pen", "stapler"]).shape == (2,)
-    assert meta2 == meta and not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "s").iterdir())
+    assert spec2 == spec and not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "s").iterdir())
 
 
 def test_init_from_teacher_projects_item_vectors_and_word_pieces(tok):
     """Items: a truncated SVD keeps the teacher's item-item dot products as well as the student's
     width can (exactly when the teacher's vectors fit in it); word pieces: rows rescaled, n-grams kept."""
-    from distillery import student as S
+    from distillery.models import student as S
 
     m = _student(tok)
     ngrams = m.text.weight[tok.vocab_size:].clone()

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from distillery.errors import DistilleryError
-from distillery.teacher_model import load_backbone, mean_pool, pad_histories
+from distillery.histories import pad_histories
+from distillery.models.teacher import load_backbone, mean_pool
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_heads_shapes_and_masking(teacher):
 
 def test_ensemble_scores_are_the_members_means(tiny_bert):
     from conftest import tiny_teacher_model
-    from distillery.teacher_model import load_backbone as load
+    from distillery.models.teacher import load_backbone as load
 
     backbone, _ = load(tiny_bert)
     model = tiny_teacher_model(backbone, members=3).eval()
@@ -69,8 +69,7 @@ def test_unloadable_teacher_names_the_path(tmp_path):
 
 def test_pad_list_array_matches_pad_histories_and_handles_nulls_and_slices():
     import pyarrow as pa
-
-    from distillery.teacher_model import pad_list_array
+    from distillery.histories import pad_list_array
 
     hist = [[5, 6, 7], [], None, [2, 3, 4, 5, 6, 7, 8], [9]]
     arr = pa.array(hist, pa.list_(pa.int32()))
@@ -81,8 +80,7 @@ def test_pad_list_array_matches_pad_histories_and_handles_nulls_and_slices():
 
 def test_text_augmentations_are_seeded_and_bounded():
     import numpy as np
-
-    from distillery.teacher import add_typos, drop_words
+    from distillery.stages.teacher import add_typos, drop_words
 
     texts = ["wireless noise cancelling earbuds", "mips bike helmet", "pen", "a b"]
     rng = lambda: np.random.default_rng(7)  # noqa: E731
@@ -102,7 +100,7 @@ def test_text_augmentations_are_seeded_and_bounded():
 
 def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
     from conftest import tiny_teacher_model
-    from distillery.teacher_model import text_inputs
+    from distillery.models.teacher import text_inputs
 
     backbone, tok = load_backbone(tiny_bert)
     model = tiny_teacher_model(backbone, lexical_dim=8).eval()
@@ -120,7 +118,7 @@ def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
 
 
 def test_trimming_shared_padding_keeps_every_score(teacher):
-    from distillery.teacher_model import trim_padding
+    from distillery.histories import trim_padding
 
     model, _ = teacher
     hist = pad_histories([[2, 3], [4], []], 5)
@@ -161,8 +159,8 @@ def test_the_serve_benchmarks_teacher_runtime_scores_as_the_teacher(tiny_bert):
 
 
 def _member():
-    from distillery.seqrec import SeqSpec, SequenceModel
-    from distillery.teacher_model import CtrHead, SeqMember
+    from distillery.models.seqrec import SeqSpec, SequenceModel
+    from distillery.models.teacher import CtrHead, SeqMember
 
     torch.manual_seed(0)
     spec = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.0, max_history=5, text_dim=8)
@@ -171,8 +169,8 @@ def _member():
 
 @pytest.mark.parametrize("trains_encoder", [False, True])
 def test_member_loss_lets_ctr_into_the_sequence_model_only_when_asked(trains_encoder):
-    from distillery.seqrec import NextItemLoss
-    from distillery.teacher import MemberLoss
+    from distillery.models.seqrec import NextItemLoss
+    from distillery.stages.teacher import MemberLoss
 
     member = _member()
     loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 2.0}, trains_encoder)
@@ -187,8 +185,8 @@ def test_member_loss_lets_ctr_into_the_sequence_model_only_when_asked(trains_enc
 
 
 def test_member_loss_of_a_batch_without_rows_is_a_zero_that_backpropagates():
-    from distillery.seqrec import NextItemLoss
-    from distillery.teacher import MemberLoss
+    from distillery.models.seqrec import NextItemLoss
+    from distillery.stages.teacher import MemberLoss
 
     member = _member()
     out = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 1.0})({})

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 from distillery import runner
 from distillery.metrics import SCORE_METRIC
-from distillery.teacher import evaluate, load_model
+from distillery.models.teacher import load_model
+from distillery.stages.teacher import evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -66,9 +66,9 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
     restarts = [h["restarts"] for h in history]
     assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
     assert not (run_dir / "teacher" / "ray_train").exists()
-    model, tok, meta = load_model(str(run_dir / "teacher" / "model"))
+    model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
     metrics = json.loads((run_dir / "teacher" / "metrics.json").read_text())
-    again = evaluate(model, tok, str(run_dir / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length, seed=cfg.seed)
+    again = evaluate(model, tok, str(run_dir / "prepare"), "valid", spec.tasks, cfg.teacher.max_length, seed=cfg.seed)
     for task, metric in SCORE_METRIC.items():
         assert again[task][metric] == pytest.approx(metrics["valid"][task][metric], abs=1e-6)
 
@@ -99,9 +99,9 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
     assert (run_dir / "teacher" / "item_text.safetensors").exists() and not (run_dir / "teacher" / "ray_train").exists()
     assert m["counts"]["params"] > m["counts"]["sequence_params"] > 0
 
-    model, tok, meta = load_model(str(run_dir / "teacher" / "model"))
-    assert meta["sequence"]["text_dim"] == 32 and meta["members"] == 1
-    again = evaluate(model, tok, str(run_dir / "prepare"), "valid", meta["tasks"], cfg.teacher.max_length, seed=cfg.seed)
+    model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
+    assert spec.sequence.text_dim == 32 and spec.members == 1
+    again = evaluate(model, tok, str(run_dir / "prepare"), "valid", spec.tasks, cfg.teacher.max_length, seed=cfg.seed)
     for task, metric in SCORE_METRIC.items():
         assert again[task][metric] == pytest.approx(metrics["valid"][task][metric], abs=1e-6)
     # the sequence member's own best validation NDCG@10 is the assembled teacher's

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 import torch
+from distillery import cli, quant, runner
+from distillery.config import load_config, with_trial
+from distillery.errors import ConfigError
+from distillery.models.student import StudentSpec
+from distillery.serving import bundle
+from distillery.stages import compress, tune
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distillery import bundle, cli, compress, quant, runner, tune
-from distillery.config import load_config
-from distillery.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------ search space
@@ -40,7 +42,7 @@ def test_trial_config_puts_sampled_values_in_their_places():
     assert "rank_weight" not in tune.param_space(cfg.tune.space, ["ctr", "intent"])  # a recommendation-only knob
     params = {"temperature": {"recommendation": 3.5, "intent": 1.5}, "alpha": {"intent": 0.25}, "lr": 0.004, "dim": 32,
               "rank_weight": 0.4}
-    t = tune.trial_config(cfg, params)
+    t = with_trial(cfg, params)
     assert (t.tasks.recommendation.temperature, t.tasks.intent.temperature, t.tasks.intent.alpha) == (3.5, 1.5, 0.25)
     assert t.tasks.recommendation.rank_weight == 0.4
     assert t.tasks.ctr.temperature == cfg.tasks.ctr.temperature  # not searched: unchanged
@@ -123,8 +125,7 @@ def test_the_smallest_variant_within_budget_is_kept():
 @pytest.fixture
 def a_bundle(tmp_path, tiny_bert):
     import pyarrow as pa
-
-    from distillery.teacher_model import load_backbone
+    from distillery.models.teacher import load_backbone
 
     tok = load_backbone(tiny_bert)[1]
     out = tmp_path / "bundle"
@@ -230,7 +231,7 @@ def test_sweep_compress_bundle_and_report_end_to_end(labelled, capfd, monkeypatc
     assert cli.main(["verify", str(run_dir / "bundle")]) == 0
     config = json.loads((run_dir / "bundle" / "config.json").read_text())
     assert config["weights"] == "int8-rowwise" and config["variant"] == c["chosen"]
-    assert config["text_dim"] == 8 and config["item_text"] is False
+    assert config["spec"]["text_dim"] == 8 and config["spec"]["item_text"] is False
     # compress took the student best.json names, and says where it came from
     assert config["source"].split()[0] == best["winner"]
     assert config["student_dir"].endswith("tune/best/model" if best["winner"] == "tune" else "distill/student/model")
@@ -242,5 +243,6 @@ def test_sweep_compress_bundle_and_report_end_to_end(labelled, capfd, monkeypatc
     assert all(c["chosen"] in rep["tasks"][t] for t in rep["tasks"])
     assert {"tune", "compress"} <= set(rep)
     assert cli.main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
-    model, tok, config, items, manifest, _ = bundle.load(str(tmp_path / "exported"))
-    assert len(items) == config["n_items"] - 2 and model.item.num_embeddings == config["n_items"]
+    loaded = bundle.load(str(tmp_path / "exported"))
+    assert loaded.spec == StudentSpec.from_json(config["spec"]) and loaded.config == config
+    assert len(loaded.items) == loaded.spec.n_items - 2 and loaded.model.item.num_embeddings == loaded.spec.n_items

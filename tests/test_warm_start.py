@@ -1,5 +1,6 @@
 """Incremental re-distillation (`--warm-start BUNDLE`): the earlier teacher is reused, only examples
 without a cached label go to the teacher, and the student starts from the bundle."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import ROOT
-from distillery import label, runner, storage, warmstart
+from distillery import runner, storage, warmstart
 from distillery.config import load_config
 from distillery.data import examples as ex
 from distillery.errors import DataError, StageError
+from distillery.stages import label
 
 
 # ------------------------------------------------------------------------------ units
@@ -87,13 +88,16 @@ def _content(run_dir: Path, task: str) -> pd.DataFrame:
 def windows(tmp_path_factory, tiny_bert, ray_local):
     """An earlier run over window 1 (prepare, an untrained tiny teacher, labels, a bundle) and the
     files of window 2: the same catalogue and the clicks of window 1 plus later ones."""
-    from distillery import bundle, quant, shrink, teacher
-    from distillery import student as S
+    from distillery import quant, shrink
     from distillery.config import SyntheticConfig
     from distillery.data import synthetic
-    from distillery.prepare import write_tables
-    from distillery.seqrec import SeqSpec
-    from distillery.teacher_model import load_backbone
+    from distillery.models import student as S
+    from distillery.models import teacher as teacher_model
+    from distillery.models.seqrec import SeqSpec
+    from distillery.models.teacher import load_backbone
+    from distillery.serving import bundle
+    from distillery.stages import distill, teacher
+    from distillery.stages.prepare import write_tables
 
     tmp = tmp_path_factory.mktemp("warm")
     tables = synthetic.generate(SyntheticConfig(users=80, items=60, sessions_per_user=8))
@@ -115,13 +119,13 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
     old = config("w1", "old")
     runner.run(old, ["prepare"])
     backbone, tok = load_backbone(tiny_bert)
-    meta = teacher.model_meta(old, str(tmp / "old" / "prepare"), text_dim=backbone.config.hidden_size)
+    tspec = teacher.teacher_spec(old, str(tmp / "old" / "prepare"), text_dim=backbone.config.hidden_size)
     torch.manual_seed(0)
-    model = teacher.build(backbone, meta, torch.randn(meta["n_items"], backbone.config.hidden_size))
-    teacher.save_model(model, tok, meta, str(tmp / "old" / "teacher" / "model"))
+    model = teacher_model.build(backbone, tspec, torch.randn(tspec.n_items, backbone.config.hidden_size))
+    teacher_model.save_model(model, tok, tspec, str(tmp / "old" / "teacher" / "model"))
     # and the SASRec baseline the teacher stage chose, which a warm start measures on the new window
-    spec = SeqSpec(n_items=meta["n_items"], dim=16, layers=1, heads=2, dropout=0.1, max_history=meta["max_history"])
-    teacher.save_weights(teacher.build_member(spec, meta, ctr_head=False),
+    spec = SeqSpec(n_items=tspec.n_items, dim=16, layers=1, heads=2, dropout=0.1, max_history=tspec.max_history)
+    teacher_model.save_weights(teacher_model.build_member(spec, tspec, ctr_head=False),
                          str(tmp / "old" / "teacher" / "sasrec" / "sasrec-d16-p0.1" / "model.safetensors"))
     storage.write_json(str(tmp / "old" / "teacher" / "metrics.json"),
                        {"sasrec_chosen": "sasrec-d16-p0.1",
@@ -131,7 +135,7 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
     runner.run(old, ["label"])
     # the earlier student's bundle, as the compress stage writes it: compact (vocabulary pruned, item
     # text folded), 8-bit, naming the uncompressed student it was made from
-    smeta = S.student_meta(old, str(tmp / "old" / "prepare"), tok)
+    smeta = distill.student_spec(old, str(tmp / "old" / "prepare"), tok)
     student = S.build_for_run(smeta, str(tmp / "old" / "prepare"), tok)
     student_dir = tmp / "old" / "distill" / "student" / "model"
     S.save(student, tok, smeta, str(student_dir))
@@ -141,7 +145,7 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
                           columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
     bundle.write(str(tmp / "old" / "bundle"), state=quant.quantize_state(compact.state_dict()), tokenizer=tok,
                  items=items, metrics={},
-                 config={**cmeta, "weights": "int8-rowwise", "variant": "student_compact_int8", "source": "distill",
+                 config={"spec": cmeta.to_json(), "weights": "int8-rowwise", "variant": "student_compact_int8", "source": "distill",
                          "run_dir": str(tmp / "old"), "student_dir": str(student_dir)})
     return tmp, config
 
@@ -224,9 +228,9 @@ def test_warm_start_refuses_what_it_cannot_continue(windows, tmp_path, monkeypat
         runner.run(cfg, ["prepare"])
     # a student of another width
     src = warmstart.source(config("w2", "x", f"warm_start={bundle_dir}"))
-    meta = {**src.config, "dim": src.config["dim"] * 2}
+    wider = dataclasses.replace(src.spec, dim=src.spec.dim * 2)
     with pytest.raises(StageError, match=r"student.dim: bundle \d+, this run \d+"):
-        warmstart.check_student(config("w2", "x", f"warm_start={bundle_dir}"), meta)
+        warmstart.check_student(config("w2", "x", f"warm_start={bundle_dir}"), wider)
     # every stage asks for the source; the bundle is hashed once, and again when a file of it changes
     copied = tmp_path / "copied"
     shutil.copytree(bundle_dir, copied)

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from . import __version__, runner
-from .api import API_KEY_ENV
 from .errors import DistilleryError
+from .serving.api import API_KEY_ENV
 
 RUN_EPILOG = """\
 overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:
@@ -125,7 +125,7 @@ def cmd_serve(args) -> int:
     from pydantic import ValidationError
 
     from .config import ServeConfig
-    from . import serving
+    from .serving import app as serving
 
     try:
         cfg = ServeConfig(host=args.host, port=args.port, replicas=args.replicas, max_batch_size=args.max_batch_size,
@@ -137,7 +137,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from . import bundle
+    from .serving import bundle
 
     try:
         manifest = bundle.verify(args.bundle)
@@ -151,7 +151,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import bundle
+    from .serving import bundle
 
     manifest = bundle.export(args.run_dir, args.out)
     print(f"{args.out}: bundle exported and verified ({len(manifest['files'])} files)")
@@ -175,7 +175,7 @@ def cmd_generate(args) -> int:
 
     from .config import SyntheticConfig
     from .data import synthetic
-    from .prepare import write_tables
+    from .stages.prepare import write_tables
 
     try:
         cfg = SyntheticConfig(users=args.users, items=args.items, seed=args.seed, slots=args.slots,

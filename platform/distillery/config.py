@@ -136,6 +136,7 @@ class TasksConfig(_Section):
 
 
 TASK_NAMES = ("recommendation", "ctr", "intent")
+TUNED_PER_TASK = ("temperature", "alpha", "weight")  # the per-task knobs a sweep samples (TuneSpace)
 
 
 # ------------------------------------------------------------------------ later pipeline stages
@@ -436,6 +437,24 @@ class RunConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------- load / dump
+def with_trial(cfg: RunConfig, params: dict) -> RunConfig:
+    """The run config with a Tune trial's sampled values put in their places (validated again): what
+    the trial trained with, and what compress fine-tunes the winning trial's student with."""
+    raw = cfg.model_dump(mode="json")
+    for name in TUNED_PER_TASK:
+        for task, value in params.get(name, {}).items():
+            raw["tasks"][task][name] = float(value)
+    if "lr" in params:
+        raw["distill"]["lr"] = float(params["lr"])
+    if "rank_weight" in params:
+        raw["tasks"]["recommendation"]["rank_weight"] = float(params["rank_weight"])
+    if "dim" in params:
+        raw["student"]["dim"] = int(params["dim"])
+    if cfg.tune.epochs:
+        raw["distill"]["epochs"] = cfg.tune.epochs
+    return RunConfig.model_validate(raw)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (["a", "b"], 3). Values are YAML, so `true`, `[1, 2]` and `null` work."""
     key, sep, raw = text.partition("=")

@@ -14,7 +14,7 @@ import torch
 
 from . import metrics as M
 from .data.examples import read_split
-from .teacher_model import pad_histories
+from .histories import pad_histories
 
 
 def item_head_predictors(model, items: torch.Tensor, device="cpu") -> dict:

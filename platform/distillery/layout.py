@@ -26,8 +26,10 @@ paths from strings. Paths are strings because a run directory may be a URI (`s3:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import storage
+from .errors import StageError
 
 
 def _join(root: str, *parts: str) -> str:
@@ -223,6 +225,15 @@ class CompressDir:
         return _join(self.root, "variants.json")
 
 
+class Winner(NamedTuple):
+    """The student that compress takes, and where it came from (best.json's record, not its path)."""
+
+    folder: str
+    source: str                 # "distill" or "tune"
+    params: dict | None = None  # the winning trial's sampled values (source "tune")
+    trial_id: str | None = None
+
+
 @dataclass(frozen=True)
 class RunLayout:
     run_dir: str
@@ -272,3 +283,15 @@ class RunLayout:
     @property
     def report(self) -> str:
         return self.stage("report")
+
+    def winner(self) -> Winner:
+        """The sweep's best student when the tune stage ran and it beat the distill stage's student on
+        validation (best.json `winner`), else the distill stage's student."""
+        summary = storage.read_json(self.tune.summary) if storage.exists(self.tune.summary) else {}
+        tuned = self.tune.best.model
+        if summary.get("winner") == "tune" and storage.exists(storage.join(tuned, "model.safetensors")):
+            return Winner(tuned, "tune", summary["params"], summary["trial_id"])
+        folder = self.distill.variant("student").model
+        if storage.exists(storage.join(folder, "model.safetensors")):
+            return Winner(folder, "distill")
+        raise StageError(f"no student in {self.run_dir}: run the distill stage first")

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, compress, distill, label, prepare, report, storage, teacher, tune, warmstart
+from . import __version__, storage, warmstart
 from .config import RunConfig, stable_hash
 from .errors import StageError
 from .layout import RunLayout
+from .stages import compress, distill, label, prepare, report, teacher, tune
 
 STAGES = ("prepare", "teacher", "label", "distill", "tune", "compress", "report")
 

@@ -1,5 +1,5 @@
 """Structural compression of a trained student: each step returns a new dense `Student` of a smaller
-shape and its meta. Nothing is kept as a mask: what a step removes is gone from the file and from
+shape and its spec. Nothing is kept as a mask: what a step removes is gone from the file and from
 the arithmetic.
 
 - `fold_item_text`: the text part of every item vector (bag -> text table -> projection) added into
@@ -19,10 +19,12 @@ heads' inputs hang on it, and the recommendation scores are dot products in it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from . import student as S
-from .student_model import Student
+from .models import student as S
+from .models.student import Student, StudentSpec
 
 
 def _state(model: Student) -> dict[str, torch.Tensor]:
@@ -30,34 +32,34 @@ def _state(model: Student) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def fold_item_text(model: Student, meta: dict) -> tuple[Student, dict]:
+def fold_item_text(model: Student, spec: StudentSpec) -> tuple[Student, StudentSpec]:
     """The student with item vectors = ID row (text folded in) + category, and no item bags."""
     if not model.item_text:
-        return model, meta
+        return model, spec
     state = _state(model)
     state["item.weight"] += model.text_vectors(state.pop("item_bag_ids"), state.pop("item_bag_offsets"))
-    meta = {**meta, "item_text": False}
-    return S.from_state(meta, state).eval(), meta
+    spec = dataclasses.replace(spec, item_text=False)
+    return S.from_state(spec, state).eval(), spec
 
 
-def token_counts(meta: dict, bags: list[torch.Tensor]) -> torch.Tensor:
+def token_counts(spec: StudentSpec, bags: list[torch.Tensor]) -> torch.Tensor:
     """[vocab_size + ngram_buckets] how often each text-table id occurs in `bags` (flat id tensors,
-    original ids as `student_model.text_bag` makes them)."""
-    n = meta["vocab_size"] + meta["ngram_buckets"]
+    original ids as `models.student.text_bag` makes them)."""
+    n = spec.vocab_size + spec.ngram_buckets
     ids = torch.cat([b.reshape(-1).long() for b in bags]) if bags else torch.zeros(0, dtype=torch.long)
     return torch.bincount(ids, minlength=n)[:n]
 
 
 @torch.no_grad()
-def prune_vocabulary(model: Student, meta: dict, counts: torch.Tensor, *, min_count: int = 1,
-                     reserve: int = 0) -> tuple[Student, dict]:
+def prune_vocabulary(model: Student, spec: StudentSpec, counts: torch.Tensor, *, min_count: int = 1,
+                     reserve: int = 0) -> tuple[Student, StudentSpec]:
     """The student whose text table keeps only the rows used `min_count` times (`counts`, from
     `token_counts`) and `reserve` more word pieces; the other ids share one row."""
     if model.text_rows is not None:
         raise ValueError("this student's vocabulary is already pruned")
     keep = counts >= max(min_count, 1)
     if reserve:
-        spare = (~keep[:meta["vocab_size"]]).nonzero().squeeze(1)[:reserve]
+        spare = (~keep[:spec.vocab_size]).nonzero().squeeze(1)[:reserve]
         keep[spare] = True
     kept = keep.nonzero().squeeze(1)
     state = _state(model)
@@ -66,8 +68,8 @@ def prune_vocabulary(model: Student, meta: dict, counts: torch.Tensor, *, min_co
     shared = dropped.mean(0) if len(dropped) else torch.zeros(table.shape[1])
     state["text.weight"] = torch.cat([table[kept], shared[None]])
     state["text_rows"] = kept
-    meta = {**meta, "text_rows_kept": len(kept)}
-    return S.from_state(meta, state).eval(), meta
+    spec = dataclasses.replace(spec, text_rows_kept=len(kept))
+    return S.from_state(spec, state).eval(), spec
 
 
 def _top(score: torch.Tensor, keep: float) -> torch.Tensor:
@@ -77,7 +79,7 @@ def _top(score: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_units(model: Student, meta: dict, keep: float) -> tuple[Student, dict]:
+def prune_units(model: Student, spec: StudentSpec, keep: float) -> tuple[Student, StudentSpec]:
     """The student keeping the `keep` fraction (0 < keep <= 1) of the CTR and intent MLPs' hidden
     units and of the text table's columns, each ranked by ||incoming weights|| * ||outgoing weights||."""
     if not 0 < keep <= 1:
@@ -90,9 +92,9 @@ def prune_units(model: Student, meta: dict, keep: float) -> tuple[Student, dict]
         s[f"{mlp}.3.weight"] = w_out[:, units]
     cols = _top(s["text.weight"].norm(dim=0) * s["text_proj.weight"].norm(dim=0), keep)
     s["text.weight"], s["text_proj.weight"] = s["text.weight"][:, cols], s["text_proj.weight"][:, cols]
-    meta = {**meta, "ctr_hidden": len(s["ctr_mlp.0.bias"]), "intent_hidden": len(s["intent_mlp.0.bias"]),
-            "text_dim": len(cols)}
-    return S.from_state(meta, s).eval(), meta
+    spec = dataclasses.replace(spec, ctr_hidden=len(s["ctr_mlp.0.bias"]), intent_hidden=len(s["intent_mlp.0.bias"]),
+                               text_dim=len(cols))
+    return S.from_state(spec, s).eval(), spec
 
 
 def params(model: torch.nn.Module) -> int:

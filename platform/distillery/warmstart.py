@@ -29,15 +29,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import bundle, storage
+from . import storage
 from .config import RunConfig, stable_hash
 from .errors import DataError, StageError
 from .layout import RunLayout, TeacherDir
 from .metrics import mean_metric
+from .models.student import StudentSpec
 from .progress import say
+from .serving import bundle
 
 # the student's shape: a bundle's weights fit a new student only where all of these are equal
-SHAPE_KEYS = ("n_items", "n_categories", "n_intents", "intent_labels", "vocab_size", "dim", "text_dim",
+SHAPE_KEYS = ("n_items", "n_categories", "intent_labels", "vocab_size", "dim", "text_dim",
               "ngram_buckets", "heads", "layers", "max_history", "ctr_history", "max_length", "tasks")
 
 
@@ -45,6 +47,11 @@ class Source(NamedTuple):
     bundle: str
     config: dict  # the bundle's config.json
     run_dir: str  # the run that wrote the bundle
+
+    @property
+    def spec(self) -> StudentSpec:
+        """The bundle's student (compressed shapes included)."""
+        return StudentSpec.from_json(self.config["spec"], f"{self.bundle}/config.json: spec")
 
     @property
     def layout(self) -> RunLayout:
@@ -91,6 +98,9 @@ def source(cfg: RunConfig) -> Source | None:
     if storage.absolute(run_dir).rstrip("/") == storage.absolute(cfg.run_dir).rstrip("/"):
         raise StageError(f"warm_start={cfg.warm_start} was built in run_dir={cfg.run_dir} itself: give the new "
                          "window a new run_dir (the new run replaces stage outputs that the warm start reads)")
+    if "spec" not in config:
+        raise StageError(f"warm_start={cfg.warm_start}: its config.json has no student spec (a bundle of an older "
+                         "distillery): re-export it from its run with this version, or run without --warm-start")
     src = Source(path, config, run_dir)
     needs = [storage.join(src.teacher_dir, "model.safetensors"), src.items]
     if src.student_dir:
@@ -110,7 +120,7 @@ def label_source(cfg: RunConfig) -> str | None:
 def intent_labels(cfg: RunConfig) -> list[str] | None:
     """The intent classes a warm-started run must keep (the bundle's), or None."""
     src = source(cfg)
-    return list(src.config["intent_labels"]) if src and "intent" in src.config.get("tasks", []) else None
+    return list(src.spec.intent_labels) if src and "intent" in src.spec.tasks else None
 
 
 def check_catalogue(cfg: RunConfig, items_path: str) -> None:
@@ -146,19 +156,21 @@ def check_catalogue(cfg: RunConfig, items_path: str) -> None:
 # ------------------------------------------------------------------------------ teacher
 def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
     """The teacher stage of a warm-started run: the earlier teacher, copied, evaluated on this window."""
-    from . import baselines, teacher
+    from . import baselines
+    from .models.teacher import load_model
+    from .stages import teacher
 
     src = source(cfg)
     out, layout = TeacherDir(out_dir), RunLayout(cfg.run_dir)
     model_dir = out.model
     say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
     storage.copy_dir(src.teacher_dir, model_dir)
-    model, tokenizer, meta = teacher.load_model(model_dir)
+    model, tokenizer, spec = load_model(model_dir)
     prepare_dir = layout.prepare.root
-    tasks = [t for t in cfg.tasks.enabled() if t in meta["tasks"]]
+    tasks = [t for t in cfg.tasks.enabled() if t in spec.tasks]
     new_labels = storage.read_json(layout.prepare.vocab("intent_labels"))
-    if "intent" in tasks and new_labels != meta["intent_labels"]:
-        raise StageError(f"the teacher of {src.run_dir} has intent classes {meta['intent_labels']}, the new window "
+    if "intent" in tasks and new_labels != list(spec.intent_labels):
+        raise StageError(f"the teacher of {src.run_dir} has intent classes {list(spec.intent_labels)}, the new window "
                          f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
     valid = teacher.evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = teacher.evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
@@ -171,7 +183,7 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
         # copied with its teacher, so that a run warm-started from this one finds it too
         chosen = earlier["sasrec_chosen"]
         storage.copy_dir(earlier_dir.sasrec(chosen).root, out.sasrec(chosen).root)
-        for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, meta, cfg.seed).items():
+        for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, spec, cfg.seed).items():
             report["baselines"].setdefault(t, {})["sasrec"] = m
         report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
     storage.write_json(out.metrics, report)
@@ -182,11 +194,15 @@ def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ student
-def check_student(cfg: RunConfig, meta: dict) -> None:
+def check_student(cfg: RunConfig, spec: StudentSpec) -> None:
     """StageError naming each setting where the new student's shape differs from the bundle's."""
     src = source(cfg)
-    start = storage.read_json(storage.join(src.student_dir, "student.json")) if src.student_dir else src.config
-    diff = {k: (start.get(k), meta.get(k)) for k in SHAPE_KEYS if start.get(k) != meta.get(k)}
+    if src.student_dir:
+        path = storage.join(src.student_dir, "student.json")
+        start = StudentSpec.from_json(storage.read_json(path), path)
+    else:
+        start = src.spec
+    diff = {k: (getattr(start, k), getattr(spec, k)) for k in SHAPE_KEYS if getattr(start, k) != getattr(spec, k)}
     if diff:
         hint = {"dim": "student.dim", "text_dim": "student.text_dim", "ngram_buckets": "student.ngram_buckets",
                 "heads": "student.heads", "layers": "student.layers", "max_history": "tasks.recommendation.max_history",
@@ -204,7 +220,7 @@ def _short(v) -> str:
 def initial_state(path: str) -> dict[str, torch.Tensor]:
     """The float weights a warm start begins from: the uncompressed student the bundle at `path`
     was made from, or the bundle's own (8-bit ones dequantized) when it names none."""
-    from . import student as S
+    from .models import student as S
 
     bundle.verify(path)
     config = storage.read_json(storage.join(path, "config.json"))
@@ -216,15 +232,15 @@ def initial_state(path: str) -> dict[str, torch.Tensor]:
 def previous_metrics(cfg: RunConfig, tasks: list[str]) -> dict:
     """The bundle's student on this run's window: {"valid": ..., "test": ...}."""
     from . import evaluation
-    from . import student as S
+    from .models import student as S
 
     loaded = bundle.load(source(cfg).bundle)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     out = {}
     for split in ("valid", "test"):
-        out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.config, tasks), prepare_dir,
-                                         split, n_items=loaded.config["n_items"],
-                                         max_history=loaded.config["max_history"], seed=cfg.seed)
+        out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.spec, tasks), prepare_dir,
+                                         split, n_items=loaded.spec.n_items, max_history=loaded.spec.max_history,
+                                         seed=cfg.seed)
     return out
 
 

@@ -1,7 +1,7 @@
 """The model bundle: the one folder a served student is loaded from.
 
     model.safetensors   the weights (float32, or 8-bit row-wise: `quant.py`); never pickle
-    config.json         the student's sizes and text settings, the weights' format, provenance
+    config.json         "spec": the student's shape (`StudentSpec`); the weights' format; provenance
     tokenizer files     the teacher tokenizer the text bag indexes
     items.parquet       the catalogue in vocabulary order: idx, item_id, title, category, clicks
     metrics.json        validation and test metrics, and the teacher's, for the model card
@@ -21,9 +21,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import __version__, quant, storage
-from .errors import DistilleryError
-from .layout import RunLayout
+from .. import __version__, quant, storage
+from ..errors import DistilleryError
+from ..layout import RunLayout
+from ..models import student as S
+from ..models.student import StudentSpec
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "config.json", "items.parquet", "metrics.json", "tokenizer.json")
@@ -104,19 +106,18 @@ def verify(path: str) -> dict:
 class Loaded(NamedTuple):
     model: torch.nn.Module
     tokenizer: object
-    config: dict
+    spec: StudentSpec
+    config: dict  # config.json: the spec, the weights' format, variant, source, run_dir, student_dir
     items: object  # pandas DataFrame of items.parquet
     manifest: dict
     metrics: dict
 
 
 def load(path: str) -> Loaded:
-    """The student, tokenizer, config, catalogue, manifest and metrics of a verified bundle."""
+    """The student, tokenizer, spec, config, catalogue, manifest and metrics of a verified bundle."""
     import pandas as pd
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
-
-    from . import student as S
 
     with storage.local_copy(path) as local:
         bad = problems(local)
@@ -128,7 +129,11 @@ def load(path: str) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(local)
         items = pd.read_parquet(os.path.join(local, "items.parquet"))
         metrics = json.load(open(os.path.join(local, "metrics.json")))
-    return Loaded(S.from_state(config, state).eval(), tokenizer, config, items, manifest, metrics)
+    if "spec" not in config:
+        raise BundleError(f"bundle {path}: config.json has no student spec (a bundle of an older distillery): "
+                          "re-export it from its run with this version (distillery run CONFIG --stages compress)")
+    spec = StudentSpec.from_json(config["spec"], f"bundle {path}: config.json: spec")
+    return Loaded(S.from_state(spec, state).eval(), tokenizer, spec, config, items, manifest, metrics)
 
 
 def export(run_dir: str, out: str) -> dict:

@@ -18,35 +18,37 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from . import evaluation, loop, storage, trainstate, warmstart
-from . import student as S
-from .config import RunConfig
-from .data.examples import TRANSFER
-from .errors import StageError
-from .layout import DistillDir, RunLayout, StudentDir
-from .losses import LOSSES
-from .metrics import SCORE_METRIC, teacher_relative_score
-from .progress import say
-from .teacher_model import pad_list_array, set_threads
+from .. import evaluation, loop, storage, trainstate, warmstart
+from ..config import RunConfig
+from ..data.examples import TRANSFER, vocab_size
+from ..errors import StageError
+from ..histories import pad_list_array
+from ..layout import DistillDir, RunLayout, StudentDir
+from ..losses import LOSSES
+from ..metrics import SCORE_METRIC, teacher_relative_score
+from ..models import student as S
+from ..models.student import StudentSpec
+from ..models.teacher import TeacherSpec, set_threads, teacher_vectors
+from ..progress import say
 
 VARIANTS = ("student", "student_no_kd")
 
 
 # ------------------------------------------------------------------------------ tasks as data
-def _rec_tensors(t: pa.Table, meta: dict) -> dict:
-    return {"history": pad_list_array(t.column("history"), meta["max_history"]),
+def _rec_tensors(t: pa.Table, spec: StudentSpec) -> dict:
+    return {"history": pad_list_array(t.column("history"), spec.max_history),
             "target": _np(t, "item", np.int64), "top_ids": _stack(t, "top_ids", np.int64),
             # a list longer than the unseen catalogue ends in masked (-inf) scores: weight ~0, not NaN
             "top_scores": _stack(t, "top_scores", np.float32).clamp(min=-1e4)}
 
 
-def _ctr_tensors(t: pa.Table, meta: dict) -> dict:
-    return {"history": pad_list_array(t.column("history"), meta["ctr_history"]), "item": _np(t, "item", np.int64),
+def _ctr_tensors(t: pa.Table, spec: StudentSpec) -> dict:
+    return {"history": pad_list_array(t.column("history"), spec.ctr_history), "item": _np(t, "item", np.int64),
             "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
             "label": _np(t, "label", np.float32), "teacher": _np(t, "logit", np.float32)}
 
 
-def _intent_tensors(t: pa.Table, meta: dict) -> dict:
+def _intent_tensors(t: pa.Table, spec: StudentSpec) -> dict:
     bag = t.column("bag").combine_chunks()
     return {"bag_values": torch.from_numpy(pc.list_flatten(bag).to_numpy().astype(np.int64)),
             "bag_offsets": torch.from_numpy(bag.offsets.to_numpy().astype(np.int64)),
@@ -187,17 +189,17 @@ def _initial_student(config: dict, cfg: RunConfig, announce: bool):
 
     with storage.local_copy(config["tokenizer_dir"]) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
-    student = S.build_for_run(config["meta"], config["prepare_dir"], tokenizer)
+    student = S.build_for_run(config["spec"], config["prepare_dir"], tokenizer)
     if config.get("init"):
         student.load_state_dict(warmstart.initial_state(config["init"]))
         if announce:
             say(f"[distill] {config.get('name', config['variant'])}: starting from the weights of {config['init']}")
     elif config["variant"] == "student" and cfg.student.init_from_teacher:
-        S.init_from_teacher(student, S.teacher_vectors(config["tokenizer_dir"]))
+        S.init_from_teacher(student, teacher_vectors(config["tokenizer_dir"]))
     return student, tokenizer
 
 
-def _shard_tensors(tasks: list[str], variant: str, meta: dict) -> dict:
+def _shard_tensors(tasks: list[str], variant: str, spec: StudentSpec) -> dict:
     """This worker's shard of each task's train rows (`rows_for` the variant) as tensors; None for a
     task whose shard is empty."""
     import ray.train
@@ -206,7 +208,7 @@ def _shard_tensors(tasks: list[str], variant: str, meta: dict) -> dict:
     for t in tasks:
         parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
         table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
-        data[t] = TASKS[t].tensors(table, meta) if table is not None and table.num_rows else None
+        data[t] = TASKS[t].tensors(table, spec) if table is not None and table.num_rows else None
     return data
 
 
@@ -223,7 +225,7 @@ def train_loop(config: dict) -> None:
     set_threads(dc.cpus_per_worker)
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    tasks, meta, prepare_dir = config["tasks"], config["meta"], config["prepare_dir"]
+    tasks, spec, prepare_dir = config["tasks"], config["spec"], config["prepare_dir"]
 
     student, tokenizer = _initial_student(config, cfg, announce=rank == 0)
     student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
@@ -237,18 +239,18 @@ def train_loop(config: dict) -> None:
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn
-    data = _shard_tensors(tasks, variant, meta)
+    data = _shard_tensors(tasks, variant, spec)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batches = mixed_batches(data, shares, steps, device)
 
     def validate():
-        valid = evaluation.evaluate(S.predictors(student, tokenizer, meta, tasks, device), prepare_dir, "valid",
-                                    n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
+        valid = evaluation.evaluate(S.predictors(student, tokenizer, spec, tasks, device), prepare_dir, "valid",
+                                    n_items=spec.n_items, max_history=spec.max_history, seed=cfg.seed)
         return teacher_relative_score(valid, config["teacher_valid"]), valid
 
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:
-            S.save(student, tokenizer, meta, StudentDir(out_dir).model)
+            S.save(student, tokenizer, spec, StudentDir(out_dir).model)
         valid = st["history"][-1]["valid"]
         trainstate.report_epoch(student, optim, sched, st,
                                 {"epoch": st["epoch"], "valid_score": st["history"][-1]["score"],
@@ -272,7 +274,7 @@ def train_loop(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ the stage
-def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table:
+def training_table(cfg: RunConfig, task: str, tokenizer, student: StudentSpec) -> pa.Table:
     """Train examples of `task` joined with their teacher labels by example id (every example must
     have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
     spec = TASKS[task]
@@ -292,7 +294,7 @@ def training_table(cfg: RunConfig, task: str, tokenizer, meta: dict) -> pa.Table
         table = table.append_column(col, labels.column(col).take(pos))
     if task == "intent":  # the text bag is built once here, not every step
         texts = table.column("text").to_pylist()
-        ids, offsets = S.text_bag(tokenizer, texts, max_length=meta["max_length"], buckets=meta["ngram_buckets"])
+        ids, offsets = S.text_bag(tokenizer, texts, max_length=student.max_length, buckets=student.ngram_buckets)
         bounds = np.append(offsets.numpy(), len(ids)).astype(np.int32)
         table = table.drop(["text"]).append_column("bag", pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.numpy(), pa.int32())))
     return table
@@ -314,10 +316,10 @@ def _read_splits(folder: str, splits: list[str], columns: list[str]) -> pa.Table
 @dataclass
 class Inputs:
     """What every distillation run of one RUN_DIR shares (the distill stage's two variants, the tune
-    stage's trials): the train tables joined with their labels, the student's meta and the batch plan."""
+    stage's trials): the train tables joined with their labels, the student's spec and the batch plan."""
     cfg: RunConfig
     tasks: list[str]
-    meta: dict
+    spec: StudentSpec
     tables: dict[str, pa.Table]
     shares: dict[str, int]
     steps: int
@@ -330,6 +332,19 @@ class Inputs:
     @property
     def teacher_dir(self) -> str:
         return RunLayout(self.cfg.run_dir).teacher.model
+
+
+def student_spec(cfg: RunConfig, prepare_dir: str, tokenizer) -> StudentSpec:
+    """The student this run distills: its config's shape, the teacher's classes and categories."""
+    path = RunLayout(cfg.run_dir).teacher.spec
+    teacher = TeacherSpec.from_json(storage.read_json(path), path)
+    sc = cfg.student
+    return StudentSpec(n_items=vocab_size(prepare_dir), n_categories=teacher.n_categories,
+                       intent_labels=teacher.intent_labels, vocab_size=tokenizer.vocab_size, dim=sc.dim,
+                       text_dim=sc.text_dim, ngram_buckets=sc.ngram_buckets, heads=sc.heads, layers=sc.layers,
+                       dropout=sc.dropout, max_history=cfg.tasks.recommendation.max_history,
+                       ctr_history=cfg.tasks.ctr.max_history, max_length=cfg.teacher.max_length,
+                       tasks=tuple(cfg.tasks.enabled()))
 
 
 def inputs(cfg: RunConfig) -> Inputs:
@@ -345,27 +360,28 @@ def inputs(cfg: RunConfig) -> Inputs:
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["valid"]]
     with storage.local_copy(teacher_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
-    meta = S.student_meta(cfg, prepare_dir, tokenizer)
-    tables = {t: training_table(cfg, t, tokenizer, meta) for t in tasks}
+    spec = student_spec(cfg, prepare_dir, tokenizer)
+    tables = {t: training_table(cfg, t, tokenizer, spec) for t in tasks}
     counts = {t: tb.num_rows for t, tb in tables.items()}
     steps = cfg.distill.steps_per_epoch or max(1, math.ceil(sum(counts.values()) / cfg.distill.batch_size
                                                              / cfg.distill.num_workers))
-    return Inputs(cfg, tasks, meta, tables, _shares(cfg, tasks), steps, teacher_metrics)
+    return Inputs(cfg, tasks, spec, tables, _shares(cfg, tasks), steps, teacher_metrics)
 
 
 def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: dict, *, run_name: str,
-            storage_path: str, meta: dict | None = None, callbacks: tuple = (), init: str | None = None):
+            storage_path: str, spec: StudentSpec | None = None, callbacks: tuple = (), init: str | None = None):
     """The TorchTrainer of one distillation run (`cfg` may differ from `inp.cfg` in loss and optimizer
     settings and the student's width, as a Tune trial's does). Re-created with the same run_name and
     storage_path, it resumes from its last checkpoint. `init`: a bundle whose weights it starts from."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "name": run_name,
                            "out_dir": out_dir, "prepare_dir": inp.prepare_dir, "tokenizer_dir": inp.teacher_dir,
-                           "meta": meta or inp.meta, "tasks": inp.tasks, "shares": inp.shares, "steps": inp.steps,
+                           "spec": spec or inp.spec, "tasks": inp.tasks, "shares": inp.shares, "steps": inp.steps,
                            "teacher_valid": inp.teacher_metrics["valid"], "init": init},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
@@ -376,14 +392,14 @@ def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: d
     )
 
 
-def finish(inp: Inputs, out_dir: str, meta: dict | None = None) -> dict:
+def finish(inp: Inputs, out_dir: str, spec: StudentSpec | None = None) -> dict:
     """metrics.json of a trained run in `out_dir` (its best epoch's validation, test metrics)."""
-    meta = meta or inp.meta
+    spec = spec or inp.spec
     model, tok, _ = S.load(StudentDir(out_dir).model)
     history = storage.read_json(StudentDir(out_dir).history)
     best = max(history, key=lambda h: h["score"])
-    test = evaluation.evaluate(S.predictors(model, tok, meta, inp.tasks), inp.prepare_dir, "test",
-                               n_items=meta["n_items"], max_history=meta["max_history"], seed=inp.cfg.seed)
+    test = evaluation.evaluate(S.predictors(model, tok, spec, inp.tasks), inp.prepare_dir, "test",
+                               n_items=spec.n_items, max_history=spec.max_history, seed=inp.cfg.seed)
     metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
                "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}
     storage.write_json(StudentDir(out_dir).metrics, metrics)
@@ -396,7 +412,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     inp = inputs(cfg)
     src = warmstart.source(cfg)
     if src:
-        warmstart.check_student(cfg, inp.meta)
+        warmstart.check_student(cfg, inp.spec)
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
     counts = {t: tb.num_rows for t, tb in inp.tables.items()}
     say(f"[distill] {counts} train examples; {inp.steps} steps per epoch of {inp.shares} examples per worker")

@@ -17,18 +17,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
-from ray.data.context import ShuffleStrategy
 from ray.data.expressions import col
 
-from . import storage, warmstart
-from .config import DataConfig, RunConfig, stable_hash
-from .data import examples as ex
-from .data import synthetic
-from .data.sources import load_sources
-from .data.validate import (INTERACTION_COLUMNS, REJECT_SCHEMA, REVIEW_COLUMNS, mark_duplicates, to_arrow,
-                            validate_items, validate_rows)
-from .errors import DataError, StageError
-from .layout import PrepareDir, RunLayout
+from .. import storage, warmstart
+from ..config import DataConfig, RunConfig, stable_hash
+from ..data import examples as ex
+from ..data import synthetic
+from ..data.sources import group_by, load_sources
+from ..data.validate import (
+    INTERACTION_COLUMNS,
+    REJECT_SCHEMA,
+    REVIEW_COLUMNS,
+    mark_duplicates,
+    to_arrow,
+    validate_items,
+    validate_rows,
+)
+from ..errors import DataError, StageError
+from ..layout import PrepareDir, RunLayout
 
 log = logging.getLogger("distillery.prepare")
 
@@ -120,7 +126,7 @@ def _validate_table(src: ray.data.Dataset, table: str, cfg: RunConfig, item_ids:
     typed = _typed(spec)
     kwargs = dict(table=table, catalogue=item_ids, rating_range=cfg.data.rating_range, buckets=cfg.data.user_buckets)
     rows = src.map_batches(lambda b: typed(validate_rows(b, **kwargs)), batch_format="pandas")
-    return (rows.groupby("_bucket", num_partitions=cfg.data.user_buckets)
+    return (group_by(rows, "_bucket", cfg.data.shuffle, num_partitions=cfg.data.user_buckets)
             .map_groups(lambda g: typed(mark_duplicates(g)), batch_format="pandas").materialize())
 
 
@@ -214,19 +220,6 @@ def _print_coverage(cov: dict, n_items: int, n_users: int, intent: dict) -> None
 # ------------------------------------------------------------------------------ the stage
 def run(cfg: RunConfig, out_dir: str) -> dict:
     """Build everything under out_dir; return the manifest fields (counts, examples, rejects)."""
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.shuffle_strategy
-    # The per-user groupbys move every row once. Ray's default hash shuffle starts aggregator actors
-    # per groupby; the task-based sort shuffle does not, and made this stage 2.1x faster at 100k rows
-    # and 1.6x at 1M on 2 cores (benchmarks/results/prepare.json).
-    ctx.shuffle_strategy = ShuffleStrategy(cfg.data.shuffle)
-    try:
-        return _run(cfg, out_dir)
-    finally:
-        ctx.shuffle_strategy = saved
-
-
-def _run(cfg: RunConfig, out_dir: str) -> dict:
     out = PrepareDir(out_dir)
     data_cfg = input_config(cfg)
     src = load_sources(data_cfg)
@@ -336,7 +329,7 @@ def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np
                   ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
                   negative_ratio=cfg.tasks.ctr.negative_ratio,
                   neg_cdf=ex.negative_cdf(clicks.to_numpy(), cfg.tasks.ctr.popularity_alpha), seed=cfg.seed)
-    built = (inter.groupby("_bucket", num_partitions=cfg.data.user_buckets)
+    built = (group_by(inter, "_bucket", cfg.data.shuffle, num_partitions=cfg.data.user_buckets)
              .map_groups(lambda g: ex.user_examples(g, **kwargs), batch_format="pandas").materialize())
     for task in tasks:
         for split in ex.SPLITS:

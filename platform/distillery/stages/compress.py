@@ -12,7 +12,7 @@ Variants (`shrink.py` does the surgery), each evaluated on the validation split:
 - `..._int8` of each: 2-D weights stored 8-bit row-wise (`quant.py`). Served dequantized: the
   4x smaller file is what it buys, not speed (torch's int8 kernels measured slower at these widths).
 
-Every variant's size, parameters, batch-1 p50 and batch-256 throughput (`report.measure_latency`,
+Every variant's size, parameters, batch-1 p50 and batch-256 throughput (`latency.measure_latency`,
 interleaved in one run) and its change on each task (validation, which the choice reads, and test,
 reported only) are in RUN_DIR/compress/variants.json, with its parent and whether it is smaller or
 faster than that parent. Unstructured magnitude pruning was
@@ -27,12 +27,15 @@ import math
 
 import torch
 
-from . import bundle, distill, evaluation, loop, quant, shrink, storage, trainstate
-from . import student as S
-from .config import RunConfig
-from .layout import CompressDir, RunLayout
-from .metrics import SCORE_METRIC
-from .progress import say
+from .. import evaluation, latency, loop, quant, shrink, storage, trainstate
+from ..config import RunConfig, with_trial
+from ..layout import CompressDir, RunLayout
+from ..metrics import SCORE_METRIC
+from ..models import student as S
+from ..models.student import StudentSpec
+from ..progress import say
+from ..serving import bundle
+from . import distill
 
 
 def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:
@@ -66,20 +69,20 @@ def choose(variants: list[dict]) -> dict:
     return min(ok, key=lambda v: (v["bytes"], max(v["drops"].values(), default=0.0)))
 
 
-def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, meta: dict) -> list[dict]:
-    """[{name, parent, model, meta, state}]: every variant with the state dict it is stored as."""
+def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, spec: StudentSpec) -> list[dict]:
+    """[{name, parent, model, spec, state}]: every variant with the state dict it is stored as."""
     cc = cfg.compress
-    data = {t: distill.TASKS[t].tensors(tb, meta) for t, tb in inp.tables.items()}
-    out = [{"name": "student", "parent": None, "model": base, "meta": meta, "state": base.state_dict()}]
-    model, m = base, meta
+    data = {t: distill.TASKS[t].tensors(tb, spec) for t, tb in inp.tables.items()}
+    out = [{"name": "student", "parent": None, "model": base, "spec": spec, "state": base.state_dict()}]
+    model, m = base, spec
     if cc.vocab_min_count:
         bags = [base.item_bag_ids] + ([data["intent"]["bag_values"]] if "intent" in data else [])
-        model, m = shrink.prune_vocabulary(model, m, shrink.token_counts(meta, bags), min_count=cc.vocab_min_count,
+        model, m = shrink.prune_vocabulary(model, m, shrink.token_counts(spec, bags), min_count=cc.vocab_min_count,
                                            reserve=cc.vocab_reserve)
-        say(f"[compress] vocabulary: {m['text_rows_kept']:,} of {meta['vocab_size'] + meta['ngram_buckets']:,} "
+        say(f"[compress] vocabulary: {m.text_rows_kept:,} of {spec.vocab_size + spec.ngram_buckets:,} "
             f"text-table rows used by the catalogue and the training texts kept")
     model, m = shrink.fold_item_text(model, m)
-    out.append({"name": "student_compact", "parent": "student", "model": model, "meta": m,
+    out.append({"name": "student_compact", "parent": "student", "model": model, "spec": m,
                 "state": quant.narrow_ints(model.state_dict())})
     for keep in cc.unit_keep:
         pruned, pm = shrink.prune_units(model, m, keep)
@@ -87,40 +90,38 @@ def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, me
         say(f"[compress] kept {keep:.0%} of the hidden units and text columns ({shrink.params(pruned):,} parameters), "
             f"fine-tuned {cc.finetune_steps} steps (mean loss {loss:.4f})")
         out.append({"name": f"student_units{round(keep * 100)}", "parent": "student_compact", "model": pruned,
-                    "meta": pm, "state": quant.narrow_ints(pruned.state_dict())})
+                    "spec": pm, "state": quant.narrow_ints(pruned.state_dict())})
     if cc.int8:
         for v in list(out):
             state = quant.quantize_state(v["state"])
             out.append({**v, "name": v["name"] + "_int8", "parent": v["name"], "state": state,
-                        "model": S.from_state(v["meta"], quant.dequantize_state(state)).eval()})
+                        "model": S.from_state(v["spec"], quant.dequantize_state(state)).eval()})
     return out
 
 
 def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: str, threads: int) -> dict:
     """The stage's compute, run as one Ray task: every variant built, evaluated and timed."""
-    from . import report
-
     torch.set_num_threads(threads)
-    base, tok, meta = S.load(model_dir)
+    base, tok, spec = S.load(model_dir)
     cc = cfg.compress
-    candidates = _variants(cfg, loss_cfg, inp, base, meta)
+    candidates = _variants(cfg, loss_cfg, inp, base, spec)
 
     def evaluate(v, split):
-        return evaluation.evaluate(S.predictors(v["model"], tok, v["meta"], inp.tasks), inp.prepare_dir, split,
-                                   n_items=meta["n_items"], max_history=meta["max_history"], seed=cfg.seed)
+        return evaluation.evaluate(S.predictors(v["model"], tok, v["spec"], inp.tasks), inp.prepare_dir, split,
+                                   n_items=spec.n_items, max_history=spec.max_history, seed=cfg.seed)
 
     say(f"[compress] timing {len(candidates)} variants on one CPU thread ({cc.latency_requests} requests each, "
         "interleaved)")
-    speed = report.measure_latency({v["name"]: report.student_server(v["model"], tok, v["meta"]) for v in candidates},
-                                   report._requests(inp.prepare_dir, inp.tasks, cc.latency_requests, cfg.seed),
-                                   repeats_256=25)  # the median of 25 batches (~20 ms each): one is too noisy to rank variants
+    speed = latency.measure_latency({v["name"]: latency.student_server(v["model"], tok, v["spec"]) for v in candidates},
+                                    latency.requests(inp.prepare_dir, inp.tasks, cc.latency_requests, cfg.seed),
+                                    repeats_256=25)  # the median of 25 batches (~20 ms each): one is too noisy to rank variants
     variants, by_name = [], {}
     for v in candidates:
         valid, test = evaluate(v, "valid"), evaluate(v, "test")  # test only reported: the choice reads valid
         drops = relative_drops(valid, variants[0]["valid"] if variants else valid)
         row = {"name": v["name"], "parent": v["parent"], "int8": quant.is_quantized(v["state"]),
                "bytes": _bytes(v["state"]), "params": shrink.params(v["model"]),
-               "shape": {k: v["meta"].get(k) for k in ("text_dim", "text_rows_kept", "ctr_hidden", "intent_hidden",
+               "shape": {k: getattr(v["spec"], k) for k in ("text_dim", "text_rows_kept", "ctr_hidden", "intent_hidden",
                                                        "item_text")},
                "p50_ms": speed[v["name"]]["cpu_latency_ms"]["p50"],
                "throughput_b256": speed[v["name"]]["cpu_throughput"]["batch256"],
@@ -143,24 +144,21 @@ def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: s
             f"{'' if row['within_budget'] else '  (over budget)'}")
     chosen = choose(variants)
     kept = next(v for v in candidates if v["name"] == chosen["name"])
-    return {"variants": variants, "chosen": chosen, "state": kept["state"], "meta": kept["meta"]}
+    return {"variants": variants, "chosen": chosen, "state": kept["state"], "spec": kept["spec"]}
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
     import pyarrow.parquet as pq
     import ray
-
-    from . import tune
-
     from transformers import AutoTokenizer
 
-    winner = tune.load_winner(cfg.run_dir)
+    winner = RunLayout(cfg.run_dir).winner()
     model_dir, layout, out = winner.folder, RunLayout(cfg.run_dir), CompressDir(out_dir)
     with storage.local_copy(model_dir) as local:  # the bundle's tokenizer; the weights load in the task
         tok = AutoTokenizer.from_pretrained(local)
     loss_cfg, source = cfg, "distill"
     if winner.source == "tune":  # fine-tuned with the loss settings the winning trial was trained with
-        loss_cfg, source = tune.trial_config(cfg, winner.params), f"tune (trial {winner.trial_id})"
+        loss_cfg, source = with_trial(cfg, winner.params), f"tune (trial {winner.trial_id})"
     say(f"[compress] compressing the student from {source}: {model_dir}")
     inp = distill.inputs(loss_cfg)
     threads = max(1, math.floor(cfg.compress.cpus))
@@ -176,7 +174,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     fs, path = storage.resolve(layout.prepare.items)
     items = pq.read_table(path, filesystem=fs, columns=["idx", "item_id", "title", "category", "category_idx", "clicks"])
     # student_dir: the uncompressed student, which a warm start continues from
-    config = {**result["meta"], "weights": "int8-rowwise" if chosen["int8"] else "float32",
+    config = {"spec": result["spec"].to_json(), "weights": "int8-rowwise" if chosen["int8"] else "float32",
               "variant": chosen["name"], "source": source, "run_dir": cfg.run_dir, "student_dir": model_dir}
     manifest = bundle.write(layout.bundle, state=result["state"], config=config, tokenizer=tok,
                             items=items, metrics=metrics)

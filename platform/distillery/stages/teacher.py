@@ -15,7 +15,6 @@ evaluated on the test split: RUN_DIR/teacher/metrics.json =
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -30,20 +29,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import baselines, evaluation, loop, storage, trainstate
-from .config import RunConfig
-from .data.examples import read_items, read_split, vocab_size
-from .layout import PartDir, PrepareDir, RunLayout, TeacherDir
-from .metrics import SCORE_METRIC, mean_metric
-from .progress import say
-from .seqrec import NextItemLoss, SeqSpec, SequenceModel
-from .teacher_model import (CtrHead, IntentTeacher, SeqMember, Teacher, load_backbone, pad_list_array, set_threads,
-                            text_inputs)
+from .. import baselines, evaluation, loop, storage, trainstate
+from ..config import RunConfig
+from ..data.examples import read_items, read_split, vocab_size
+from ..histories import pad_list_array
+from ..layout import PartDir, PrepareDir, RunLayout, TeacherDir
+from ..metrics import SCORE_METRIC, mean_metric
+from ..models.seqrec import NextItemLoss, SeqSpec
+from ..models.teacher import (
+    IntentTeacher,
+    SeqMember,
+    Teacher,
+    TeacherSpec,
+    build,
+    build_member,
+    load_backbone,
+    load_weights,
+    predictors,
+    save_model,
+    save_weights,
+    set_threads,
+    text_inputs,
+)
+from ..progress import say
 
 SEQ_TASKS = ("recommendation", "ctr")
 
 
-# ------------------------------------------------------------------------------ model i/o
+# ------------------------------------------------------------------------------ the run's shapes
 def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int | None = None, dropout: float | None = None,
              item_text: bool | None = None) -> SeqSpec:
     """The sequence model of this run (`dim`, `dropout`, `item_text` override the config: the baseline grid)."""
@@ -55,94 +68,22 @@ def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int | None = N
                    text_dim=text_dim if use_text else 0, use_id=sc.item_ids or not use_text)
 
 
-def model_meta(cfg: RunConfig, prepare_dir: str, text_dim: int) -> dict:
-    """teacher.json: what `build` needs to rebuild the teacher (`text_dim`: the encoder's width)."""
+def teacher_spec(cfg: RunConfig, prepare_dir: str, text_dim: int) -> TeacherSpec:
+    """The teacher this run trains (`text_dim`: the encoder's width)."""
     items = read_items(prepare_dir)
     prep = PrepareDir(prepare_dir)
     labels = storage.read_json(prep.vocab("intent_labels")) if storage.exists(prep.vocab("intent_labels")) else []
     cats = storage.read_json(prep.vocab("categories"))
     tasks = list(cfg.tasks.enabled())
     spec = seq_spec(cfg, vocab_size(prepare_dir), text_dim)
-    return {"n_items": spec.n_items, "n_intents": len(labels), "intent_labels": labels, "n_categories": len(cats),
-            "max_history": spec.max_history, "max_length": cfg.teacher.max_length,
-            "lexical_dim": cfg.teacher.lexical_dim, "lexical_buckets": cfg.teacher.lexical_buckets,
-            "item_category": [0, 1] + items["category_idx"].tolist(), "tasks": tasks,
-            "sequence": spec.to_json(), "members": cfg.teacher.sequence.members if set(tasks) & set(SEQ_TASKS) else 0}
-
-
-def build_member(spec: SeqSpec, meta: dict, item_text: torch.Tensor | None = None, ctr_head: bool = True) -> SeqMember:
-    seq = SequenceModel(spec, item_text if spec.text_dim else None)
-    head = CtrHead(spec.dim, meta["n_categories"], torch.tensor(meta["item_category"])) if ctr_head else None
-    return SeqMember(seq, head)
-
-
-def build(backbone, meta: dict, item_text: torch.Tensor | None = None) -> Teacher:
-    intent = IntentTeacher(backbone, meta["n_intents"], meta["lexical_dim"], meta["lexical_buckets"])
-    spec = SeqSpec.from_json(meta["sequence"])
-    members = [build_member(spec, meta, item_text, "ctr" in meta["tasks"]) for _ in range(meta["members"])]
-    return Teacher(intent, members, meta["max_history"])
-
-
-def save_weights(model: nn.Module, path: str) -> None:
-    """state_dict -> safetensors (never pickle), written locally and copied to `path` (any URI)."""
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  os.path.join(tmp, "w.safetensors"))
-        storage.upload_file(os.path.join(tmp, "w.safetensors"), path)
-
-
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    with storage.local_copy(storage.parent(path)) as local:
-        return load_file(os.path.join(local, os.path.basename(path)))
-
-
-def save_model(model: Teacher, tokenizer, meta: dict, out: str) -> None:
-    """model.safetensors + backbone config/tokenizer + teacher.json; written locally, then copied."""
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"))
-        model.backbone.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "teacher.json"), "w") as f:
-            json.dump(meta, f)
-        storage.upload_dir(tmp, out)
-
-
-def load_model(path: str, device: str = "cpu") -> tuple[Teacher, object, dict]:
-    """The teacher saved by `save_model` (weights through safetensors only)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    with storage.local_copy(path) as local:
-        meta = json.load(open(os.path.join(local, "teacher.json")))
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(local))
-        model = build(backbone, meta)
-        model.load_state_dict(load_file(os.path.join(local, "model.safetensors")))
-        tokenizer = AutoTokenizer.from_pretrained(local)
-    return model.to(device).eval(), tokenizer, meta
+    return TeacherSpec(n_items=spec.n_items, intent_labels=tuple(labels), n_categories=len(cats),
+                       max_history=spec.max_history, max_length=cfg.teacher.max_length,
+                       lexical_dim=cfg.teacher.lexical_dim, lexical_buckets=cfg.teacher.lexical_buckets,
+                       item_category=(0, 1, *items["category_idx"].tolist()), tasks=tuple(tasks), sequence=spec,
+                       members=cfg.teacher.sequence.members if set(tasks) & set(SEQ_TASKS) else 0)
 
 
 # ------------------------------------------------------------------------------ evaluation
-def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") -> dict:
-    """The teacher as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
-    model.eval()
-    with torch.no_grad():
-        items = model.item_vectors()
-
-    def intent(texts):
-        inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
-        return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
-
-    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
-            if t in tasks}
-
-
 def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max_length: int,
              device="cpu", batch: int = 512, seed: int = 0) -> dict:
     """Metrics of `model` on one split of every task (the metric module's names)."""
@@ -163,7 +104,7 @@ def evaluate_member(member: SeqMember, prepare_dir: str, split: str, tasks, n_it
 def encode_items(model_name: str, texts: list[str], max_length: int, device: str = "cpu",
                  batch: int = 128) -> torch.Tensor:
     """[2 + len(texts), H] mean-pooled embeddings of the frozen encoder (rows 0, 1: zeros)."""
-    from .teacher_model import mean_pool
+    from ..models.teacher import mean_pool
 
     backbone, tokenizer = load_backbone(model_name)
     backbone.to(device).eval()
@@ -323,8 +264,7 @@ def seq_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(loop.epoch_seed(config["seed"], 0, 0, stream=1))  # same initial weights on every rank
     item_text = load_weights(config["item_text"])["item_text"] if spec.text_dim else None
-    meta = config["meta"]
-    member = build_member(spec, meta, item_text, ctr_head=config["ctr_head"] and "ctr" in tasks)
+    member = build_member(spec, config["teacher_spec"], item_text, ctr_head=config["ctr_head"] and "ctr" in tasks)
 
     seqs, ctr = _sequence_shards(tasks, spec.max_history + 1, cfg.tasks.ctr.max_history)
     sampled = spec.n_items - 2 > sc.sampled_softmax_above
@@ -448,8 +388,7 @@ def intent_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(loop.epoch_seed(cfg.seed, 0, 0, stream=1))
     backbone, tokenizer = load_backbone(tc.model)
-    meta = config["meta"]
-    model = IntentTeacher(backbone, meta["n_intents"], tc.lexical_dim, tc.lexical_buckets).to(device)
+    model = IntentTeacher(backbone, config["teacher_spec"].n_intents, tc.lexical_dim, tc.lexical_buckets).to(device)
     optim = _intent_optimizer(model, tc)
     steps = config["steps"]
     sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
@@ -490,7 +429,8 @@ def intent_loop(config: dict) -> None:
 def _fit(cfg: RunConfig, loop_fn, name: str, out_dir: str, datasets: dict, loop_config: dict) -> None:
     """One Ray Train run; skipped when `out_dir` holds its finished history, resumed when it holds a
     checkpoint of an interrupted attempt."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     if storage.exists(PartDir(out_dir).history):
@@ -521,7 +461,7 @@ def _popularity(prepare_dir: str, n_items: int) -> list[float]:
     return counts.tolist()
 
 
-def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, meta: dict) -> dict:
+def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
     """Steps 2 and 3: the SASRec baseline grid and the teacher's members. Returns
     {"members": [dirs], "sasrec": [{name, dir, spec, valid, best_epoch, epochs_run}]}."""
     import ray
@@ -529,7 +469,7 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
     out_dir = TeacherDir(out_dir)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
-    n_items = meta["n_items"]
+    n_items = tspec.n_items
     datasets, steps = {}, 1
     if "recommendation" in tasks:
         users = user_sequences(read_split(prepare_dir, "recommendation", "train"))
@@ -540,7 +480,7 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
-    common = {"meta": meta, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
+    common = {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
               "item_text": out_dir.item_text}
     text_dim = 0 if text is None else text.shape[1]
     out = {"members": [], "sasrec": []}
@@ -555,7 +495,7 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
                       "seed": cfg.seed})
                 out["sasrec"].append({"name": name, "dir": d.root, "spec": spec.to_json(),
                                       **_best(storage.read_json(d.history))})
-    spec = SeqSpec.from_json(meta["sequence"])
+    spec = tspec.sequence
     for i in range(cfg.teacher.sequence.members):
         name = f"teacher-seq{i}" if cfg.teacher.sequence.members > 1 else "teacher-seq"
         d = out_dir.member(i)
@@ -565,17 +505,17 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
     return out
 
 
-def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, meta: dict, seed: int) -> dict:
+def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec: TeacherSpec, seed: int) -> dict:
     """{task: test metrics} of the SASRec baseline that `metrics` (a teacher metrics.json) chose,
     loaded from `teacher_dir`/sasrec/<name>; its CTR score is its recommendation score."""
     chosen = metrics.get("sasrec_chosen")
     if not chosen:
         return {}
     spec = SeqSpec.from_json(next(r["spec"] for r in metrics["sasrec_grid"] if r["name"] == chosen))
-    model = build_member(spec, meta, ctr_head=False)
+    model = build_member(spec, tspec, ctr_head=False)
     model.load_state_dict(load_weights(TeacherDir(teacher_dir).sasrec(chosen).weights))
     sas_tasks = [t for t in SEQ_TASKS if t in tasks]
-    return evaluate_member(model, prepare_dir, "test", sas_tasks, meta["n_items"], spec.max_history, seed)
+    return evaluate_member(model, prepare_dir, "test", sas_tasks, tspec.n_items, spec.max_history, seed)
 
 
 def _best(history: list[dict]) -> dict:
@@ -594,16 +534,16 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     seq_tasks = [t for t in tasks if t in SEQ_TASKS]
     uses_text = bool(seq_tasks) and cfg.teacher.sequence.item_text
     text = item_text_embeddings(cfg, out_dir) if uses_text else None
-    meta = model_meta(cfg, prepare_dir, hidden if uses_text else 0)
-    trained = train_sequence_models(cfg, out_dir, text, meta) if seq_tasks else {"members": [], "sasrec": []}
+    tspec = teacher_spec(cfg, prepare_dir, hidden if uses_text else 0)
+    trained = train_sequence_models(cfg, out_dir, text, tspec) if seq_tasks else {"members": [], "sasrec": []}
     intent_dir = out.intent
     if "intent" in tasks:
         ds = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
         steps = max(1, math.ceil(ds.count() / cfg.teacher.num_workers / cfg.teacher.intent_batch_size))
-        _fit(cfg, intent_loop, "intent", intent_dir.root, {"intent": ds}, {"meta": meta, "steps": steps})
+        _fit(cfg, intent_loop, "intent", intent_dir.root, {"intent": ds}, {"teacher_spec": tspec, "steps": steps})
 
     # assemble the teacher from its trained parts
-    model = build(backbone, meta, text)
+    model = build(backbone, tspec, text)
     state = model.state_dict()
     if "intent" in tasks:
         state.update({f"intent.{k}": v for k, v in load_weights(intent_dir.weights).items()})
@@ -611,7 +551,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         state.update({f"members.{i}.{k}": v for k, v in load_weights(d.weights).items()})
     model.load_state_dict(state)
     model.eval()
-    save_model(model, tokenizer, meta, out.model)
+    save_model(model, tokenizer, tspec, out.model)
 
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
@@ -622,14 +562,14 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         report["sasrec_grid"] = [{k: r[k] for k in ("name", "spec", "valid", "best_epoch", "epochs_run")}
                                  for r in trained["sasrec"]]
         report["sasrec_chosen"] = chosen["name"]
-        for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, meta, cfg.seed).items():
+        for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, tspec, cfg.seed).items():
             base.setdefault(t, {})["sasrec"] = m
     if "intent" in tasks:
         report["intent_epochs"] = _best(storage.read_json(intent_dir.history))
     report["sequence_epochs"] = [_best(storage.read_json(d.history)) for d in trained["members"]]
     if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
         report["members_test"] = [evaluate_member(m, prepare_dir, "test", [t for t in SEQ_TASKS if t in tasks],
-                                                  meta["n_items"], meta["max_history"], cfg.seed)
+                                                  tspec.n_items, tspec.max_history, cfg.seed)
                                   for m in model.members]
     storage.write_json(out.metrics, report)
     print_metrics(report)

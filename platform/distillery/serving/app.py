@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 from ray import serve
 
+from ..config import ServeConfig
+from ..errors import ConfigError
 from . import api
-from .config import ServeConfig
-from .errors import ConfigError
 
 APP_NAME = "distillery"
 

@@ -28,19 +28,19 @@ metrics.json, history.json) and trials/<id>/ (each trial's model and history).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 import tempfile
-from typing import NamedTuple
 
-from . import distill, storage
-from .config import RunConfig, TuneSpace
-from .errors import StageError
-from .layout import RunLayout, TuneDir
-from .metrics import SCORE_METRIC
-from .progress import say
+from .. import storage
+from ..config import TUNED_PER_TASK, RunConfig, TuneSpace, with_trial
+from ..errors import StageError
+from ..layout import RunLayout, TuneDir
+from ..metrics import SCORE_METRIC
+from ..progress import say
+from . import distill
 
-PER_TASK = ("temperature", "alpha", "weight")
 EXPERIMENT = "sweep"
 
 
@@ -52,7 +52,7 @@ def param_space(space: TuneSpace, tasks: list[str]) -> dict:
         return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
 
     out = {}
-    for name in PER_TASK:
+    for name in TUNED_PER_TASK:
         r = getattr(space, name)
         if r is not None:
             out[name] = {t: domain(r) for t in tasks}
@@ -75,7 +75,7 @@ def defaults_point(cfg: RunConfig, space: TuneSpace, tasks: list[str]) -> dict:
         return min(max(v, r.low), r.high)
 
     point = {}
-    for name in PER_TASK:
+    for name in TUNED_PER_TASK:
         r = getattr(space, name)
         if r is not None:
             point[name] = {t: clamp(r, getattr(getattr(cfg.tasks, t), name)) for t in tasks}
@@ -88,23 +88,6 @@ def defaults_point(cfg: RunConfig, space: TuneSpace, tasks: list[str]) -> dict:
     return point
 
 
-def trial_config(cfg: RunConfig, params: dict) -> RunConfig:
-    """The run config with a trial's sampled values put in their places (validated again)."""
-    raw = cfg.model_dump(mode="json")
-    for name in PER_TASK:
-        for task, value in params.get(name, {}).items():
-            raw["tasks"][task][name] = float(value)
-    if "lr" in params:
-        raw["distill"]["lr"] = float(params["lr"])
-    if "rank_weight" in params:
-        raw["tasks"]["recommendation"]["rank_weight"] = float(params["rank_weight"])
-    if "dim" in params:
-        raw["student"]["dim"] = int(params["dim"])
-    if cfg.tune.epochs:
-        raw["distill"]["epochs"] = cfg.tune.epochs
-    return RunConfig.model_validate(raw)
-
-
 def _trial(params: dict, *, inp: distill.Inputs, datasets: dict, out_root: str) -> None:
     """One Tune trial: a distillation TorchTrainer with this trial's config, on the datasets the
     driver materialized once for the whole sweep."""
@@ -112,11 +95,11 @@ def _trial(params: dict, *, inp: distill.Inputs, datasets: dict, out_root: str) 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(inp.cfg, params)
-    meta = {**inp.meta, "dim": cfg.student.dim}
+    cfg = with_trial(inp.cfg, params)
+    spec = dataclasses.replace(inp.spec, dim=cfg.student.dim)
     out = TuneDir(out_root)
     # same name and storage when Tune restarts the trial: Train resumes from its last checkpoint
-    distill.trainer(inp, cfg, "student", out.trial(trial_id).root, datasets, run_name=f"trial-{trial_id}", meta=meta,
+    distill.trainer(inp, cfg, "student", out.trial(trial_id).root, datasets, run_name=f"trial-{trial_id}", spec=spec,
                     storage_path=out.ray_train, callbacks=(TuneReportCallback(),)).fit()
 
 
@@ -164,7 +147,7 @@ def _rows(results, out_dir: str) -> list[dict]:
         frame = r.metrics_dataframe
         trial_id = _rid(r)
         row = {"trial_id": trial_id, "defaults": _trial_dir_parts(r.path)[1] == 1}  # Tune counts from 1
-        for name in PER_TASK:
+        for name in TUNED_PER_TASK:
             for task, value in (r.config or {}).get(name, {}).items():
                 row[f"{name}.{task}"] = value
         for key in ("lr", "rank_weight", "dim"):
@@ -262,11 +245,11 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     best_dir = out.best
     _copy_dir(out.trial(best["trial_id"]).root, best_dir.root)
     params = next(r for r in results if _rid(r) == best["trial_id"]).config
-    cfg_best = trial_config(cfg, params)
-    meta = {**inp.meta, "dim": cfg_best.student.dim}
+    cfg_best = with_trial(cfg, params)
+    spec = dataclasses.replace(inp.spec, dim=cfg_best.student.dim)
     if not storage.exists(best_dir.history):  # a stopped trial wrote none
         storage.write_json(best_dir.history, _history(results, best["trial_id"]))
-    metrics = distill.finish(inp, best_dir.root, meta)
+    metrics = distill.finish(inp, best_dir.root, spec)
     default_score = storage.read_json(default)["valid_score"]
     same_budget = next((r for r in rows if r["defaults"] and r["score"] == r["score"]), None)
     summary = {"trial_id": best["trial_id"], "valid_score": best["score"],
@@ -330,28 +313,4 @@ def _copy_dir(src: str, dst: str) -> None:
         storage.upload_dir(local, dst)
 
 
-class Winner(NamedTuple):
-    """The student that compress takes, and where it came from (best.json's record, not its path).
-    Only located here: the compress task loads it where it compresses it."""
-
-    folder: str
-    source: str                 # "distill" or "tune"
-    params: dict | None = None  # the winning trial's sampled values (source "tune")
-    trial_id: str | None = None
-
-
-def load_winner(run_dir: str) -> Winner:
-    """The sweep's best student when the tune stage ran and it beat the distill stage's student on
-    validation (best.json `winner`), else the distill stage's student."""
-    layout = RunLayout(run_dir)
-    summary = storage.read_json(layout.tune.summary) if storage.exists(layout.tune.summary) else {}
-    tuned = layout.tune.best.model
-    if summary.get("winner") == "tune" and storage.exists(storage.join(tuned, "model.safetensors")):
-        return Winner(tuned, "tune", summary["params"], summary["trial_id"])
-    folder = layout.distill.variant("student").model
-    if storage.exists(storage.join(folder, "model.safetensors")):
-        return Winner(folder, "distill")
-    raise StageError(f"no student in {run_dir}: run the distill stage first")
-
-
-__all__ = ["run", "param_space", "trial_config", "plot", "load_winner", "Winner"]
+__all__ = ["run", "param_space", "plot"]

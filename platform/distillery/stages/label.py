@@ -25,7 +25,6 @@ task and split are exactly the prepared ones.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import uuid
 
@@ -35,14 +34,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import storage
-from .config import RunConfig, stable_hash
-from .data.examples import ALL_SPLITS, SPLITS
-from .errors import StageError
-from .layout import LabelDir, RunLayout
-from .lexical import text_features
-from .progress import say
-from .teacher_model import Teacher, pad_list_array, set_threads, text_inputs, trim_padding
+from .. import storage
+from ..config import RunConfig, stable_hash
+from ..data.examples import ALL_SPLITS, SPLITS
+from ..errors import StageError
+from ..histories import pad_list_array, trim_padding
+from ..layout import LabelDir, RunLayout
+from ..lexical import text_features
+from ..models.teacher import Teacher, TeacherSpec, read_spec, set_threads, text_inputs
+from ..progress import say
 
 LABEL_SCHEMAS = {
     "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
@@ -267,10 +267,10 @@ def _lockstep(batches, sharded: bool, device):
 
 
 def _label_columns(task: str, model: Teacher, tokenizer, items: torch.Tensor, batch: pa.Table, cfg: RunConfig,
-                   meta: dict, device) -> dict:
+                   spec: TeacherSpec, device) -> dict:
     """The teacher's label columns of one batch of `task`."""
     if task == "recommendation":
-        return label_recommendation(model, items, batch, max_history=meta["max_history"], top_k=cfg.label.top_k,
+        return label_recommendation(model, items, batch, max_history=spec.max_history, top_k=cfg.label.top_k,
                                     device=device)
     if task == "ctr":
         return label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
@@ -284,7 +284,7 @@ def label_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .teacher import load_model
+    from ..models.teacher import load_model
 
     cfg = RunConfig.model_validate(config["cfg"])
     lc, out_dir = cfg.label, config["out_dir"]
@@ -292,7 +292,7 @@ def label_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     set_threads(lc.cpus_per_worker)
     device = ray.train.torch.get_device()
-    model, tokenizer, meta = load_model(config["model_dir"])
+    model, tokenizer, spec = load_model(config["model_dir"])
     sharded = cfg.teacher.shard == "fsdp" and ctx.get_world_size() > 1
     if sharded:
         _fsdp_backbone(model, device)
@@ -322,7 +322,7 @@ def label_loop(config: dict) -> None:
             if batch.num_rows == 0:
                 continue
             with autocast:
-                cols = _label_columns(task, model, tokenizer, items, batch, cfg, meta, device)
+                cols = _label_columns(task, model, tokenizer, items, batch, cfg, spec, device)
             writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
                                  "fingerprint": batch.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
             if time.perf_counter() - last > 15:
@@ -414,7 +414,8 @@ def _ids(folder: str) -> pa.Array:
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
     import ray
-    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     layout, out = RunLayout(cfg.run_dir), LabelDir(out_dir)
@@ -432,7 +433,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                 for t in tasks}
     totals = {t: ds.count() for t, ds in examples.items()}
     total = sum(totals.values())
-    from . import warmstart
+    from .. import warmstart
 
     reused = reuse_labels(examples, out_dir, warmstart.label_source(cfg), key, lc.rows_per_file)
     datasets = _still_to_label(examples, out_dir, reused, lc)
@@ -495,13 +496,13 @@ def _tokenized(ds, model_dir: str, cfg: RunConfig):
 
     with storage.local_copy(model_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
-        meta = storage.read_json(os.path.join(local, "teacher.json"))
+        spec = read_spec(local)
     return ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=cfg.label.tokenize_cpus,
         # one task per CPU Ray Data gave it: no tokenizer thread pool over every core on top of that
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.teacher.max_length,
-                   "buckets": meta["lexical_buckets"] if meta.get("lexical_dim") else 0})
+                   "buckets": spec.lexical_buckets if spec.lexical_dim else 0})
 
 
 def _without(batch: pa.Table, ids: pa.Array) -> pa.Table:

@@ -198,7 +198,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20, api_key: str 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from . import __version__
+    from .. import __version__
 
     api_key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV)) or None  # "" = no key
     app = FastAPI(title="distillery", version=__version__,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .student_model import PAD, Student, longs, text_bag
-from .teacher_model import MAX_SLOTS
+from ..models.student import PAD, Student, StudentSpec, longs, text_bag
+from ..models.teacher import MAX_SLOTS
 
 
 def pad(histories, length: int, *, to_longest: bool = False) -> torch.Tensor:
@@ -38,11 +38,10 @@ class StudentRuntime:
     """Inference for the three tasks from a trained `Student`."""
 
     @torch.inference_mode()
-    def __init__(self, model: Student, tokenizer, meta: dict):
+    def __init__(self, model: Student, tokenizer, spec: StudentSpec):
         model.eval()
-        self.model, self.tokenizer, self.meta = model, tokenizer, meta
-        self.rec_history = meta["max_history"]
-        self.ctr_history = meta.get("ctr_history", meta["max_history"])
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.rec_history, self.ctr_history = spec.max_history, spec.ctr_history
         d = model.item.embedding_dim
         items = model.item_vectors()
         self.items = items.contiguous()
@@ -80,8 +79,8 @@ class StudentRuntime:
 
     def text_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (rows of `text_table` [N], offsets [B])."""
-        ids, offsets = text_bag(self.tokenizer, texts, max_length=self.meta["max_length"],
-                                buckets=self.meta["ngram_buckets"])
+        ids, offsets = text_bag(self.tokenizer, texts, max_length=self.spec.max_length,
+                                buckets=self.spec.ngram_buckets)
         return (ids if self.text_index is None else self.text_index[ids]), offsets
 
     # ---- tasks

@@ -7,171 +7,26 @@ report.json (a contract; later stages add their models under "models" and "tasks
                        "cpu_throughput": {"batch1", "batch256"}}},
      "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}}}
 
-Latency: one request = one example of every task (a user's history scored against the whole
-catalogue, one CTR candidate, one shopping text), tokenization and input tensors included, item
-vectors cached as a server would. The teacher's per-task functions run as frozen TorchScript traces
-(`_traced`), the students through `runtime.StudentRuntime`, the code that serves them. All models
-are timed in this one process on one thread (a Serve replica's CPU), interleaved in blocks of 20
-requests in a shuffled order of models, so machine noise hits them alike and each runs warm, as on
-its own replica. Throughput is requests per second at batch 1 (1000 / mean latency) and at batch 256.
+Latency and throughput are measured by `latency.py`.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 
-import numpy as np
-import torch
-
-from . import storage
-from . import student as S
-from .config import RunConfig
-from .data.examples import read_split
-from .errors import StageError
-from .layout import RunLayout, TeacherDir
-from .metrics import SCORE_METRIC
-from .progress import say
-from .runtime import StudentRuntime, pad
-from .student_model import longs
-from .teacher import load_model
-from .teacher_model import text_inputs
+from .. import latency, storage
+from ..config import RunConfig
+from ..errors import StageError
+from ..layout import RunLayout, TeacherDir
+from ..metrics import SCORE_METRIC
+from ..models import student as S
+from ..models.teacher import load_model
+from ..progress import say
 
 METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],
            "ctr": ["auc", "gauc", "logloss"], "intent": ["accuracy", "macro_f1"]}
 
 
-# ------------------------------------------------------------------------------ latency
-def _requests(prepare_dir: str, tasks, n: int, seed: int) -> list[dict]:
-    """n requests drawn from the test split, each with one example of every task."""
-    rng = np.random.default_rng(seed)
-    frames = {t: read_split(prepare_dir, t, "test") for t in tasks}
-    rows = {t: df.iloc[rng.integers(0, len(df), n)] for t, df in frames.items() if len(df)}
-    out = []
-    for i in range(n):
-        r = {}
-        if "recommendation" in rows:
-            r["rec_history"] = list(rows["recommendation"]["history"].iloc[i])
-        if "ctr" in rows:
-            row = rows["ctr"].iloc[i]
-            r["ctr"] = (list(row["history"]), int(row["item"]), -1 if row["slot"] != row["slot"] else int(row["slot"]))
-        if "intent" in rows:
-            r["text"] = rows["intent"]["text"].iloc[i]
-        out.append(r)
-    return out
-
-
-def _server(rec, ctr, intent, histories):
-    """serve(requests) -> seconds per task; inputs are built inside the timed part, as a server
-    would. histories(id lists, task) -> the padded history tensor the model's rec/ctr take."""
-    def serve(reqs: list[dict]) -> dict[str, float]:
-        took, t0 = {}, time.perf_counter()
-        if "rec_history" in reqs[0]:
-            rec(histories([r["rec_history"] for r in reqs], "recommendation")).topk(10, dim=1)
-            took["recommendation"], t0 = time.perf_counter() - t0, time.perf_counter()
-        if "ctr" in reqs[0]:
-            torch.sigmoid(ctr(histories([r["ctr"][0] for r in reqs], "ctr"),
-                              longs([r["ctr"][1] for r in reqs]), longs([r["ctr"][2] for r in reqs])))
-            took["ctr"], t0 = time.perf_counter() - t0, time.perf_counter()
-        if "text" in reqs[0]:
-            intent([r["text"] for r in reqs]).softmax(-1)
-            took["intent"] = time.perf_counter() - t0
-        return took
-    return serve
-
-
-class _Call(torch.nn.Module):
-    """fn(model, *inputs) as a module, so that its trace can be frozen."""
-
-    def __init__(self, model: torch.nn.Module, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *inputs):
-        return self.fn(self.model, *inputs)
-
-
-def _traced(model: torch.nn.Module, fn, *example):
-    """fn(model, *inputs) as a frozen TorchScript trace: eager PyTorch spends ~10 us of Python
-    dispatch per op on this CPU, most of a small model's time at batch 1. Teacher and students are
-    all timed this way, as a CPU server would run them."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python values baked into the graph
-        return torch.jit.freeze(torch.jit.trace(_Call(model, fn).eval(), example, check_trace=False))
-
-
-def _heads(model, items, rec_history: int, ctr_history: int):
-    h_rec, h_ctr = torch.zeros(2, rec_history, dtype=torch.long), torch.zeros(2, ctr_history, dtype=torch.long)
-    h_rec[:, -1] = h_ctr[:, -1] = 2
-    two = torch.tensor([2, 3])
-    rec = _traced(model, lambda m, h: m.rec_scores(h, items), h_rec)
-    ctr = _traced(model, lambda m, h, i, s: m.ctr_logits(h, i, s, items), h_ctr, two, torch.tensor([-1, 0]))
-    return rec, ctr
-
-
-@torch.inference_mode()
-def teacher_server(model, tokenizer, max_length: int, ctr_history: int):
-    model.eval().requires_grad_(False)  # a trace keeps the weights as constants
-    items = model.item_vectors()
-    rec_history = model.max_history
-    rec, ctr = _heads(model, items, rec_history, ctr_history)
-
-    def inputs(texts):
-        return tuple(text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets).values())
-
-    intent = _traced(model, lambda m, *x: m.intent_logits(*x), *inputs(["red gel pen", "a longer query about chairs"]))
-    return _server(rec, ctr, lambda texts: intent(*inputs(texts)),
-                   lambda h, task: pad(h, rec_history if task == "recommendation" else ctr_history))
-
-
-def student_server(model, tokenizer, meta: dict):
-    """The student as served: `runtime.StudentRuntime` (item and text products folded at load)."""
-    rt = StudentRuntime(model, tokenizer, meta)
-    return _server(rt.rec_scores, rt.ctr_logits, lambda texts: rt.intent_logits(*rt.text_inputs(texts)),
-                   rt.histories)
-
-
-@torch.inference_mode()
-def measure_latency(servers: dict, requests: list[dict], *, repeats_256: int = 3, warmup: int = 10,
-                    block: int = 20) -> dict:
-    """{name: {"cpu_latency_ms": {p50, p99}, "cpu_latency_ms_by_task": {task: p50},
-    "cpu_throughput": {batch1, batch256}}}; interleaved in blocks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = {name: [] for name in servers}
-        for r in requests[:warmup]:
-            for serve in servers.values():
-                serve([r])
-        # Blocks of `block` requests per model, the models in a fresh order every round: drift on a
-        # noisy machine hits all alike, and each model runs warm as on its own replica rather than
-        # right after another model has swept the caches (that cost the students ~0.1 ms a request).
-        rng = np.random.default_rng(0)
-        for a in range(0, len(requests), block):
-            for name in rng.permutation(list(servers)):
-                for r in requests[a:a + block]:
-                    times[name].append({t: s * 1000 for t, s in servers[name]([r]).items()})
-        big = (requests * (256 // len(requests) + 1))[:256]
-        t256 = {name: [] for name in servers}
-        for _ in range(repeats_256):
-            for name, serve in servers.items():
-                t256[name].append(sum(serve(big).values()))
-    finally:
-        torch.set_num_threads(threads)
-    out = {}
-    for name, per_request in times.items():
-        total = [sum(r.values()) for r in per_request]
-        out[name] = {"cpu_latency_ms": {"p50": float(np.percentile(total, 50)), "p99": float(np.percentile(total, 99))},
-                     "cpu_latency_ms_by_task": {t: float(np.median([r[t] for r in per_request])) for t in per_request[0]},
-                     "cpu_throughput": {"batch1": 1000.0 / float(np.mean(total)),
-                                        "batch256": 256 / statistics.median(t256[name])}}
-    return out
-
-
-# ------------------------------------------------------------------------------ the stage
 def _size(model_dir: str) -> int:
     fs, path = storage.resolve(storage.join(model_dir, "model.safetensors"))
     return fs.get_file_info(path).size
@@ -183,7 +38,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     teacher_metrics = storage.read_json(layout.teacher.metrics)
     tasks = [t for t in cfg.tasks.enabled() if t in teacher_metrics["test"]]
     teacher_dir = layout.teacher.model
-    teacher, t_tok, t_meta = load_model(teacher_dir)
+    teacher, t_tok, t_spec = load_model(teacher_dir)
     variants = {}
     for name in ("student", "student_no_kd"):
         d = layout.distill.variant(name)
@@ -195,16 +50,16 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     warm = layout.distill.warm_start
     warm_start = storage.read_json(warm) if storage.exists(warm) else None
     if warm_start:  # the student this run continued from, measured on this run's window
-        from . import bundle
+        from ..serving import bundle
 
-        model, tok, config, *_ = bundle.load(warm_start["bundle"])
-        variants["student_previous"] = (model, tok, config, warm_start["previous"], warm_start["bundle"])
+        b = bundle.load(warm_start["bundle"])
+        variants["student_previous"] = (b.model, b.tokenizer, b.spec, warm_start["previous"], warm_start["bundle"])
 
     say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
-    requests = _requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
-    servers = {"teacher": teacher_server(teacher, t_tok, t_meta["max_length"], cfg.tasks.ctr.max_history),
-               **{n: student_server(m, tok, meta) for n, (m, tok, meta, _, _) in variants.items()}}
-    speed = measure_latency(servers, requests)
+    requests = latency.requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
+    servers = {"teacher": latency.teacher_server(teacher, t_tok, t_spec.max_length, cfg.tasks.ctr.max_history),
+               **{n: latency.student_server(m, tok, spec) for n, (m, tok, spec, _, _) in variants.items()}}
+    speed = latency.measure_latency(servers, requests)
     models = {"teacher": {"params": sum(p.numel() for p in teacher.parameters()), "bytes": _size(teacher_dir),
                           **speed["teacher"]}}
     for n, (m, _, _, _, d) in variants.items():
@@ -237,10 +92,10 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
 
 def _later_stages(run_dir: str) -> dict:
-    """{name: (model, tokenizer, meta, metrics, model folder)} of the tune stage's winner
+    """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's winner
     ("student_tuned") and the compress stage's kept variant (loaded from the verified bundle), when
     those stages ran. The kept variant is left out when it is the uncompressed winner itself."""
-    from . import bundle
+    from ..serving import bundle
 
     out, layout = {}, RunLayout(run_dir)
     best = layout.tune.best
@@ -250,8 +105,8 @@ def _later_stages(run_dir: str) -> dict:
     if storage.exists(chosen):
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
-            model, tok, config, *_ = bundle.load(layout.bundle)
-            out[metrics["variant"]] = (model, tok, config, metrics, layout.bundle)
+            b = bundle.load(layout.bundle)
+            out[metrics["variant"]] = (b.model, b.tokenizer, b.spec, metrics, layout.bundle)
     return out
 
 

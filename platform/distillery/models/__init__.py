@@ -1,0 +1,1 @@
+"""The networks and their saved specs: teacher, student, the sequence model."""

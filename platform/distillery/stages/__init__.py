@@ -1,0 +1,1 @@
+"""The pipeline's stages, each `run(cfg, out_dir) -> manifest` (runner.STAGES orders them)."""
