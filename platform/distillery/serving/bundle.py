@@ -28,6 +28,7 @@ from ..models import student as S
 from ..models.student import StudentSpec
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: config.json holds the student's shape under "spec" (a StudentSpec); 1: its keys at the top level
 REQUIRED = ("model.safetensors", "config.json", "items.parquet", "metrics.json", "tokenizer.json")
 
 
@@ -56,7 +57,7 @@ def write(out: str, *, state: dict[str, torch.Tensor], config: dict, tokenizer, 
         for name, obj in (("config.json", config), ("metrics.json", metrics)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=1)
-        manifest = {"format": 1, "distillery_version": __version__,
+        manifest = {"format": FORMAT, "distillery_version": __version__,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "files": {f: {"sha256": storage.sha256(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
                               for f in _files(tmp)}}
