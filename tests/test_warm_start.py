@@ -193,7 +193,7 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
     assert "reused from" in out
 
     # the student: started from the bundle (the baseline did not), compared with it on the new window
-    assert json.loads((bundle_dir / "config.json").read_text())["item_text"] is False  # a compact bundle
+    assert json.loads((bundle_dir / "config.json").read_text())["spec"]["item_text"] is False  # a compact bundle
     start = load_file(str(tmp / "old" / "distill" / "student" / "model" / "model.safetensors"))
     kd = load_file(str(tmp / "new" / "distill" / "student" / "model" / "model.safetensors"))
     no_kd = load_file(str(tmp / "new" / "distill" / "student_no_kd" / "model" / "model.safetensors"))
