@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import checkpoint_part
 from distillery.stages import distill, label, teacher
 from distillery.stages import tune as dtune
 
@@ -62,11 +63,15 @@ class Killer(threading.Thread):
             time.sleep(0.2)
 
 
-def registered(run: Path) -> bool:
+def registered(run: Path, part: str | None = None) -> bool:
     """Whether the Train run in `run` has a checkpoint its controller knows of: the folder of one
-    appears before that, and a worker killed in between restarts from scratch."""
+    appears before that, and a worker killed in between restarts from scratch. With `part`, one of
+    that part's (a run that trains several models in turn names the part in each checkpoint)."""
     snapshot = run / "checkpoint_manager_snapshot.json"
-    return snapshot.exists() and "checkpoint_" in snapshot.read_text()
+    if not snapshot.exists():
+        return False
+    text = snapshot.read_text()
+    return any(d.name in text and (part is None or checkpoint_part(d) == part) for d in run.glob("checkpoint_*"))
 
 
 def _fresh_run(cfg, root: Path, *parts: str):
@@ -91,7 +96,9 @@ def _close(a, b, path=""):
 def _teacher_cfg(cfg, tiny_bert):
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
         "model": tiny_bert, "epochs": 1, "patience": 5, "cpus_per_worker": 1.0, "max_failures": 2,
-        "sequence": cfg.teacher.sequence.model_copy(update={"dim": 16, "epochs": 4, "eval_every": 2, "patience": 5}),
+        # 24 epochs of ~0.1 s, none stopped early: the member is still training when the kill lands
+        "sequence": cfg.teacher.sequence.model_copy(update={"dim": 16, "epochs": 24, "eval_every": 2,
+                                                            "patience": 100}),
         "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.2]})})})
 
 
@@ -103,16 +110,19 @@ def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted
 
     killed = _fresh_run(base, tmp_path / "killed", "prepare")
     out = tmp_path / "killed" / "teacher"
-    # the sequence teacher's worker, once its first checkpoint (after epoch 2) is registered
-    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher-seq"), delay=0.5)
+    # the sequence models' worker, once the member's first checkpoint (after epoch 2) is registered
+    # (the SASRec baseline trains before it in the same Train run)
+    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "sequence-models", "teacher-seq"),
+                    delay=0.5)
     killer.start()
     teacher.run(killed, str(out))
     killer.stop.set()
     reliability["faults"] = int(killer.killed is not None)
     assert killer.killed, "no teacher worker was killed"
     history = json.loads((out / "members" / "0" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 3]
-    assert history[0]["restarts"] == 0 and history[1]["restarts"] == 1  # epochs 3-4 ran after a restore
+    assert [h["epoch"] for h in history] == list(range(1, 24, 2))  # each validation once, across the kill
+    restarts = [h["restarts"] for h in history]
+    assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)  # resumed, not restarted
     a = json.loads((tmp_path / "clean" / "teacher" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     _close(a["valid"], b["valid"])
@@ -137,8 +147,8 @@ def _distill_student(cfg, out: Path):
 
     inp = distill.inputs(cfg)
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
-    result = distill.trainer(inp, cfg, "student", str(out), datasets, run_name="distill-student",
-                             storage_path=str(out.parent / "ray_train")).fit()
+    result = distill.trainer(inp, cfg, [distill.StudentRun("student", str(out), "student")], datasets,
+                             run_name="distill-student", storage_path=str(out.parent / "ray_train")).fit()
     assert result.error is None, result.error
     return distill.finish(inp, str(out))
 

@@ -120,3 +120,37 @@ def test_a_seeded_tiny_run_gives_the_pinned_losses():
                                                                             abs=2e-6)
     assert [h["score"] for h in state["history"]] == [0.390625, 0.4375, 0.546875, 0.546875]
     assert state["best"] == 0.546875 and state["bad_epochs"] == 1  # the 4th epoch did not beat the 3rd
+
+
+def test_a_checkpoint_restores_only_into_the_part_that_wrote_it(tmp_path, monkeypatch):
+    """The teacher's sequence models train in turn in one Train run: the latest checkpoint may be a
+    finished part's, and the next part must then start fresh rather than load it."""
+    import json
+
+    import ray.train
+    from distillery import trainstate
+    from safetensors.torch import save_file
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, optim, torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+
+    written, optim, sched = parts()
+    with torch.no_grad():
+        written.weight.add_(1.0)
+    save_file({k: v.contiguous() for k, v in written.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    torch.save(optim.state_dict(), tmp_path / "optimizer.pt")
+    torch.save(sched.state_dict(), tmp_path / "scheduler.pt")
+    (tmp_path / "state.json").write_text(json.dumps({"epoch": 2, "part": "sasrec-d16-p0.2"}))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(tmp_path)))
+
+    other, optim, sched = parts()
+    assert trainstate.restore(other, optim, sched, part="teacher-seq") is None
+    assert not torch.equal(other.weight, written.weight)  # left as built
+    same, optim, sched = parts()
+    state = trainstate.restore(same, optim, sched, part="sasrec-d16-p0.2")
+    assert state["epoch"] == 2 and state["restarts"] == 1 and torch.equal(same.weight, written.weight)
+    anyone, optim, sched = parts()
+    assert trainstate.restore(anyone, optim, sched)["epoch"] == 2  # no part named: the run's own checkpoint

@@ -18,9 +18,11 @@ def warmup_linear(optim: torch.optim.Optimizer, total_steps: int, warmup_ratio: 
         else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
 
 
-def restore(model: torch.nn.Module, optim, sched) -> dict | None:
+def restore(model: torch.nn.Module, optim, sched, part: str | None = None) -> dict | None:
     """Load the latest checkpoint of this Train run into model, optimizer and scheduler; its state
-    dict, or None on a fresh start. Weights through safetensors, the rest with weights_only=True."""
+    dict, or None on a fresh start. Weights through safetensors, the rest with weights_only=True.
+    With `part`, a run that trains several models in turn: a checkpoint another part wrote (its
+    state's "part") is not this one's, and this part starts fresh."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -28,6 +30,8 @@ def restore(model: torch.nn.Module, optim, sched) -> dict | None:
     if not ck:
         return None
     with ck.as_directory() as d:
+        if part is not None and json.load(open(os.path.join(d, "state.json"))).get("part") != part:
+            return None
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
         sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))

@@ -182,7 +182,7 @@ def optimizer(student: torch.nn.Module, dc) -> torch.optim.AdamW:
                               {"params": text, "weight_decay": 0.0, "lr": dc.lr * dc.text_lr_scale}], lr=dc.lr)
 
 
-def _initial_student(config: dict, cfg: RunConfig, announce: bool):
+def _initial_student(config: dict, cfg: RunConfig, run: StudentRun, announce: bool):
     """(student, tokenizer) a worker starts from: a warm start's weights, the teacher's projected
     vectors (the KD student) or random ones (the no-KD baseline). A restored checkpoint overrides it."""
     from transformers import AutoTokenizer
@@ -190,11 +190,11 @@ def _initial_student(config: dict, cfg: RunConfig, announce: bool):
     with storage.local_copy(config["tokenizer_dir"]) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
     student = S.build_for_run(config["spec"], config["prepare_dir"], tokenizer)
-    if config.get("init"):
-        student.load_state_dict(warmstart.initial_state(config["init"]))
+    if run.init:
+        student.load_state_dict(warmstart.initial_state(run.init))
         if announce:
-            say(f"[distill] {config.get('name', config['variant'])}: starting from the weights of {config['init']}")
-    elif config["variant"] == "student" and cfg.student.init_from_teacher:
+            say(f"[distill] {run.name}: starting from the weights of {run.init}")
+    elif run.variant == "student" and cfg.student.init_from_teacher:
         S.init_from_teacher(student, teacher_vectors(config["tokenizer_dir"]))
     return student, tokenizer
 
@@ -212,28 +212,48 @@ def _shard_tensors(tasks: list[str], variant: str, spec: StudentSpec) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class StudentRun:
+    """One student a distillation Train run trains: `variant` (student or student_no_kd) into
+    `out_dir`; `name` in progress lines and checkpoints; `init` a bundle whose weights it starts from."""
+    variant: str
+    out_dir: str
+    name: str
+    init: str | None = None
+
+
 def train_loop(config: dict) -> None:
-    """Ray Train worker function: one variant (student or student_no_kd)."""
+    """Ray Train worker function: the students of `config["runs"]`, one after another (the stage's
+    two variants share one Train run, which costs ~10 s to start on a small machine). A run whose
+    history is written is skipped, so a restarted Train run goes on with the student it was
+    training, from that student's own last checkpoint."""
+    cfg = RunConfig.model_validate(config["cfg"])
+    set_threads(cfg.distill.cpus_per_worker)
+    for run in config["runs"]:
+        # every rank reads the same folders and reports each epoch, so the ranks skip alike
+        if not storage.exists(StudentDir(run.out_dir).history):
+            _train_student(cfg, config, run)
+
+
+def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
+    """`loop.fit` for one student; rank 0 saves its best validation's model and its history."""
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(config["cfg"])
-    dc, variant, out_dir = cfg.distill, config["variant"], config["out_dir"]
-    name = config.get("name", variant)  # how progress lines call this run (a Tune trial's id)
+    dc, variant, out_dir, name = cfg.distill, run.variant, run.out_dir, run.name
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(dc.cpus_per_worker)
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     tasks, spec, prepare_dir = config["tasks"], config["spec"], config["prepare_dir"]
 
-    student, tokenizer = _initial_student(config, cfg, announce=rank == 0)
+    student, tokenizer = _initial_student(config, cfg, run, announce=rank == 0)
     student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
     optim = optimizer(student, dc)
     shares, steps = config["shares"], config["steps"]
     total = steps * dc.epochs
     sched = trainstate.warmup_linear(optim, total, dc.warmup_ratio)
-    state = trainstate.restore(student, optim, sched)
+    state = trainstate.restore(student, optim, sched, part=name)
     if state and rank == 0:
         say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
     loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
@@ -252,7 +272,7 @@ def train_loop(config: dict) -> None:
         if rank == 0 and improved:
             S.save(student, tokenizer, spec, StudentDir(out_dir).model)
         valid = st["history"][-1]["valid"]
-        trainstate.report_epoch(student, optim, sched, st,
+        trainstate.report_epoch(student, optim, sched, {**st, "part": name},
                                 {"epoch": st["epoch"], "valid_score": st["history"][-1]["score"],
                                  **{f"{t}_{m}": valid[t][m] for t, m in SCORE_METRIC.items() if t in valid}}, rank)
 
@@ -368,21 +388,20 @@ def inputs(cfg: RunConfig) -> Inputs:
     return Inputs(cfg, tasks, spec, tables, _shares(cfg, tasks), steps, teacher_metrics)
 
 
-def trainer(inp: Inputs, cfg: RunConfig, variant: str, out_dir: str, datasets: dict, *, run_name: str,
-            storage_path: str, spec: StudentSpec | None = None, callbacks: tuple = (), init: str | None = None):
-    """The TorchTrainer of one distillation run (`cfg` may differ from `inp.cfg` in loss and optimizer
-    settings and the student's width, as a Tune trial's does). Re-created with the same run_name and
-    storage_path, it resumes from its last checkpoint. `init`: a bundle whose weights it starts from."""
+def trainer(inp: Inputs, cfg: RunConfig, runs: list[StudentRun], datasets: dict, *, run_name: str, storage_path: str,
+            spec: StudentSpec | None = None, callbacks: tuple = ()):
+    """The TorchTrainer of one distillation Train run that trains `runs` in turn (`cfg` may differ
+    from `inp.cfg` in loss and optimizer settings and the student's width, as a Tune trial's does).
+    Re-created with the same run_name and storage_path, it resumes from its last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "variant": variant, "name": run_name,
-                           "out_dir": out_dir, "prepare_dir": inp.prepare_dir, "tokenizer_dir": inp.teacher_dir,
-                           "spec": spec or inp.spec, "tasks": inp.tasks, "shares": inp.shares, "steps": inp.steps,
-                           "teacher_valid": inp.teacher_metrics["valid"], "init": init},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "runs": list(runs), "prepare_dir": inp.prepare_dir,
+                           "tokenizer_dir": inp.teacher_dir, "spec": spec or inp.spec, "tasks": inp.tasks,
+                           "shares": inp.shares, "steps": inp.steps, "teacher_valid": inp.teacher_metrics["valid"]},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
                                      resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
@@ -416,20 +435,20 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     datasets = {t: ray.data.from_arrow(tb).materialize() for t, tb in inp.tables.items()}
     counts = {t: tb.num_rows for t, tb in inp.tables.items()}
     say(f"[distill] {counts} train examples; {inp.steps} steps per epoch of {inp.shares} examples per worker")
-    summary, out = {}, DistillDir(out_dir)
+    summary, out, todo = {}, DistillDir(out_dir), []
     for variant in VARIANTS:
         vdir = out.variant(variant)
         if storage.exists(vdir.metrics):  # finished before an interruption
             summary[variant] = storage.read_json(vdir.metrics)
             say(f"[distill] {variant}: already trained, kept")
-            continue
-        # the no-KD baseline always starts from scratch: it is the "without a teacher" reference
-        result = trainer(inp, cfg, variant, vdir.root, datasets, run_name=f"distill-{variant}",
-                         storage_path=out.ray_train,
-                         init=src.bundle if src and variant == "student" else None).fit()
+        else:  # the no-KD baseline always starts from scratch: it is the "without a teacher" reference
+            todo.append(StudentRun(variant, vdir.root, variant, src.bundle if src and variant == "student" else None))
+    if todo:
+        result = trainer(inp, cfg, todo, datasets, run_name="distill", storage_path=out.ray_train).fit()
         if result.error:
             raise result.error
-        summary[variant] = finish(inp, vdir.root)
+    for run in todo:
+        summary[run.variant] = finish(inp, run.out_dir)
     storage.remove(out.ray_train)
     _print_table(inp.teacher_metrics, summary)
     result = {"counts": {"train_examples": counts}, "steps_per_epoch": inp.steps, "batch_shares": inp.shares,

@@ -1,14 +1,16 @@
 """The `teacher` stage: train the teacher and the baselines it must beat, then evaluate them all.
 
-Steps, each a Ray job of its own so that a finished one is kept when the stage is re-run:
+Steps, each kept when finished and the stage is re-run:
 1. item text: the frozen encoder embeds every item's text once (a Ray task, on a GPU when
    `teacher.use_gpu`) -> RUN_DIR/teacher/item_text.safetensors.
-2. the SASRec baseline: one ID-only sequence model per (dim, dropout) of `teacher.sasrec`, each a
-   Ray Train run until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
+2. the SASRec baseline: one ID-only sequence model per (dim, dropout) of `teacher.sasrec`, each
+   trained until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
 3. the sequence teacher: `teacher.sequence.members` text+ID sequence models with their CTR heads,
    the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<i>/.
+   Steps 2 and 3 are one Ray Train run that trains the models one after another: a Train run
+   costs ~10 s to start on a small machine, and they read the same dataset shards.
 4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
-   macro-F1 stops improving -> RUN_DIR/teacher/intent/.
+   macro-F1 stops improving (a Ray Train run) -> RUN_DIR/teacher/intent/.
 Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
 evaluated on the test split: RUN_DIR/teacher/metrics.json =
 {"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], ...}.
@@ -239,34 +241,51 @@ def _sequence_shards(tasks, sequence_length: int, ctr_history: int) -> tuple:
     return seqs, ctr
 
 
-def _keep_best(model: nn.Module, optim, sched, out_dir: str, rank: int) -> Callable[[dict, bool], None]:
+def _keep_best(model: nn.Module, optim, sched, out_dir: str, rank: int, part: str) -> Callable[[dict, bool], None]:
     """`loop.fit`'s on_validated for a teacher part: rank 0 saves the weights of each new best
-    validation, and every rank reports the epoch to Ray Train with its checkpoint."""
+    validation, and every rank reports the epoch to Ray Train with its checkpoint, which names the
+    part (several parts train one after another in one Train run)."""
     def on_validated(st: dict, improved: bool) -> None:
         if rank == 0 and improved:
             save_weights(model, PartDir(out_dir).weights)
-        trainstate.report_epoch(model, optim, sched, st, {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
+        trainstate.report_epoch(model, optim, sched, {**st, "part": part},
+                                {"epoch": st["epoch"], "valid_score": st["best"]}, rank)
     return on_validated
 
 
 def seq_loop(config: dict) -> None:
-    """Ray Train worker function: one sequence model (a baseline or a teacher member)."""
+    """Ray Train worker function: the sequence models of `config["parts"]` (the SASRec baselines and
+    the teacher's members), one after another; a part whose history is written is skipped, so a
+    restarted run goes on with the part it was training, from that part's last checkpoint."""
+    cfg = RunConfig.model_validate(config["cfg"])
+    set_threads(cfg.teacher.cpus_per_worker)
+    tasks = sorted({t for part in config["parts"] for t in part["tasks"]})
+    longest = max(SeqSpec.from_json(part["spec"]).max_history for part in config["parts"])
+    seqs, ctr = _sequence_shards(tasks, longest + 1, cfg.tasks.ctr.max_history)
+    for part in config["parts"]:
+        # every rank reads the same folders, and the ranks go through a part's epochs in step
+        # (each epoch ends with a `ray.train.report` from every rank), so they skip alike
+        if not storage.exists(PartDir(part["out_dir"]).history):
+            _train_part(cfg, config, part, seqs, ctr)
+
+
+def _train_part(cfg: RunConfig, config: dict, part: dict, all_seqs: torch.Tensor | None, ctr: dict | None) -> None:
+    """Train one sequence model with `loop.fit` until validation stops improving; rank 0 writes its
+    best weights and its history into the part's folder."""
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(config["cfg"])
-    sc, name, out_dir, prepare_dir = cfg.teacher.sequence, config["name"], config["out_dir"], config["prepare_dir"]
-    spec = SeqSpec.from_json(config["spec"])
-    tasks = config["tasks"]
+    sc, name, out_dir, prepare_dir = cfg.teacher.sequence, part["name"], part["out_dir"], config["prepare_dir"]
+    spec = SeqSpec.from_json(part["spec"])
+    tasks = part["tasks"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(cfg.teacher.cpus_per_worker)
     device = ray.train.torch.get_device()
-    torch.manual_seed(loop.epoch_seed(config["seed"], 0, 0, stream=1))  # same initial weights on every rank
+    torch.manual_seed(loop.epoch_seed(part["seed"], 0, 0, stream=1))  # same initial weights on every rank
     item_text = load_weights(config["item_text"])["item_text"] if spec.text_dim else None
-    member = build_member(spec, config["teacher_spec"], item_text, ctr_head=config["ctr_head"] and "ctr" in tasks)
-
-    seqs, ctr = _sequence_shards(tasks, spec.max_history + 1, cfg.tasks.ctr.max_history)
+    member = build_member(spec, config["teacher_spec"], item_text, ctr_head=part["ctr_head"] and "ctr" in tasks)
+    seqs = None if all_seqs is None or "recommendation" not in tasks else all_seqs[:, -(spec.max_history + 1):]
+    ctr = ctr if "ctr" in tasks else None
     sampled = spec.n_items - 2 > sc.sampled_softmax_above
     proposal = torch.tensor(config["popularity"], dtype=torch.float32) if sampled else None
     weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
@@ -276,7 +295,7 @@ def seq_loop(config: dict) -> None:
     loss_mod.to(device)
     optim = torch.optim.AdamW(member.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
-    state = trainstate.restore(member, optim, sched)
+    state = trainstate.restore(member, optim, sched, part=name)
     if state and rank == 0:
         say(f"[teacher] {name}: resuming after epoch {state['epoch']} from the last checkpoint")
     model = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
@@ -296,10 +315,10 @@ def seq_loop(config: dict) -> None:
                 f"{'  *best' if improved else ''}  ({sc.eval_every} epochs, {entry['seconds']}s)")
 
     plan = loop.Plan(epochs=sc.epochs, patience=sc.patience, eval_every=sc.eval_every, clip=5.0,
-                     seed=config["seed"], rank=rank)
+                     seed=part["seed"], rank=rank)
     state = loop.fit(model, optim, sched, plan,
                      batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device),
-                     loss=model, validate=validate, on_validated=_keep_best(member, optim, sched, out_dir, rank),
+                     loss=model, validate=validate, on_validated=_keep_best(member, optim, sched, out_dir, rank, name),
                      state=state, autocast=autocast, log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
@@ -392,7 +411,7 @@ def intent_loop(config: dict) -> None:
     optim = _intent_optimizer(model, tc)
     steps = config["steps"]
     sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
-    state = trainstate.restore(model, optim, sched)
+    state = trainstate.restore(model, optim, sched, part="intent")
     if state and rank == 0:
         say(f"[teacher] intent: resuming after epoch {state['epoch']} from the last checkpoint")
     loss_mod = IntentLoss(model)
@@ -419,28 +438,30 @@ def intent_loop(config: dict) -> None:
 
     plan = loop.Plan(epochs=tc.epochs, patience=tc.patience, eval_every=1, clip=1.0, seed=cfg.seed, rank=rank)
     state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
-                     on_validated=_keep_best(model, optim, sched, out_dir, rank), state=state, autocast=autocast,
+                     on_validated=_keep_best(model, optim, sched, out_dir, rank, "intent"), state=state, autocast=autocast,
                      log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
 
 
 # ------------------------------------------------------------------------------ the stage
-def _fit(cfg: RunConfig, loop_fn, name: str, out_dir: str, datasets: dict, loop_config: dict) -> None:
-    """One Ray Train run; skipped when `out_dir` holds its finished history, resumed when it holds a
-    checkpoint of an interrupted attempt."""
+def _finished(name: str, out_dir: str) -> bool:
+    if storage.exists(PartDir(out_dir).history):
+        say(f"[teacher] {name}: already trained, kept")
+        return True
+    return False
+
+
+def _fit(cfg: RunConfig, loop_fn, name: str, datasets: dict, loop_config: dict) -> None:
+    """One Ray Train run, resumed when its folder holds a checkpoint of an interrupted attempt."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
-    if storage.exists(PartDir(out_dir).history):
-        say(f"[teacher] {name}: already trained, kept")
-        return
     layout = RunLayout(cfg.run_dir)
     trainer = TorchTrainer(
         loop_fn,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "name": name, "out_dir": out_dir,
-                           "prepare_dir": layout.prepare.root, **loop_config},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepare_dir": layout.prepare.root, **loop_config},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
@@ -483,26 +504,24 @@ def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | Non
     common = {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
               "item_text": out_dir.item_text}
     text_dim = 0 if text is None else text.shape[1]
-    out = {"members": [], "sasrec": []}
+    sasrec, parts = [], []
     if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
         for dim in cfg.teacher.sasrec.dims:
             for p in cfg.teacher.sasrec.dropouts:
                 spec = seq_spec(cfg, n_items, text_dim, dim=dim, dropout=p, item_text=False)
                 name = f"sasrec-d{dim}-p{p:g}"
-                d = out_dir.sasrec(name)
-                _fit(cfg, seq_loop, name, d.root, {"sequences": datasets["sequences"]},
-                     {**common, "spec": spec.to_json(), "tasks": ["recommendation"], "ctr_head": False,
-                      "seed": cfg.seed})
-                out["sasrec"].append({"name": name, "dir": d.root, "spec": spec.to_json(),
-                                      **_best(storage.read_json(d.history))})
-    spec = tspec.sequence
-    for i in range(cfg.teacher.sequence.members):
-        name = f"teacher-seq{i}" if cfg.teacher.sequence.members > 1 else "teacher-seq"
-        d = out_dir.member(i)
-        _fit(cfg, seq_loop, name, d.root, datasets, {**common, "spec": spec.to_json(), "tasks": tasks, "ctr_head": True,
-                                                 "seed": cfg.seed + 1000 * i})
-        out["members"].append(d)
-    return out
+                sasrec.append({"name": name, "dir": out_dir.sasrec(name).root, "spec": spec.to_json()})
+                parts.append({"name": name, "out_dir": sasrec[-1]["dir"], "spec": spec.to_json(),
+                              "tasks": ["recommendation"], "ctr_head": False, "seed": cfg.seed})
+    members = [out_dir.member(i) for i in range(cfg.teacher.sequence.members)]
+    for i, d in enumerate(members):
+        parts.append({"name": f"teacher-seq{i}" if len(members) > 1 else "teacher-seq", "out_dir": d.root,
+                      "spec": tspec.sequence.to_json(), "tasks": tasks, "ctr_head": True, "seed": cfg.seed + 1000 * i})
+    todo = [part for part in parts if not _finished(part["name"], part["out_dir"])]
+    if todo:
+        _fit(cfg, seq_loop, "sequence-models", datasets, {**common, "parts": todo})
+    return {"members": members,
+            "sasrec": [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in sasrec]}
 
 
 def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec: TeacherSpec, seed: int) -> dict:
@@ -537,10 +556,11 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     tspec = teacher_spec(cfg, prepare_dir, hidden if uses_text else 0)
     trained = train_sequence_models(cfg, out_dir, text, tspec) if seq_tasks else {"members": [], "sasrec": []}
     intent_dir = out.intent
-    if "intent" in tasks:
+    if "intent" in tasks and not _finished("intent", intent_dir.root):
         ds = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
         steps = max(1, math.ceil(ds.count() / cfg.teacher.num_workers / cfg.teacher.intent_batch_size))
-        _fit(cfg, intent_loop, "intent", intent_dir.root, {"intent": ds}, {"teacher_spec": tspec, "steps": steps})
+        _fit(cfg, intent_loop, "intent", {"intent": ds}, {"out_dir": intent_dir.root, "teacher_spec": tspec,
+                                                          "steps": steps})
 
     # assemble the teacher from its trained parts
     model = build(backbone, tspec, text)

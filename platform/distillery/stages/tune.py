@@ -99,8 +99,9 @@ def _trial(params: dict, *, inp: distill.Inputs, datasets: dict, out_root: str) 
     spec = dataclasses.replace(inp.spec, dim=cfg.student.dim)
     out = TuneDir(out_root)
     # same name and storage when Tune restarts the trial: Train resumes from its last checkpoint
-    distill.trainer(inp, cfg, "student", out.trial(trial_id).root, datasets, run_name=f"trial-{trial_id}", spec=spec,
-                    storage_path=out.ray_train, callbacks=(TuneReportCallback(),)).fit()
+    run = distill.StudentRun("student", out.trial(trial_id).root, f"trial-{trial_id}")
+    distill.trainer(inp, cfg, [run], datasets, run_name=run.name, spec=spec, storage_path=out.ray_train,
+                    callbacks=(TuneReportCallback(),)).fit()
 
 
 def _tuner(cfg: RunConfig, inp: distill.Inputs, out_dir: str):
