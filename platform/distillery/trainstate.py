@@ -30,12 +30,13 @@ def restore(model: torch.nn.Module, optim, sched, part: str | None = None) -> di
     if not ck:
         return None
     with ck.as_directory() as d:
-        if part is not None and json.load(open(os.path.join(d, "state.json"))).get("part") != part:
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+        if part is not None and state.get("part") != part:
             return None
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         optim.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
         sched.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
-        state = json.load(open(os.path.join(d, "state.json")))
     # counted in the state so each history entry says how many restarts preceded it
     state["restarts"] = state.get("restarts", 0) + 1
     return state
