@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (11-12.5 min on 2 cores, fuzzing included; docs/testing.md); test-slow: the
+# the default suite (about 10 min on 2 cores, fuzzing included; docs/testing.md); test-slow: the
 # fault-injection, kill-and-resume and warm-start runs and `serve deploy serve/config.yaml` (CI runs them too);
 # test-cluster: the pipeline as a submitted Ray job, and serve/config.yaml deployed, each on a head of its own
 test: $(STAMP)
@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/labeling.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/kd_class_balance.py --base runs/office/seed0
 	$(BIN)/python benchmarks/tune_compress.py
 	$(BIN)/python benchmarks/compress.py 'compress.unit_keep=[0.75,0.5]' compress.latency_requests=300
 	$(BIN)/python benchmarks/serve_load.py

@@ -142,6 +142,15 @@ def tiny_teacher(tiny_bert):
     return model.eval(), tok
 
 
+def small_student(cfg, **distill_kw):
+    """`cfg` with a tiny student and a 2x4-step distillation. The distill and tune tests both use it
+    on the `labelled` run, so the tune test finds the distill stage already done (same manifest)."""
+    return cfg.model_copy(update={
+        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
+        "distill": cfg.distill.model_copy(update={"epochs": 2, "steps_per_epoch": 4, "batch_size": 64,
+                                                  "cpus_per_worker": 1.0, **distill_kw})})
+
+
 @pytest.fixture(scope="session")
 def labelled(prepared, tiny_bert, tmp_path_factory):
     """(config, run dir) shared by the distill and tune/compress tests: the prepare output, a tiny

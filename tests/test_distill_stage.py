@@ -7,16 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import small_student
 from distillery import metrics, runner
 from distillery.errors import StageError
 from distillery.stages import distill
-
-
-def _small(cfg, **distill_kw):
-    return cfg.model_copy(update={
-        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
-        "distill": cfg.distill.model_copy(update={"epochs": 2, "steps_per_epoch": 4, "batch_size": 64,
-                                                  "cpus_per_worker": 1.0, **distill_kw})})
 
 
 def test_shares_split_the_batch_by_the_mix_and_refuse_a_task_without_one(prepared):
@@ -55,6 +49,27 @@ def test_transfer_texts_train_the_kd_student_only(labelled):
     assert distill.rows_for("student_no_kd", "ctr", table).num_rows == table.num_rows
 
 
+def test_the_class_balanced_soft_term_weighs_by_the_teachers_picks_over_the_training_rows(labelled):
+    from distillery.config import RunConfig
+    from distillery.losses import class_balance_weights
+
+    cfg, _ = labelled
+    inp = distill.inputs(cfg)
+    table = inp.tables["intent"]
+    picks = np.stack(table.column("logits").to_numpy(zero_copy_only=False)).argmax(1)
+    assert inp.intent_counts == np.bincount(picks, minlength=inp.spec.n_intents).tolist()
+    assert distill.loss_module(cfg, "intent", kd=True, intent_counts=inp.intent_counts).class_weight is None  # off
+    raw = cfg.model_dump(mode="json")
+    raw["tasks"]["intent"]["kd_class_power"] = 0.5
+    on = RunConfig.model_validate(raw)
+    loss = distill.loss_module(on, "intent", kd=True, intent_counts=inp.intent_counts)
+    want = class_balance_weights(torch.tensor(inp.intent_counts), 0.5)
+    assert torch.equal(loss.class_weight, want) and loss.alpha == cfg.tasks.intent.alpha
+    assert distill.loss_module(on, "intent", kd=False, intent_counts=inp.intent_counts).alpha == 0
+    with pytest.raises(StageError, match="kd_class_power"):
+        distill.loss_module(on, "intent", kd=True)
+
+
 def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_group(prepared):
     from distillery.models.student import Student
 
@@ -82,7 +97,7 @@ def test_the_students_score_is_the_mean_ratio_to_the_teacher():
 @pytest.mark.usefixtures("ray_local")
 def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_variants(labelled, capfd):
     cfg, run_dir = labelled
-    cfg = _small(cfg)
+    cfg = small_student(cfg)
     m = runner.run(cfg, ["distill"])["distill"]
     assert "[distill] test metrics" in capfd.readouterr().out
     for variant in distill.VARIANTS:

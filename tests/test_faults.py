@@ -112,7 +112,7 @@ def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted
     out = tmp_path / "killed" / "teacher"
     # the sequence models' worker, once the member's first checkpoint (after epoch 2) is registered
     # (the SASRec baseline trains before it in the same Train run)
-    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "sequence-models", "teacher-seq"),
+    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher", "teacher-seq"),
                     delay=0.5)
     killer.start()
     teacher.run(killed, str(out))

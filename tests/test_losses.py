@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distillery.losses import CtrKD, IntentKD, RecommendationKD
+from distillery.losses import CtrKD, IntentKD, RecommendationKD, class_balance_weights
 
 
 def _softmax(xs):
@@ -76,6 +76,42 @@ def test_intent_transfer_rows_add_only_the_soft_term():
     assert torch.isfinite(only_transfer)
 
 
+def test_class_weighted_intent_soft_term_is_the_formula():
+    """KL_i is weighted by class_weight[argmax teacher_i]; transfer rows (-1) carry weights too."""
+    torch.manual_seed(1)
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    y = torch.tensor([0, -1, 2, 1, -1])
+    w = torch.tensor([0.5, 2.0, 1.25])
+    T, a = 1.5, 0.6
+    gold = y >= 0
+    ce = torch.nn.functional.cross_entropy(s[gold], y[gold]).item()
+    soft = 0.0
+    for i in range(5):
+        p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
+        soft += w[int(t[i].argmax())].item() * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 5
+    got = IntentKD(T, a, class_weight=w)(s, t, y).item()
+    assert got == pytest.approx((1 - a) * ce + a * T * T * soft, rel=1e-5)
+    assert len(set(t.argmax(1).tolist())) == 3 and got != pytest.approx(IntentKD(T, a)(s, t, y).item(), rel=1e-3)
+    # all-ones weights are the unweighted loss
+    assert IntentKD(T, a, class_weight=torch.ones(3))(s, t, y).item() == pytest.approx(IntentKD(T, a)(s, t, y).item(),
+                                                                                        rel=1e-6)
+
+
+def test_class_balance_weights_are_the_formula():
+    counts = torch.tensor([90, 9, 0, 1])
+    w = class_balance_weights(counts, 0.5)
+    raw = [(n + 1) ** -0.5 for n in (90, 9, 0, 1)]
+    scale = 100 / sum(n * r for n, r in zip((90, 9, 0, 1), raw))
+    assert w.tolist() == pytest.approx([r * scale for r in raw], rel=1e-6)
+    assert float((counts * w).sum()) == pytest.approx(100.0, rel=1e-6)  # mean weight over the rows is 1
+    assert w[1] > w[0] and w[3] > w[1]  # rarer classes weigh more
+    assert class_balance_weights(counts, 0.0) is None
+    flat = class_balance_weights(counts, 1.0)  # every class the same total weight, up to the +1
+    assert (flat[0] * 90) / (flat[1] * 9) == pytest.approx((91 ** -1 * 90) / (10 ** -1 * 9), rel=1e-6)
+    with pytest.raises(ValueError, match="power"):
+        class_balance_weights(counts, -0.5)
+
+
 def test_ranking_distillation_term_is_the_formula():
     """b * mean_rows[ sum_r w_r -log sigmoid(s[top_r]) + mean_j -log sigmoid(-s[neg_j]) ],
     w_r = exp(-r/lambda) normalized over the first rank_k of the teacher's list."""
@@ -122,7 +158,7 @@ def test_t_squared_keeps_the_soft_gradient_on_scale():
     assert norms[0] == pytest.approx(norms[1], rel=0.1)
 
 
-@pytest.mark.parametrize("loss", ["intent", "ctr", "recommendation", "ranking"])
+@pytest.mark.parametrize("loss", ["intent", "intent_balanced", "ctr", "recommendation", "ranking"])
 def test_gradients_match_finite_differences(loss):
     torch.manual_seed(0)
     dt = torch.float64
@@ -130,6 +166,10 @@ def test_gradients_match_finite_differences(loss):
         t, y = torch.randn(3, 4, dtype=dt), torch.tensor([0, 3, 1])
         fn = lambda s: IntentKD(2.5, 0.6)(s, t, y)  # noqa: E731
         s = torch.randn(3, 4, dtype=dt, requires_grad=True)
+    elif loss == "intent_balanced":
+        t, y = torch.randn(4, 4, dtype=dt), torch.tensor([0, -1, 1, -1])
+        fn = lambda s: IntentKD(2.5, 0.6, class_weight=torch.tensor([0.3, 1.7, 1.0, 2.2]))(s, t, y)  # noqa: E731
+        s = torch.randn(4, 4, dtype=dt, requires_grad=True)
     elif loss == "ctr":
         t, y = torch.randn(5, dtype=dt), torch.tensor([1.0, 0, 0, 1, 0], dtype=dt)
         fn = lambda s: CtrKD(3.0, 0.3)(s, t, y)  # noqa: E731
@@ -153,3 +193,5 @@ def test_bad_settings_are_refused():
         CtrKD(2.0, 1.5)
     with pytest.raises(ValueError, match="rank_weight"):
         RecommendationKD(2.0, 0.5, rank_weight=-1.0)
+    with pytest.raises(ValueError, match="class_weight"):
+        IntentKD(2.0, 0.5, class_weight=torch.tensor([1.0, -0.5]))

@@ -46,7 +46,7 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # the SASRec baseline trains first in the same Train run: wait for a checkpoint of the member
-    ckpts = run_dir / "teacher" / "ray_train" / "sequence-models"
+    ckpts = run_dir / "teacher" / "ray_train" / "teacher"
     deadline = time.time() + 300
     while time.time() < deadline and "teacher-seq" not in map(checkpoint_part, ckpts.glob("checkpoint_*")):
         assert proc.poll() is None, "the teacher run ended before the member's first checkpoint"

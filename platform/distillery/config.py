@@ -116,6 +116,11 @@ class IntentTask(_TaskBase):
     transfer_variants: int = Field(4, ge=0, le=64, description="transfer texts made per train text (random word "
                                    "subsets and spans of it, none equal to any intent text of any split), labelled "
                                    "by the teacher only: the KD student learns from them, the no-KD one cannot")
+    kd_class_power: float = Field(0.0, ge=0, le=2, description="the soft term weighs each row by (rows whose teacher "
+                                  "class is the row's)^-power, scaled to mean 1: 0 = every row alike, 0.5 = the rare "
+                                  "classes that decide macro-F1 count for more, 1 = every class weighs the same")
+
+    LOSS_FIELDS: ClassVar[tuple[str, ...]] = _TaskBase.LOSS_FIELDS + ("kd_class_power",)
 
     @model_validator(mode="after")
     def _check(self) -> "IntentTask":
@@ -323,6 +328,8 @@ class TuneSpace(_Section):
     lr: Optional[Range] = Field(Range(low=1e-3, high=1e-2, log=True), description="AdamW learning rate")
     rank_weight: Optional[Range] = Field(Range(low=0.0, high=1.0), description="recommendation's ranking-"
                                          "distillation weight b")
+    kd_class_power: Optional[Range] = Field(Range(low=0.0, high=1.0), description="intent's class-balance power "
+                                            "of the soft term (tasks.intent.kd_class_power)")
     dim: Optional[list[int]] = Field(None, description="student widths to choose from (null: keep student.dim)")
 
     @model_validator(mode="after")
@@ -337,6 +344,9 @@ class TuneSpace(_Section):
             raise ValueError(f"lr.low must be > 0 (got {self.lr.low})")
         if self.rank_weight is not None and self.rank_weight.low < 0:
             raise ValueError(f"rank_weight.low must be >= 0 (got {self.rank_weight.low})")
+        if self.kd_class_power is not None and (self.kd_class_power.low < 0 or self.kd_class_power.high > 2):
+            raise ValueError(f"kd_class_power must lie in [0, 2] (got [{self.kd_class_power.low}, "
+                             f"{self.kd_class_power.high}])")
         if self.dim is not None and (not self.dim or min(self.dim) < 4):
             raise ValueError(f"dim must be a non-empty list of widths >= 4 (got {self.dim})")
         return self
@@ -448,6 +458,8 @@ def with_trial(cfg: RunConfig, params: dict) -> RunConfig:
         raw["distill"]["lr"] = float(params["lr"])
     if "rank_weight" in params:
         raw["tasks"]["recommendation"]["rank_weight"] = float(params["rank_weight"])
+    if "kd_class_power" in params:
+        raw["tasks"]["intent"]["kd_class_power"] = float(params["kd_class_power"])
     if "dim" in params:
         raw["student"]["dim"] = int(params["dim"])
     if cfg.tune.epochs:

@@ -29,19 +29,50 @@ class _KD(nn.Module):
 
 
 class IntentKD(_KD):
-    """(1-a) CE(y, s) + a T^2 KL(softmax(t/T) || softmax(s/T)).
+    """(1-a) CE(y, s) + a T^2 sum_i v_i KL_i / B, KL_i = KL(softmax(t_i/T) || softmax(s_i/T)).
 
     student, teacher: [B, C] logits; labels: [B] class ids, -1 for a transfer text (no gold label,
-    only the teacher's). CE is the mean over the labelled rows (0 when there are none), KL the mean
-    over all rows.
+    only the teacher's). CE is the mean over the labelled rows (0 when there are none), the KL term
+    the mean over all rows. v_i = class_weight[argmax t_i] (class_weight: [C], see
+    `class_balance_weights`), or 1 when class_weight is None. Weighting a row by the class its
+    teacher picks gives the rare classes, which decide macro-F1 and which a small student's text
+    bag otherwise gives up first, a share of the soft term closer to their share of the classes.
     """
 
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, class_weight: torch.Tensor | None = None):
+        super().__init__(temperature, alpha)
+        if class_weight is not None and (class_weight.ndim != 1 or bool((class_weight < 0).any())):
+            raise ValueError("class_weight must be a 1-d tensor of non-negative weights, one per class")
+        self.register_buffer("class_weight", None if class_weight is None else class_weight.float())
+
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
         gold = labels >= 0
         hard = F.cross_entropy(student[gold], labels[gold]) if bool(gold.any()) else student.sum() * 0.0
-        return self.mix(hard, lambda: F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                                               log_target=True, reduction="batchmean"))
+        return self.mix(hard, lambda: self._soft(student, teacher))
+
+    def _soft(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        log_p = F.log_softmax(teacher / t, -1)
+        kl = (log_p.exp() * (log_p - F.log_softmax(student / t, -1))).sum(-1)  # [B]
+        if self.class_weight is not None:
+            kl = kl * self.class_weight.to(kl.dtype)[teacher.argmax(-1)]
+        return kl.mean()
+
+
+def class_balance_weights(counts: torch.Tensor, power: float) -> torch.Tensor | None:
+    """Per-class weights w_c proportional to (n_c + 1)^-power, scaled so that the mean weight over the
+    rows that were counted is 1 (sum_c n_c w_c = sum_c n_c): the soft term keeps its overall scale,
+    and power (0 = off, None returned; 1 = every class weighs the same in total) is searched
+    independently of alpha. counts: [C] rows per class, e.g. the teacher's argmax over the train
+    and transfer texts. Returns [C], or None for power 0."""
+    if power < 0:
+        raise ValueError(f"power must be >= 0, got {power}")
+    if power == 0:
+        return None
+    n = counts.to(torch.float64)
+    w = (n + 1) ** -power
+    total = n.sum()
+    return (w * total / (n * w).sum()).float() if total > 0 else torch.ones_like(w).float()
 
 
 class CtrKD(_KD):

@@ -38,10 +38,12 @@ from ..serving import bundle
 from . import distill
 
 
-def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int) -> float:
+def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int,
+             intent_counts: list[int] | None = None) -> float:
     """`steps` steps of the distillation loss through the shared loop (`loop.fit`, one epoch, no
-    early stopping: the variant is measured afterwards); returns the mean loss over the steps."""
-    loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True)
+    early stopping: the variant is measured afterwards); returns the mean loss over the steps.
+    intent_counts: as `distill.loss_module`'s."""
+    loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True, intent_counts=intent_counts)
     optim = torch.optim.AdamW(model.parameters(), lr=loss_cfg.distill.lr * 0.3, weight_decay=0.0)
     sched = trainstate.warmup_linear(optim, max(steps, 1), 0.0)
     batches = distill.mixed_batches({t: data[t] for t in tasks}, shares, steps, "cpu")
@@ -86,7 +88,7 @@ def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, sp
                 "state": quant.narrow_ints(model.state_dict())})
     for keep in cc.unit_keep:
         pruned, pm = shrink.prune_units(model, m, keep)
-        loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed)
+        loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed, inp.intent_counts)
         say(f"[compress] kept {keep:.0%} of the hidden units and text columns ({shrink.params(pruned):,} parameters), "
             f"fine-tuned {cc.finetune_steps} steps (mean loss {loss:.4f})")
         out.append({"name": f"student_units{round(keep * 100)}", "parent": "student_compact", "model": pruned,

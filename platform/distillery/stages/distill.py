@@ -24,7 +24,7 @@ from ..data.examples import TRANSFER, vocab_size
 from ..errors import StageError
 from ..histories import pad_list_array
 from ..layout import DistillDir, RunLayout, StudentDir
-from ..losses import LOSSES
+from ..losses import LOSSES, class_balance_weights
 from ..metrics import SCORE_METRIC, teacher_relative_score
 from ..models import student as S
 from ..models.student import StudentSpec
@@ -130,11 +130,12 @@ class DistillLoss(nn.Module):
     """The student plus one loss module per task: forward(batches) -> {task: loss, "total": sum w_t loss_t}.
     One module, so DDP synchronizes one forward."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, tasks: list[str], kd: bool):
+    def __init__(self, model: nn.Module, cfg: RunConfig, tasks: list[str], kd: bool,
+                 intent_counts: list[int] | None = None):
         super().__init__()
         self.model, self.tasks = model, tasks
         self.weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
-        self.losses = nn.ModuleDict({t: loss_module(cfg, t, kd) for t in tasks})
+        self.losses = nn.ModuleDict({t: loss_module(cfg, t, kd, intent_counts) for t in tasks})
 
     def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
         items = self.model.item_vectors()
@@ -151,12 +152,20 @@ def rows_for(variant: str, task: str, table: pa.Table) -> pa.Table:
     return table
 
 
-def loss_module(cfg: RunConfig, task: str, kd: bool) -> nn.Module:
-    """Task `task`'s loss with the run's settings; kd=False is the no-KD baseline (every alpha 0)."""
+def loss_module(cfg: RunConfig, task: str, kd: bool, intent_counts: list[int] | None = None) -> nn.Module:
+    """Task `task`'s loss with the run's settings; kd=False is the no-KD baseline (every alpha 0).
+    intent_counts: training rows per intent class by the teacher's choice (`Inputs.intent_counts`),
+    which `tasks.intent.kd_class_power` > 0 needs."""
     tc = getattr(cfg.tasks, task)
     if task == "recommendation":
         return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0, rank_weight=tc.rank_weight,
                             rank_k=min(tc.rank_k, cfg.label.top_k), rank_lambda=tc.rank_lambda)
+    if task == "intent" and tc.kd_class_power > 0:
+        if intent_counts is None:
+            raise StageError("tasks.intent.kd_class_power > 0 needs the teacher's class counts of the intent "
+                             "training rows (distill.Inputs.intent_counts)")
+        weights = class_balance_weights(torch.tensor(intent_counts), tc.kd_class_power)
+        return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0, class_weight=weights)
     return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0)
 
 
@@ -256,7 +265,7 @@ def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
     state = trainstate.restore(student, optim, sched, part=name)
     if state and rank == 0:
         say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
-    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student")
+    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student", intent_counts=config["intent_counts"])
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn
     data = _shard_tensors(tasks, variant, spec)
@@ -346,6 +355,16 @@ class Inputs:
     teacher_metrics: dict
 
     @property
+    def intent_counts(self) -> list[int] | None:
+        """Intent training rows (gold and transfer texts) per class by the teacher's argmax: what the
+        class-balanced soft term (`tasks.intent.kd_class_power`) weights by. None without intent."""
+        table = self.tables.get("intent")
+        if table is None:
+            return None
+        picks = _stack(table, "logits", np.float32).argmax(1) if table.num_rows else torch.zeros(0, dtype=torch.long)
+        return torch.bincount(picks, minlength=self.spec.n_intents).tolist()
+
+    @property
     def prepare_dir(self) -> str:
         return RunLayout(self.cfg.run_dir).prepare.root
 
@@ -401,7 +420,8 @@ def trainer(inp: Inputs, cfg: RunConfig, runs: list[StudentRun], datasets: dict,
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "runs": list(runs), "prepare_dir": inp.prepare_dir,
                            "tokenizer_dir": inp.teacher_dir, "spec": spec or inp.spec, "tasks": inp.tasks,
-                           "shares": inp.shares, "steps": inp.steps, "teacher_valid": inp.teacher_metrics["valid"]},
+                           "shares": inp.shares, "steps": inp.steps, "teacher_valid": inp.teacher_metrics["valid"],
+                           "intent_counts": inp.intent_counts},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
                                      resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),

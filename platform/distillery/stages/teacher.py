@@ -7,10 +7,10 @@ Steps, each kept when finished and the stage is re-run:
    trained until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
 3. the sequence teacher: `teacher.sequence.members` text+ID sequence models with their CTR heads,
    the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<i>/.
-   Steps 2 and 3 are one Ray Train run that trains the models one after another: a Train run
-   costs ~10 s to start on a small machine, and they read the same dataset shards.
 4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
-   macro-F1 stops improving (a Ray Train run) -> RUN_DIR/teacher/intent/.
+   macro-F1 stops improving -> RUN_DIR/teacher/intent/.
+   Steps 2-4 are one Ray Train run that trains the models one after another (a Train run costs
+   ~10 s to start on a small machine).
 Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
 evaluated on the test split: RUN_DIR/teacher/metrics.json =
 {"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], ...}.
@@ -253,20 +253,24 @@ def _keep_best(model: nn.Module, optim, sched, out_dir: str, rank: int, part: st
     return on_validated
 
 
-def seq_loop(config: dict) -> None:
+def teacher_loop(config: dict) -> None:
     """Ray Train worker function: the sequence models of `config["parts"]` (the SASRec baselines and
-    the teacher's members), one after another; a part whose history is written is skipped, so a
-    restarted run goes on with the part it was training, from that part's last checkpoint."""
+    the teacher's members), then the intent encoder when `config["intent"]` is set, one after
+    another. A model whose history is written is skipped, so a restarted run goes on with the one it
+    was training, from that model's last checkpoint."""
     cfg = RunConfig.model_validate(config["cfg"])
     set_threads(cfg.teacher.cpus_per_worker)
-    tasks = sorted({t for part in config["parts"] for t in part["tasks"]})
-    longest = max(SeqSpec.from_json(part["spec"]).max_history for part in config["parts"])
-    seqs, ctr = _sequence_shards(tasks, longest + 1, cfg.tasks.ctr.max_history)
-    for part in config["parts"]:
-        # every rank reads the same folders, and the ranks go through a part's epochs in step
-        # (each epoch ends with a `ray.train.report` from every rank), so they skip alike
-        if not storage.exists(PartDir(part["out_dir"]).history):
-            _train_part(cfg, config, part, seqs, ctr)
+    if config["parts"]:
+        tasks = sorted({t for part in config["parts"] for t in part["tasks"]})
+        longest = max(SeqSpec.from_json(part["spec"]).max_history for part in config["parts"])
+        seqs, ctr = _sequence_shards(tasks, longest + 1, cfg.tasks.ctr.max_history)
+        for part in config["parts"]:
+            # every rank reads the same folders, and the ranks go through a part's epochs in step
+            # (each epoch ends with a `ray.train.report` from every rank), so they skip alike
+            if not storage.exists(PartDir(part["out_dir"]).history):
+                _train_part(cfg, config, part, seqs, ctr)
+    if config["intent"] and not storage.exists(PartDir(config["intent"]["out_dir"]).history):
+        _train_intent(cfg, config)
 
 
 def _train_part(cfg: RunConfig, config: dict, part: dict, all_seqs: torch.Tensor | None, ctr: dict | None) -> None:
@@ -394,22 +398,21 @@ def _intent_batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Call
     return batches
 
 
-def intent_loop(config: dict) -> None:
-    """Ray Train worker function: fine-tune the encoder and its lexical bag on the intent texts."""
+def _train_intent(cfg: RunConfig, config: dict) -> None:
+    """Fine-tune the encoder and its lexical bag on the intent texts (`loop.fit`); rank 0 writes its
+    best weights and its history into `config["intent"]["out_dir"]`."""
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(config["cfg"])
-    tc, out_dir, prepare_dir = cfg.teacher, config["out_dir"], config["prepare_dir"]
+    tc, out_dir, prepare_dir = cfg.teacher, config["intent"]["out_dir"], config["prepare_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(tc.cpus_per_worker)
     device = ray.train.torch.get_device()
     torch.manual_seed(loop.epoch_seed(cfg.seed, 0, 0, stream=1))
     backbone, tokenizer = load_backbone(tc.model)
     model = IntentTeacher(backbone, config["teacher_spec"].n_intents, tc.lexical_dim, tc.lexical_buckets).to(device)
     optim = _intent_optimizer(model, tc)
-    steps = config["steps"]
+    steps = config["intent"]["steps"]
     sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
     state = trainstate.restore(model, optim, sched, part="intent")
     if state and rank == 0:
@@ -482,46 +485,59 @@ def _popularity(prepare_dir: str, n_items: int) -> list[float]:
     return counts.tolist()
 
 
-def train_sequence_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
-    """Steps 2 and 3: the SASRec baseline grid and the teacher's members. Returns
-    {"members": [dirs], "sasrec": [{name, dir, spec, valid, best_epoch, epochs_run}]}."""
+def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
+    """Steps 2-4 in one Ray Train run: the SASRec baseline grid, the teacher's members and the intent
+    encoder, each kept when it finished before. Returns {"members": [dirs], "sasrec": [{name, dir,
+    spec, valid, best_epoch, epochs_run}]}."""
     import ray
 
     out_dir = TeacherDir(out_dir)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
-    n_items = tspec.n_items
+    sasrec, parts = _sequence_parts(cfg, out_dir, tasks, tspec, 0 if text is None else text.shape[1])
+    todo = [part for part in parts if not _finished(part["name"], part["out_dir"])]
     datasets, steps = {}, 1
-    if "recommendation" in tasks:
+    if todo and "recommendation" in tasks:
         users = user_sequences(read_split(prepare_dir, "recommendation", "train"))
         datasets["sequences"] = ray.data.from_arrow(users).materialize()
         steps = max(1, math.ceil(users.num_rows / cfg.teacher.num_workers / cfg.teacher.sequence.batch_size))
-    if "ctr" in tasks:
+    if todo and "ctr" in tasks:
         datasets["ctr"] = ray.data.read_parquet(PrepareDir(prepare_dir).examples("ctr", "train")).materialize()
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
-    common = {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, n_items),
-              "item_text": out_dir.item_text}
-    text_dim = 0 if text is None else text.shape[1]
+    intent = None
+    if "intent" in cfg.tasks.enabled() and not _finished("intent", out_dir.intent.root):
+        datasets["intent"] = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
+        intent = {"out_dir": out_dir.intent.root,
+                  "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
+                                            / cfg.teacher.intent_batch_size))}
+    if todo or intent:
+        _fit(cfg, teacher_loop, "teacher", datasets,
+             {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, tspec.n_items),
+              "item_text": out_dir.item_text, "parts": todo, "intent": intent})
+    return {"members": [out_dir.member(i) for i in range(cfg.teacher.sequence.members)] if tasks else [],
+            "sasrec": [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in sasrec]}
+
+
+def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec,
+                    text_dim: int) -> tuple[list[dict], list[dict]]:
+    """(the SASRec grid's entries, every sequence model to train as a `teacher_loop` part)."""
     sasrec, parts = [], []
     if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
         for dim in cfg.teacher.sasrec.dims:
             for p in cfg.teacher.sasrec.dropouts:
-                spec = seq_spec(cfg, n_items, text_dim, dim=dim, dropout=p, item_text=False)
+                spec = seq_spec(cfg, tspec.n_items, text_dim, dim=dim, dropout=p, item_text=False)
                 name = f"sasrec-d{dim}-p{p:g}"
                 sasrec.append({"name": name, "dir": out_dir.sasrec(name).root, "spec": spec.to_json()})
                 parts.append({"name": name, "out_dir": sasrec[-1]["dir"], "spec": spec.to_json(),
                               "tasks": ["recommendation"], "ctr_head": False, "seed": cfg.seed})
-    members = [out_dir.member(i) for i in range(cfg.teacher.sequence.members)]
-    for i, d in enumerate(members):
-        parts.append({"name": f"teacher-seq{i}" if len(members) > 1 else "teacher-seq", "out_dir": d.root,
-                      "spec": tspec.sequence.to_json(), "tasks": tasks, "ctr_head": True, "seed": cfg.seed + 1000 * i})
-    todo = [part for part in parts if not _finished(part["name"], part["out_dir"])]
-    if todo:
-        _fit(cfg, seq_loop, "sequence-models", datasets, {**common, "parts": todo})
-    return {"members": members,
-            "sasrec": [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in sasrec]}
+    if tasks:
+        members = cfg.teacher.sequence.members
+        for i in range(members):
+            parts.append({"name": f"teacher-seq{i}" if members > 1 else "teacher-seq", "out_dir": out_dir.member(i).root,
+                          "spec": tspec.sequence.to_json(), "tasks": tasks, "ctr_head": True, "seed": cfg.seed + 1000 * i})
+    return sasrec, parts
 
 
 def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec: TeacherSpec, seed: int) -> dict:
@@ -543,8 +559,6 @@ def _best(history: list[dict]) -> dict:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    import ray
-
     out = TeacherDir(out_dir)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = cfg.tasks.enabled()
@@ -554,13 +568,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     uses_text = bool(seq_tasks) and cfg.teacher.sequence.item_text
     text = item_text_embeddings(cfg, out_dir) if uses_text else None
     tspec = teacher_spec(cfg, prepare_dir, hidden if uses_text else 0)
-    trained = train_sequence_models(cfg, out_dir, text, tspec) if seq_tasks else {"members": [], "sasrec": []}
+    trained = train_models(cfg, out_dir, text, tspec)
     intent_dir = out.intent
-    if "intent" in tasks and not _finished("intent", intent_dir.root):
-        ds = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
-        steps = max(1, math.ceil(ds.count() / cfg.teacher.num_workers / cfg.teacher.intent_batch_size))
-        _fit(cfg, intent_loop, "intent", {"intent": ds}, {"out_dir": intent_dir.root, "teacher_spec": tspec,
-                                                          "steps": steps})
 
     # assemble the teacher from its trained parts
     model = build(backbone, tspec, text)

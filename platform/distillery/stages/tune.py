@@ -60,11 +60,13 @@ def param_space(space: TuneSpace, tasks: list[str]) -> dict:
         out["lr"] = domain(space.lr)
     if space.rank_weight is not None and "recommendation" in tasks:
         out["rank_weight"] = domain(space.rank_weight)
+    if space.kd_class_power is not None and "intent" in tasks:
+        out["kd_class_power"] = domain(space.kd_class_power)
     if space.dim is not None:
         out["dim"] = tune.choice(list(space.dim))
     if not out:
         raise StageError("tune.space searches nothing: set at least one of temperature, alpha, weight, lr, "
-                         "rank_weight, dim")
+                         "rank_weight, kd_class_power, dim")
     return out
 
 
@@ -83,6 +85,8 @@ def defaults_point(cfg: RunConfig, space: TuneSpace, tasks: list[str]) -> dict:
         point["lr"] = clamp(space.lr, cfg.distill.lr)
     if space.rank_weight is not None and "recommendation" in tasks:
         point["rank_weight"] = clamp(space.rank_weight, cfg.tasks.recommendation.rank_weight)
+    if space.kd_class_power is not None and "intent" in tasks:
+        point["kd_class_power"] = clamp(space.kd_class_power, cfg.tasks.intent.kd_class_power)
     if space.dim is not None:
         point["dim"] = cfg.student.dim if cfg.student.dim in space.dim else space.dim[0]
     return point
@@ -151,7 +155,7 @@ def _rows(results, out_dir: str) -> list[dict]:
         for name in TUNED_PER_TASK:
             for task, value in (r.config or {}).get(name, {}).items():
                 row[f"{name}.{task}"] = value
-        for key in ("lr", "rank_weight", "dim"):
+        for key in ("lr", "rank_weight", "kd_class_power", "dim"):
             if key in (r.config or {}):
                 row[key] = r.config[key]
         ran = 0 if frame is None or frame.empty else int(frame["epoch"].max())
