@@ -87,7 +87,7 @@ def summarize(arms: list[dict], powers: list[float]) -> dict:
         for p in powers[1:]:
             diffs = [a["test"][t][m] - ref[a["seed"]] for a in arms if a["power"] == p and a["seed"] in ref]
             if diffs:
-                row[f"{p:g}"]["test_minus_power_{:g}".format(powers[0])] = _stats(diffs)
+                row[f"{p:g}"][f"test_minus_power_{powers[0]:g}"] = _stats(diffs)
         if row:
             out[t] = {"metric": m, **row}
     return out
@@ -111,7 +111,8 @@ def plot(result: dict, path: Path) -> None:
         m = result["summary"][t]["metric"]
         for split, style in (("valid", "--"), ("test", "-")):
             for seed in result["seeds"]:
-                arms = sorted((a for a in result["arms"] if a["seed"] == seed and t in a[split]), key=lambda a: a["power"])
+                arms = sorted((a for a in result["arms"] if a["seed"] == seed and t in a[split]),
+                              key=lambda a: a["power"])
                 ax.plot([a["power"] for a in arms], [a[split][t][m] for a in arms], style, marker="o", ms=4,
                         color=f"C{result['seeds'].index(seed)}", label=f"seed {seed} {split}")
         ax.axhline(result["teacher_test"][t], color="0.3", ls=":", lw=1.2, label="teacher (test)")
@@ -168,7 +169,8 @@ def main() -> int:
                 f"{t} valid {metrics['valid'][t][m]:.4f} test {metrics['test'][t][m]:.4f}"
                 for t, m in SCORE_METRIC.items() if t in metrics["test"]), flush=True)
             result = {"base": str(base_dir), "powers": powers, "seeds": seeds, "overrides": args.overrides,
-                      "teacher_test": {t: teacher["test"][t][m] for t, m in SCORE_METRIC.items() if t in teacher["test"]},
+                      "teacher_test": {t: teacher["test"][t][m] for t, m in SCORE_METRIC.items()
+                                       if t in teacher["test"]},
                       "summary": summarize(arms, powers), "arms": arms, "seconds": round(time.perf_counter() - t0, 1),
                       "machine": {"cpus": os.cpu_count(), "platform": stdlib_platform.platform()}}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -441,8 +441,8 @@ def _train_intent(cfg: RunConfig, config: dict) -> None:
 
     plan = loop.Plan(epochs=tc.epochs, patience=tc.patience, eval_every=1, clip=1.0, seed=cfg.seed, rank=rank)
     state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
-                     on_validated=_keep_best(model, optim, sched, out_dir, rank, "intent"), state=state, autocast=autocast,
-                     log=log)
+                     on_validated=_keep_best(model, optim, sched, out_dir, rank, "intent"), state=state,
+                     autocast=autocast, log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
 
@@ -455,20 +455,21 @@ def _finished(name: str, out_dir: str) -> bool:
     return False
 
 
-def _fit(cfg: RunConfig, loop_fn, name: str, datasets: dict, loop_config: dict) -> None:
-    """One Ray Train run, resumed when its folder holds a checkpoint of an interrupted attempt."""
+def _fit(cfg: RunConfig, datasets: dict, loop_config: dict) -> None:
+    """The stage's Ray Train run (`teacher_loop`), resumed when its folder holds a checkpoint of an
+    interrupted attempt."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     layout = RunLayout(cfg.run_dir)
     trainer = TorchTrainer(
-        loop_fn,
+        teacher_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepare_dir": layout.prepare.root, **loop_config},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
-        run_config=TrainRunConfig(name=name, storage_path=layout.teacher.ray_train,
+        run_config=TrainRunConfig(name="teacher", storage_path=layout.teacher.ray_train,
                                   failure_config=FailureConfig(max_failures=cfg.teacher.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -513,7 +514,7 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
                   "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
                                             / cfg.teacher.intent_batch_size))}
     if todo or intent:
-        _fit(cfg, teacher_loop, "teacher", datasets,
+        _fit(cfg, datasets,
              {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, tspec.n_items),
               "item_text": out_dir.item_text, "parts": todo, "intent": intent})
     return {"members": [out_dir.member(i) for i in range(cfg.teacher.sequence.members)] if tasks else [],
@@ -535,8 +536,9 @@ def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec
     if tasks:
         members = cfg.teacher.sequence.members
         for i in range(members):
-            parts.append({"name": f"teacher-seq{i}" if members > 1 else "teacher-seq", "out_dir": out_dir.member(i).root,
-                          "spec": tspec.sequence.to_json(), "tasks": tasks, "ctr_head": True, "seed": cfg.seed + 1000 * i})
+            parts.append({"name": f"teacher-seq{i}" if members > 1 else "teacher-seq",
+                          "out_dir": out_dir.member(i).root, "spec": tspec.sequence.to_json(), "tasks": tasks,
+                          "ctr_head": True, "seed": cfg.seed + 1000 * i})
     return sasrec, parts
 
 
