@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/distillery run $(CONFIG) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
-# the default suite (about 10 min on 2 cores, fuzzing included; docs/testing.md); test-slow: the
+# the default suite (about 7.5 min on 2 cores, fuzzing included; docs/testing.md); test-slow: the
 # fault-injection, kill-and-resume and warm-start runs and `serve deploy serve/config.yaml` (CI runs them too);
 # test-cluster: the pipeline as a submitted Ray job, and serve/config.yaml deployed, each on a head of its own
 test: $(STAMP)

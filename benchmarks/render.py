@@ -215,9 +215,10 @@ def prepare() -> str:
     if p is None:
         return _missing("prepare", "prepare.py")
     lines = ["**Prepare** (Ray Data, median of the runs; `results/prepare.json`)", "",
-             "| interactions | file format | shuffle | median s | rows/s |", "|---:|---|---|---:|---:|"]
+             "| interactions | file format | shuffle | Parquet reader | median s | rows/s |", "|---:|---|---|---|---:|---:|"]
     for row in p["results"]:
-        lines.append(f"| {row['interactions']:,} | {row.get('format', 'parquet')} | {row['shuffle']} | {row['median_s']:.1f} "
+        lines.append(f"| {row['interactions']:,} | {row.get('format', 'parquet')} | {row['shuffle']} "
+                     f"| {row.get('parquet_reader', 'tasks')} | {row['median_s']:.1f} "
                      f"| {row['interactions'] / row['median_s']:,.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -35,6 +35,30 @@ def test_native_formats(tmp_path, ext):
     assert _pd(src["items"])["title"].tolist() == ["Pen", "Ink"]
 
 
+def test_parquet_is_read_with_ray_datas_task_based_reader_and_the_context_is_left_as_it_was(tmp_path, monkeypatch):
+    import ray.data
+    from distillery.data.sources import read_parquet
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.DataFrame({"k": [1, 2, 3]}).to_parquet(folder / "part-0.parquet")
+    pd.DataFrame({"k": [4, 5]}).to_parquet(folder / "part-1.parquet")
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    ds = read_parquet(str(folder))
+    assert ds._logical_plan.dag.name == "ReadParquet"  # V2 plans ListFiles -> ReadFiles instead
+    assert sorted(ds.to_pandas()["k"]) == [1, 2, 3, 4, 5]
+    assert ctx.use_datasource_v2 is True
+    with pytest.raises(FileNotFoundError):
+        read_parquet(str(tmp_path / "absent"))
+    assert ctx.use_datasource_v2 is True  # restored when the read fails too
+    # a user who asks for Ray's default reader gets it
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
+    assert read_parquet(str(folder))._logical_plan.dag.name != "ReadParquet"
+    assert ctx.use_datasource_v2 is True
+
+
 def test_folder_and_file_uri(tmp_path):
     folder = tmp_path / "log"
     folder.mkdir()

@@ -37,6 +37,7 @@ import torch
 from .. import storage
 from ..config import RunConfig, stable_hash
 from ..data.examples import ALL_SPLITS, SPLITS
+from ..data.sources import read_parquet
 from ..errors import StageError
 from ..histories import pad_list_array, trim_padding
 from ..layout import LabelDir, RunLayout
@@ -413,7 +414,6 @@ def _ids(folder: str) -> pa.Array:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    import ray
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -428,7 +428,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     key = cache_key(cfg, teacher_sha256)
     # Materialized before the workers start: a worker holding most CPUs of a small machine would
     # otherwise starve the read tasks of its own input.
-    examples = {t: ray.data.read_parquet(layout.prepare.examples(t), columns=COLUMNS[t])
+    examples = {t: read_parquet(layout.prepare.examples(t), columns=COLUMNS[t])
                 .map_batches(with_fingerprints, fn_kwargs={"task": t}, batch_format="pyarrow").materialize()
                 for t in tasks}
     totals = {t: ds.count() for t, ds in examples.items()}

@@ -34,6 +34,7 @@ from torch import nn
 from .. import baselines, evaluation, loop, storage, trainstate
 from ..config import RunConfig
 from ..data.examples import read_items, read_split, vocab_size
+from ..data.sources import read_parquet
 from ..histories import pad_list_array
 from ..layout import PartDir, PrepareDir, RunLayout, TeacherDir
 from ..metrics import SCORE_METRIC, mean_metric
@@ -503,13 +504,13 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
         datasets["sequences"] = ray.data.from_arrow(users).materialize()
         steps = max(1, math.ceil(users.num_rows / cfg.teacher.num_workers / cfg.teacher.sequence.batch_size))
     if todo and "ctr" in tasks:
-        datasets["ctr"] = ray.data.read_parquet(PrepareDir(prepare_dir).examples("ctr", "train")).materialize()
+        datasets["ctr"] = read_parquet(PrepareDir(prepare_dir).examples("ctr", "train")).materialize()
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
     intent = None
     if "intent" in cfg.tasks.enabled() and not _finished("intent", out_dir.intent.root):
-        datasets["intent"] = ray.data.read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
+        datasets["intent"] = read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
         intent = {"out_dir": out_dir.intent.root,
                   "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
                                             / cfg.teacher.intent_batch_size))}
