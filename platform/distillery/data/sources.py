@@ -40,12 +40,12 @@ CSV = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 def read_parquet(paths: str | list[str], **kwargs) -> ray.data.Dataset:
     """`ray.data.read_parquet` through Ray Data's task-based Parquet reader. Ray 2.60's default
     reader (DataSourceV2) starts FooterReader actors, new worker processes, for every read to list
-    the files' footers: 2.4 s against 0.12 s for one small file on 2 cores, and the prepare stage
-    on a 120-user shop 9.6 s against 5.0 s (medians of 5, side by side). Every caller here
-    already knows its files (`read_table` reads each schema on the driver; the other stages read
-    the run directory's own parts), so those actors only add start-up. Set
-    RAY_DATA_USE_DATASOURCE_V2=1 to keep Ray's default (an input of very many files on a large
-    cluster, say)."""
+    the files' footers: the prepare stage took 12.6 s with it against 5.5 s on ~5k interactions,
+    13.7 s against 9.0 s at 100k, and the same within noise at 1M (benchmarks/prepare.py, 2
+    cores). Every caller here already knows its files (`read_table` reads each schema on the
+    driver; the other stages read the run directory's own parts), so those actors only add
+    start-up. Set RAY_DATA_USE_DATASOURCE_V2=1 to keep Ray's default (an input of very many files
+    on a large cluster, say)."""
     ctx = ray.data.DataContext.get_current()
     before = ctx.use_datasource_v2
     # read_parquet reads the flag only while it plans the read: it is set for this call and
