@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,62 @@ def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     if report.when == "call":
         item.call_report = report  # read by `reliability` at teardown
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's limit (`timeout` in pyproject.toml), enforced from a thread: a test stuck in
+    `ray.get` never sees a signal. At the limit it prints where the test waits and what Ray is
+    doing, last in the output where a CI log's tail shows it, and ends the run."""
+    timer = threading.Timer(settings.timeout, _timed_out, (item, settings.timeout))
+    timer.daemon = True
+
+    def cancel():  # called by pytest-timeout's own pytest_timeout_cancel_timer
+        timer.cancel()
+        timer.join()
+
+    item.cancel_timeout = cancel
+    timer.start()
+    return True
+
+
+def _timed_out(item, seconds: float) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture:
+        capture.suspend_global_capture(item)
+    out = item.config.get_terminal_writer()
+    main = sys._current_frames().get(threading.main_thread().ident)
+    out.sep("+", f"Timeout: {item.nodeid} ran past {seconds:.0f} s")
+    out.line("".join(traceback.format_stack(main)[-16:]) if main else "(no main thread)")
+    out.line("Ray at that moment:")
+    out.line(ray_state())
+    out.flush()
+    os._exit(1)
+
+
+def ray_state() -> str:
+    """What a hung test may be waiting for: free and total resources, unfinished tasks, live
+    actors and placement groups with what each asks for."""
+    try:
+        import ray
+        from ray.util import state
+
+        if not ray.is_initialized():
+            return "  Ray is not running"
+        lines = [f"  available {ray.available_resources()} of {ray.cluster_resources()}"]
+        unfinished = [("state", "!=", "FINISHED")]
+        listed = [("task", state.list_tasks(filters=unfinished, limit=40, timeout=20, detail=True),
+                   ("name", "state", "required_resources")),
+                  ("actor", state.list_actors(filters=[("state", "!=", "DEAD")], limit=40, timeout=20, detail=True),
+                   ("class_name", "state", "required_resources")),
+                  ("placement group", state.list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=40,
+                                                                  timeout=20, detail=True),
+                   ("name", "state", "bundles"))]
+        for kind, rows, fields in listed:
+            lines += [f"  {kind}: " + " | ".join(str(getattr(r, f, "?")) for f in fields) for r in rows]
+        return "\n".join(lines)
+    except Exception as err:  # a diagnostic: it must not hide the timeout itself
+        return f"  could not read Ray's state: {err!r}"
 
 
 def checkpoint_part(checkpoint: Path) -> str | None:
