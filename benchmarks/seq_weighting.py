@@ -9,6 +9,7 @@ every 5 epochs, patience 5), once per variant and seed, then scored on the test 
           time, since a batch pads to its longest history)
 
     python benchmarks/seq_weighting.py [--variants batch,target,random] [--seeds 0,1] [--text]
+                                       [--dim 64] [--dropout 0.5]
 
 Writes benchmarks/results/seq_weighting_office.json (every run, and per variant the mean and std of
 valid and test NDCG@10) and a PNG beside it. The prepare stage runs once into --work.
@@ -29,10 +30,10 @@ from distillery import loop, runner, storage  # noqa: E402  (office puts platfor
 from distillery.data.examples import read_items, read_split, vocab_size  # noqa: E402
 from distillery.histories import pad_list_array  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
-from distillery.models.seqrec import NextItemLoss, SeqSpec, SequenceModel  # noqa: E402
+from distillery.models.seqrec import NextItemLoss, SequenceModel  # noqa: E402
 from distillery.models.teacher import SeqMember  # noqa: E402
-from distillery.stages.teacher import (MemberLoss, encode_items, evaluate_member, sequence_batches,  # noqa: E402
-                                       user_sequences)
+from distillery.stages.teacher import (MemberLoss, encode_items, evaluate_member, seq_spec,  # noqa: E402
+                                       sequence_batches, user_sequences)
 
 VARIANTS = ("batch", "target", "random")
 
@@ -45,12 +46,14 @@ def random_batches(seqs: torch.Tensor, steps: int, gen: torch.Generator) -> list
     return out
 
 
-def train(prep: str, variant: str, seed: int, item_text: torch.Tensor | None, sc) -> dict:
-    n_items = vocab_size(prep)
-    seqs = pad_list_array(user_sequences(read_split(prep, "recommendation", "train")).column("sequence"), 51)
+def train(cfg, prep: str, variant: str, seed: int, item_text: torch.Tensor | None, dim: int, dropout: float) -> dict:
+    """One model as the teacher stage builds it (`seq_spec`): ID-only, or text+ID with `item_text`."""
+    sc, n_items = cfg.teacher.sequence, vocab_size(prep)
+    spec = seq_spec(cfg, n_items, 0 if item_text is None else item_text.shape[1], dim=dim, dropout=dropout,
+                    item_text=item_text is not None)
+    seqs = pad_list_array(user_sequences(read_split(prep, "recommendation", "train")).column("sequence"),
+                          spec.max_history + 1)
     steps = math.ceil(len(seqs) / sc.batch_size)
-    spec = SeqSpec(n_items=n_items, dim=sc.dim, layers=sc.layers, heads=sc.heads, dropout=sc.dropout,
-                   max_history=50, text_dim=0 if item_text is None else item_text.shape[1])
     torch.manual_seed(loop.epoch_seed(seed, 0, 0, stream=1))
     member = SeqMember(SequenceModel(spec, item_text))
     loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0})
@@ -62,7 +65,7 @@ def train(prep: str, variant: str, seed: int, item_text: torch.Tensor | None, sc
         return sequence_batches(seqs, None, steps, 1, gen, "cpu", per_target=variant == "target")
 
     def validate():
-        valid = evaluate_member(member, prep, "valid", ["recommendation"], n_items, 50, 0)
+        valid = evaluate_member(member, prep, "valid", ["recommendation"], n_items, spec.max_history, 0)
         return valid["recommendation"]["ndcg@10"], valid
 
     best = {}
@@ -81,7 +84,7 @@ def train(prep: str, variant: str, seed: int, item_text: torch.Tensor | None, sc
     state = loop.fit(member, optim, None, plan, batches=batches, loss=loss, validate=validate, on_validated=keep,
                      log=log)
     member.load_state_dict(best["weights"])
-    test = evaluate_member(member, prep, "test", ["recommendation"], n_items, 50, 0)["recommendation"]
+    test = evaluate_member(member, prep, "test", ["recommendation"], n_items, spec.max_history, 0)["recommendation"]
     return {"variant": variant, "text": item_text is not None, "seed": seed, "valid_ndcg@10": state["best"],
             "test_ndcg@10": test["ndcg@10"], "test": test, "epochs": state["epoch"] + 1,
             "seconds": round(time.perf_counter() - t0)}
@@ -121,6 +124,8 @@ def main() -> int:
     p.add_argument("--variants", default="batch,target,random", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--text", action="store_true", help="also train one text+ID teacher member per variant and seed")
+    p.add_argument("--dim", type=int, default=64, help="width of every model (the measured README numbers: 64)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout of every model (measured: 0.5)")
     args = p.parse_args()
     variants = args.variants.split(",")
     if bad := [v for v in variants if v not in VARIANTS]:
@@ -134,11 +139,12 @@ def main() -> int:
         runner.run(cfg, ["prepare"])
     item_text = encode_items(cfg.teacher.model, read_items(prep)["text"].tolist(), cfg.teacher.max_length) \
         if args.text else None
-    runs = [train(prep, v, int(s), t, cfg.teacher.sequence)
+    runs = [train(cfg, prep, v, int(s), t, args.dim, args.dropout)
             for s in args.seeds.split(",") for v in variants for t in ((None, item_text) if args.text else (None,))]
     out = Path(args.out)
     summ = summary(runs)
-    out.write_text(json.dumps({"data": args.data, "sequence": cfg.teacher.sequence.model_dump(), "summary": summ,
+    out.write_text(json.dumps({"data": args.data, "sequence": {**cfg.teacher.sequence.model_dump(), "dim": args.dim,
+                                                               "dropout": args.dropout}, "summary": summ,
                                "runs": runs}, indent=1))
     plot(summ, out.with_suffix(".png"))
     for name, s in summ.items():

@@ -75,31 +75,39 @@ class TeacherRuntime:
         return pad(lists, self.rec_history if task == "recommendation" else self.ctr_history)
 
     def users(self, history):
-        """history [B, L] -> (users [B, members, D], no explanation weights)."""
+        """history [B, L] -> (users [B, sum of the members' widths], no explanation weights)."""
         import torch
 
         with torch.inference_mode():
             users = [m.seq.user_vectors(history, v) for m, v in zip(self.model.members, self.items)]
-            return torch.stack(users, dim=1), torch.zeros(history.shape)
+            return torch.cat(users, dim=1), torch.zeros(history.shape)
+
+    def _split(self, u):
+        """[B, sum of widths] -> each member's [B, D_m] (members may differ in width)."""
+        return u.split([v.shape[1] for v in self.items], dim=1)
 
     def rec_from_users(self, u):
-        """[B, members, D] -> [B, V]: the members' mean dot-product score, as `Teacher.rec_scores`."""
+        """[B, sum of widths] -> [B, V]: the members' scores combined as `Teacher.rec_scores` does."""
         import torch
+        from distillery.models.teacher import ensemble_scores
 
         with torch.inference_mode():
-            scores = torch.einsum("bmd,mvd->bv", u, self.items) / len(self.model.members)
-            scores[:, :2] = float("-inf")
-            return scores
+            scores = []
+            for user, v in zip(self._split(u), self.items):
+                s = user @ v.T
+                s[:, :2] = float("-inf")
+                scores.append(s)
+            return ensemble_scores(scores)
 
     def ctr_from_users(self, u, candidate, slot):
-        """[B, members, D], candidate ids [B], slots [B] -> [B] logits: the members' mean, as
+        """[B, sum of widths], candidate ids [B], slots [B] -> [B] logits: the members' mean, as
         `Teacher.ctr_logits`."""
         import torch
 
         with torch.inference_mode():
             logits = []
-            for i, (m, v) in enumerate(zip(self.model.members, self.items)):
-                user, cand = u[:, i], v[candidate]
+            for m, user, v in zip(self.model.members, self._split(u), self.items):
+                cand = v[candidate]
                 logits.append(m.ctr(user, cand, candidate, slot) if m.ctr is not None else (user * cand).sum(-1))
             return torch.stack(logits).mean(0)
 

@@ -175,17 +175,18 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
-def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1):
-    """A Teacher over `backbone` with 12 items, 3 intents, 4 categories, width 16, history 5 and
-    random item text embeddings (what the stage would train, untrained)."""
+def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1, widths: tuple[int, ...] = (16,)):
+    """A Teacher over `backbone` with 12 items, 3 intents, 4 categories, history 5 and random item
+    text embeddings (what the stage would train, untrained); member i has width widths[i % len(widths)]
+    and an MLP text adaptor."""
     import torch
     from distillery.models.seqrec import SeqSpec, SequenceModel
     from distillery.models.teacher import CtrHead, IntentTeacher, SeqMember, Teacher
 
     torch.manual_seed(0)
-    spec = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.1, max_history=5, text_dim=8)
-    seq = [SeqMember(SequenceModel(spec, torch.randn(12, 8)), CtrHead(16, 4, torch.arange(12) % 4))
-           for _ in range(members)]
+    specs = [SeqSpec(n_items=12, dim=widths[i % len(widths)], layers=1, heads=2, dropout=0.1, max_history=5,
+                     text_dim=8, adaptor_hidden=12) for i in range(members)]
+    seq = [SeqMember(SequenceModel(s, torch.randn(12, 8)), CtrHead(s.dim, 4, torch.arange(12) % 4)) for s in specs]
     return Teacher(IntentTeacher(backbone, 3, lexical_dim, 4096), seq, max_history=5)
 
 

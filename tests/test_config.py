@@ -79,5 +79,17 @@ def test_stable_hash_ignores_key_order():
 
 def test_a_sasrec_width_the_heads_do_not_divide_is_refused_at_load():
     with pytest.raises(ConfigError, match=r"teacher\.sasrec\.dims \[30\] must be multiples of teacher\.sequence\.heads=4"):
-        load_config(ROOT / "configs" / "demo.yaml", ["teacher.sequence.heads=4", "teacher.sequence.dim=64",
+        load_config(ROOT / "configs" / "demo.yaml", ["teacher.sequence.heads=4", "teacher.sequence.dims=[64]",
                                                       "teacher.sasrec.dims=[64,30]"])
+
+
+def test_the_teacher_grid_is_validated_at_load():
+    with pytest.raises(ConfigError, match=r"dims \[30\]: each width must be >= 8 and a multiple of heads=4"):
+        load_config(None, ["teacher.sequence.heads=4", "teacher.sequence.dims=[64, 30]", "teacher.sasrec.dims=[64]"])
+    with pytest.raises(ConfigError, match="dropouts must lie in"):
+        load_config(None, ["teacher.sequence.dropouts=[0.3, 1.0]"])
+    with pytest.raises(ConfigError, match="raise members"):
+        load_config(None, ["teacher.sequence.dims=[64, 64]"])
+    with pytest.raises(ConfigError, match="at least one value"):
+        load_config(None, ["teacher.sequence.dropouts=[]"])
+    assert load_config(None, ["teacher.sequence.dims=[32]"]).teacher.sequence.dims == [32]

@@ -97,7 +97,7 @@ def _teacher_cfg(cfg, tiny_bert):
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
         "model": tiny_bert, "epochs": 1, "patience": 5, "cpus_per_worker": 1.0, "max_failures": 2,
         # 24 epochs of ~0.1 s, none stopped early: the member is still training when the kill lands
-        "sequence": cfg.teacher.sequence.model_copy(update={"dim": 16, "epochs": 24, "eval_every": 2,
+        "sequence": cfg.teacher.sequence.model_copy(update={"dims": [16], "epochs": 24, "eval_every": 2,
                                                             "patience": 100}),
         "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.2]})})})
 
@@ -112,14 +112,14 @@ def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted
     out = tmp_path / "killed" / "teacher"
     # the sequence models' worker, once the member's first checkpoint (after epoch 2) is registered
     # (the SASRec baseline trains before it in the same Train run)
-    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher", "teacher-seq"),
+    killer = Killer("RayTrainWorker", lambda: registered(out / "ray_train" / "teacher", "teacher-d16-p0.5"),
                     delay=0.5)
     killer.start()
     teacher.run(killed, str(out))
     killer.stop.set()
     reliability["faults"] = int(killer.killed is not None)
     assert killer.killed, "no teacher worker was killed"
-    history = json.loads((out / "members" / "0" / "history.json").read_text())
+    history = json.loads((out / "members" / "teacher-d16-p0.5" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 24, 2))  # each validation once, across the kill
     restarts = [h["restarts"] for h in history]
     assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)  # resumed, not restarted
@@ -131,7 +131,7 @@ def test_teacher_worker_killed_mid_training_resumes_and_matches_an_uninterrupted
 
 def _small(cfg):
     return cfg.model_copy(update={
-        "student": cfg.student.model_copy(update={"dim": 16, "text_dim": 8, "ngram_buckets": 512}),
+        "student": cfg.student.model_copy(update={"dims": [16], "text_dim": 8, "ngram_buckets": 512}),
         # ~4 s epochs: long enough for a kill to land mid-run
         "distill": cfg.distill.model_copy(update={"epochs": 3, "steps_per_epoch": 120, "batch_size": 64,
                                                   "cpus_per_worker": 1.0, "max_failures": 2}),

@@ -32,7 +32,7 @@ def test_the_pipeline_runs_as_one_submitted_job(head, tiny_bert, tmp_path):
     overrides = [
         f"run_dir={run_uri}", "data.synthetic.users=150", "data.synthetic.items=80",
         "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3",
-        f"teacher.model={tiny_bert}", "teacher.epochs=1", "teacher.sequence.dim=16", "teacher.sequence.epochs=2",
+        f"teacher.model={tiny_bert}", "teacher.epochs=1", "teacher.sequence.dims=[16]", "teacher.sequence.epochs=2",
         "teacher.sequence.eval_every=1", "teacher.sasrec.dims=[16]", "teacher.sasrec.dropouts=[0.2]",
         "student.dim=16", "student.text_dim=8", "student.ngram_buckets=512",
         "distill.epochs=1", "distill.steps_per_epoch=4", "distill.batch_size=64",

@@ -230,7 +230,7 @@ def serve_every_endpoint(bundle_dir: str, items: pd.DataFrame) -> int:
 
 
 TINY_PIPELINE = (
-    "teacher.epochs=1", "teacher.sequence.dim=16", "teacher.sequence.epochs=1", "teacher.sequence.members=1",
+    "teacher.epochs=1", "teacher.sequence.dims=[16]", "teacher.sequence.epochs=1", "teacher.sequence.members=1",
     "teacher.sasrec.dims=[16]", "teacher.sasrec.dropouts=[0.2]", "label.top_k=8", "label.cpus_per_worker=1",
     "distill.epochs=1", "distill.steps_per_epoch=2", "distill.cpus_per_worker=1", "tune.num_samples=1",
     "tune.epochs=1", "tune.grace_period=1", "compress.unit_keep=[0.5]", "compress.finetune_steps=2", "compress.latency_requests=10",

@@ -70,6 +70,15 @@ def test_states_are_causal_and_padding_does_not_matter():
     assert scores.shape == (1, 12) and torch.isinf(scores[:, :2]).all()
 
 
+def test_the_text_adaptor_is_an_mlp_with_a_hidden_width_or_linear_without():
+    mlp, linear = _model(text_dim=5, adaptor_hidden=7), _model(text_dim=5)
+    assert [tuple(m.weight.shape) for m in mlp.adaptor if isinstance(m, torch.nn.Linear)] == [(7, 5), (8, 7)]
+    assert [tuple(m.weight.shape) for m in linear.adaptor if isinstance(m, torch.nn.Linear)] == [(8, 5)]
+    mlp.eval()
+    want = mlp.item.weight + mlp.adaptor[4](torch.nn.functional.gelu(mlp.adaptor[1](mlp.item_text)))
+    assert torch.allclose(mlp.item_vectors(), want, atol=1e-6)
+
+
 def test_text_items_need_the_embeddings_and_whitening_decorrelates():
     model = _model(text_dim=5)
     assert model.item_vectors().shape == (12, 8)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 SEQ = SeqSpec(n_items=12, dim=16, layers=1, heads=2, dropout=0.1, max_history=5, text_dim=8)
 TEACHER = TeacherSpec(n_items=12, n_categories=3, item_category=(0, 1, *[i % 3 for i in range(10)]),
                       intent_labels=("Office", "Sports"), max_history=5, max_length=16, lexical_dim=8,
-                      lexical_buckets=64, tasks=("recommendation", "ctr", "intent"), sequence=SEQ, members=1)
+                      lexical_buckets=64, tasks=("recommendation", "ctr", "intent"),
+                      sequences=(SEQ, dataclasses.replace(SEQ, dim=32, adaptor_hidden=24)))
 STUDENT = StudentSpec(n_items=12, n_categories=3, intent_labels=("Office", "Sports"), vocab_size=100, dim=16,
                       text_dim=8, ngram_buckets=64, heads=2, layers=0, dropout=0.1, max_history=5, ctr_history=4,
                       max_length=16, tasks=("recommendation", "intent"))
@@ -44,8 +45,14 @@ def test_a_spec_missing_a_field_is_refused_with_the_file_and_field_named():
 def test_an_unknown_field_is_refused_not_dropped():
     with pytest.raises(SpecError, match=r"unknown field\(s\) \['n_experts'\]"):
         StudentSpec.from_json({**STUDENT.to_json(), "n_experts": 4})
-    with pytest.raises(SpecError, match=r"teacher\.json: sequence: unknown field\(s\) \['width'\]"):
-        TeacherSpec.from_json({**TEACHER.to_json(), "sequence": {**SEQ.to_json(), "width": 3}}, "teacher.json")
+    with pytest.raises(SpecError, match=r"teacher\.json: sequences\[1\]: unknown field\(s\) \['width'\]"):
+        TeacherSpec.from_json({**TEACHER.to_json(), "sequences": [SEQ.to_json(), {**SEQ.to_json(), "width": 3}]},
+                              "teacher.json")
+
+
+def test_a_sequence_spec_saved_before_the_mlp_adaptor_reads_as_a_linear_adaptor():
+    old = {k: v for k, v in SEQ.to_json().items() if k != "adaptor_hidden"}
+    assert SeqSpec.from_json(old).adaptor_hidden == 0
 
 
 @pytest.mark.parametrize("field,value", [("dim", "16"), ("dim", 16.5), ("dim", True), ("tasks", "intent"),

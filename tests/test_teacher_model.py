@@ -32,19 +32,36 @@ def test_heads_shapes_and_masking(teacher):
     assert logits.shape == (2,) and torch.isfinite(logits).all()
 
 
-def test_ensemble_scores_are_the_members_means(tiny_bert):
+def test_an_ensemble_ranks_by_its_members_geometric_mean_probability_and_averages_ctr_logits(tiny_bert):
     from conftest import tiny_teacher_model
     from distillery.models.teacher import load_backbone as load
 
     backbone, _ = load(tiny_bert)
-    model = tiny_teacher_model(backbone, members=3).eval()
+    model = tiny_teacher_model(backbone, members=3, widths=(16, 24)).eval()
     hist, cand, slot = pad_histories([[2, 3], [4]], 5), torch.tensor([5, 6]), torch.tensor([-1, 2])
     items = model.item_vectors()
-    assert items.shape == (3, 12, 16)
-    want = torch.stack([m.rec_scores(hist, v) for m, v in zip(model.members, items)]).mean(0)
-    assert torch.allclose(model.rec_scores(hist, items), want, equal_nan=True)
+    assert [tuple(v.shape) for v in items] == [(12, 16), (12, 24), (12, 16)]
+    with torch.no_grad():
+        probs = []
+        for m, v in zip(model.members, items):  # the reference: each member's softmax over the real items
+            s = (m.seq.user_vectors(hist, v) @ v.T)[:, 2:]
+            probs.append(torch.softmax(s, 1))
+        got = model.rec_scores(hist, items)
+    assert torch.isinf(got[:, :2]).all()
+    geo = torch.log(probs[0] * probs[1] * probs[2]) / 3  # equal to the mean score less a constant per row
+    assert torch.allclose(torch.softmax(got[:, 2:], 1), torch.softmax(geo, 1), atol=1e-6)
     want = torch.stack([m.ctr_logits(hist, cand, slot, v) for m, v in zip(model.members, items)]).mean(0)
     assert torch.allclose(model.ctr_logits(hist, cand, slot, items), want)
+
+
+def test_a_one_member_teacher_scores_as_its_member(tiny_bert):
+    from conftest import tiny_teacher_model
+    from distillery.models.teacher import load_backbone as load
+
+    model = tiny_teacher_model(load(tiny_bert)[0], members=1).eval()
+    hist = pad_histories([[2, 3], [4]], 5)
+    with torch.no_grad():
+        assert torch.equal(model.rec_scores(hist), model.members[0].rec_scores(hist))
 
 
 def test_rec_and_ctr_gradients_reach_ids_text_adaptor_and_the_ctr_head(teacher):
@@ -55,7 +72,8 @@ def test_rec_and_ctr_gradients_reach_ids_text_adaptor_and_the_ctr_head(teacher):
         + model.ctr_logits(hist, torch.tensor([4]), torch.tensor([0])).sum()
     loss.backward()
     seq = model.members[0].seq
-    assert seq.item.weight.grad.abs().sum() > 0 and seq.adaptor[1].weight.grad.abs().sum() > 0
+    assert seq.item.weight.grad.abs().sum() > 0 and seq.adaptor[1].weight.grad.abs().sum() > 0 \
+        and seq.adaptor[-1].weight.grad.abs().sum() > 0
     assert model.members[0].ctr.mlp[0].weight.grad.abs().sum() > 0
 
 
@@ -142,7 +160,7 @@ def test_the_serve_benchmarks_teacher_runtime_scores_as_the_teacher(tiny_bert):
     spec = importlib.util.spec_from_file_location("serve_load", path)
     serve_load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve_load)
-    model = tiny_teacher_model(load_backbone(tiny_bert)[0], members=2).eval()
+    model = tiny_teacher_model(load_backbone(tiny_bert)[0], members=2, widths=(16, 24)).eval()
     rt = object.__new__(serve_load.TeacherRuntime)  # its __init__ only loads a saved teacher
     rt.model = model
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from conftest import ROOT, checkpoint_part
 from distillery import runner
 from distillery.metrics import SCORE_METRIC
 from distillery.models.teacher import load_model
-from distillery.stages.teacher import evaluate
+from distillery.stages.teacher import choose_members, evaluate, member_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -32,7 +32,7 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
     run_dir = tmp_path / "run"
     shutil.copytree(prepared[1] / "prepare", run_dir / "prepare")
     # 40 epochs of ~0.1 s, none stopped early: the member still trains 2 s after its first checkpoint
-    seq = {"dim": 16, "epochs": 40, "eval_every": 2, "patience": 100}
+    seq = {"dims": [16], "epochs": 40, "eval_every": 2, "patience": 100}
     overrides = [f"teacher.model={tiny_bert}", "teacher.epochs=2", "teacher.patience=5", "teacher.cpus_per_worker=1",
                  "teacher.sasrec.dims=[16]", "teacher.sasrec.dropouts=[0.2]",
                  *[f"teacher.sequence.{k}={v}" for k, v in seq.items()]]
@@ -48,7 +48,7 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
     # the SASRec baseline trains first in the same Train run: wait for a checkpoint of the member
     ckpts = run_dir / "teacher" / "ray_train" / "teacher"
     deadline = time.time() + 300
-    while time.time() < deadline and "teacher-seq" not in map(checkpoint_part, ckpts.glob("checkpoint_*")):
+    while time.time() < deadline and "teacher-d16-p0.5" not in map(checkpoint_part, ckpts.glob("checkpoint_*")):
         assert proc.poll() is None, "the teacher run ended before the member's first checkpoint"
         time.sleep(0.5)
     time.sleep(2)  # let the checkpoint bookkeeping land
@@ -62,7 +62,7 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
     runner.run(cfg, ["teacher"])
     out = capfd.readouterr().out  # fd-level: progress lines go to the process's own stdout (progress.say)
     assert "resuming an interrupted run" in out and "sasrec-d16-p0.2: already trained, kept" in out
-    history = json.loads((run_dir / "teacher" / "members" / "0" / "history.json").read_text())
+    history = json.loads((run_dir / "teacher" / "members" / "teacher-d16-p0.5" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 40, 2))  # each validation once, across the kill
     # the member resumed from its checkpoint (a restore is counted in every later validation), not from scratch
     restarts = [h["restarts"] for h in history]
@@ -77,11 +77,13 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
 
 def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encoder(prepared, tiny_bert, capsys):
     """The stage's contract on tiny data: the SASRec baseline is a grid chosen on validation and
-    reported beside popularity and TF-IDF; the assembled teacher reproduces its reported metrics."""
+    reported beside popularity and TF-IDF; the teacher's members are the best dropout per width of
+    their grid; the assembled teacher reproduces its reported metrics."""
     cfg, run_dir, _ = prepared
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
         "model": tiny_bert, "epochs": 2, "patience": 5, "cpus_per_worker": 1.0,
-        "sequence": cfg.teacher.sequence.model_copy(update={"dim": 16, "epochs": 4, "eval_every": 2, "patience": 3}),
+        "sequence": cfg.teacher.sequence.model_copy(update={"dims": [16, 24], "dropouts": [0.1, 0.5], "epochs": 4,
+                                                             "eval_every": 2, "patience": 3}),
         "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.1, 0.5]})})})
     m = runner.run(cfg, ["teacher"])["teacher"]
     out = capsys.readouterr().out
@@ -102,13 +104,30 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
     assert m["counts"]["params"] > m["counts"]["sequence_params"] > 0
 
     model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
-    assert spec.sequence.text_dim == 32 and spec.members == 1
+    teacher_grid = {r["name"]: r for r in metrics["teacher_grid"]}
+    assert set(teacher_grid) == {f"teacher-d{d}-p{p}" for d in (16, 24) for p in (0.1, 0.5)}
+    for d in (16, 24):  # per width, the dropout with the better validation score
+        runs = [teacher_grid[f"teacher-d{d}-p{p}"] for p in (0.1, 0.5)]
+        assert max(runs, key=lambda r: r["valid"]["recommendation"]["ndcg@10"])["name"] in metrics["teacher_members"]
+    assert len(metrics["teacher_members"]) == 2 and len(metrics["members_test"]) == 2
+    assert [s.dim for s in spec.sequences] == [16, 24] and {s.text_dim for s in spec.sequences} == {32}
+    assert [teacher_grid[n]["spec"] for n in metrics["teacher_members"]] == [s.to_json() for s in spec.sequences]
     again = evaluate(model, tok, str(run_dir / "prepare"), "valid", spec.tasks, cfg.teacher.max_length, seed=cfg.seed)
     for task, metric in SCORE_METRIC.items():
         assert again[task][metric] == pytest.approx(metrics["valid"][task][metric], abs=1e-6)
-    # the sequence member's own best validation NDCG@10 is the assembled teacher's
-    history = json.loads((run_dir / "teacher" / "members" / "0" / "history.json").read_text())
-    assert max(h["score"] for h in history) == pytest.approx(metrics["valid"]["recommendation"]["ndcg@10"], abs=1e-6)
+
+
+
+def test_the_teacher_keeps_per_width_the_dropout_best_on_validation_over_its_seeds():
+    def row(dim, p, seed, score):
+        return {"name": member_name(dim, p, seed, 2), "spec": {"dim": dim, "dropout": p}, "score": score}
+
+    grid = [row(64, 0.3, 0, 0.10), row(64, 0.3, 1, 0.02), row(64, 0.5, 0, 0.07), row(64, 0.5, 1, 0.07),
+            row(128, 0.3, 0, 0.05), row(128, 0.3, 1, 0.06), row(128, 0.5, 0, 0.01), row(128, 0.5, 1, 0.02)]
+    # width 64: 0.5 has the better mean (0.07 > 0.06) though 0.3 has the best single run
+    assert [r["name"] for r in choose_members(grid)] == ["teacher-d64-p0.5-s0", "teacher-d64-p0.5-s1",
+                                                         "teacher-d128-p0.3-s0", "teacher-d128-p0.3-s1"]
+    assert member_name(64, 0.3, 0, 1) == "teacher-d64-p0.3"
 
 
 def test_stage_order_needs_prepare(tmp_path, tiny_config):

@@ -148,17 +148,25 @@ TUNED_PER_TASK = ("temperature", "alpha", "weight")  # the per-task knobs a swee
 class SequenceConfig(_Section):
     """The teacher's sequence recommender (recommendation and CTR), SASRec family (`seqrec.py`), and
     how it and the SASRec baseline train: every position of each user's train sequence, cross
-    entropy over the catalogue, until validation NDCG@10 stops improving."""
+    entropy over the catalogue, until validation NDCG@10 stops improving.
 
-    dim: int = Field(64, ge=8, description="width of item and user vectors")
+    The teacher is an ensemble with one member per width in `dims` (times `members` seeds); each
+    width trains once per dropout in `dropouts` and keeps the dropout with the best validation score."""
+
+    dims: list[int] = Field(default_factory=lambda: [64, 128],
+                            description="widths of item and user vectors: one ensemble member per width")
+    dropouts: list[float] = Field(default_factory=lambda: [0.3, 0.5],
+                                  description="dropouts on embeddings, attention and feed-forward tried per width; "
+                                              "the best on validation is kept (one value: no search)")
     layers: int = Field(2, ge=1, le=12, description="causal transformer layers")
-    heads: int = Field(2, ge=1, description="attention heads (must divide dim)")
-    dropout: float = Field(0.5, ge=0, lt=1, description="dropout on embeddings, attention and feed-forward")
+    heads: int = Field(2, ge=1, description="attention heads (must divide every width)")
     item_text: bool = Field(True, description="items = ID embedding + adaptor over the frozen encoder's embedding "
                                               "of the item text (false: ID only, as the SASRec baseline)")
     item_ids: bool = Field(True, description="learn an ID embedding per item (false: items are their text alone)")
-    members: int = Field(1, ge=1, le=16, description="teacher ensemble: members trained from different seeds, their "
-                                                     "scores averaged when labeling")
+    adaptor_hidden: int = Field(256, ge=0, description="hidden width of the MLP that maps an item's text embedding "
+                                                       "into the model (0 = a linear map)")
+    members: int = Field(1, ge=1, le=16, description="members per width, trained from different seeds; every "
+                                                     "member's scores are averaged when labeling")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (constant)")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1, description="user sequences per step (length-bucketed)")
@@ -180,8 +188,15 @@ class SequenceConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.dim % self.heads:
-            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        if not self.dims or not self.dropouts:
+            raise ValueError("dims and dropouts need at least one value each")
+        if bad := [d for d in self.dims if d < 8 or d % self.heads]:
+            raise ValueError(f"dims {bad}: each width must be >= 8 and a multiple of heads={self.heads}")
+        if any(not 0 <= p < 1 for p in self.dropouts):
+            raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
+        if len(set(self.dims)) < len(self.dims) or len(set(self.dropouts)) < len(self.dropouts):
+            raise ValueError(f"dims {self.dims} and dropouts {self.dropouts} must not repeat a value "
+                             "(more members of one width: raise members)")
         if not (self.item_text or self.item_ids):
             raise ValueError("items need an ID embedding, their text or both: item_ids and item_text cannot both be false")
         return self

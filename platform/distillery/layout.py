@@ -12,7 +12,8 @@ paths from strings. Paths are strings because a run directory may be a URI (`s3:
                 examples/<task>/<split>/        train | valid | test | transfer (intent)
       teacher/  manifest.json  metrics.json  item_text.safetensors
                 model/                          the teacher labels are made with (teacher.json, weights, tokenizer)
-                members/<i>/  sasrec/sasrec-d<dim>-p<dropout>/  intent/   each: model.safetensors history.json
+                members/teacher-d<dim>-p<dropout>[-s<seed>]/  sasrec/sasrec-d<dim>-p<dropout>/  intent/
+                                                each: model.safetensors history.json
                 ray_train/                      checkpoints, removed when the stage completes
       label/    manifest.json  <task>/<split>/*.parquet  _timings/  ray_train/
       distill/  manifest.json  warm_start.json
@@ -122,8 +123,9 @@ class TeacherDir:
     def ray_train(self) -> str:
         return _join(self.root, "ray_train")
 
-    def member(self, i: int) -> PartDir:
-        return PartDir(_join(self.root, "members", str(i)))
+    def member(self, name: str) -> PartDir:
+        """A sequence model of the teacher's grid (`stages.teacher.member_name`)."""
+        return PartDir(_join(self.root, "members", name))
 
     def sasrec(self, name: str) -> PartDir:
         return PartDir(_join(self.root, "sasrec", name))

@@ -4,8 +4,9 @@ A causal transformer over a user's history of items (Kang & McAuley, 2018), trai
 position of each training sequence with cross entropy over the whole catalogue, or, above
 `SeqSpec.sampled_above` items, over a shared sample of the catalogue with the logQ correction
 (Jean et al., 2015; Yi et al., 2019). An item is an ID embedding, plus, when the spec has
-`text_dim`, a linear adaptor over a whitened frozen encoder embedding of the item's text
-(UniSRec's "parametric whitening", Hou et al., 2022). With `use_id=False` the item is text only.
+`text_dim`, an adaptor (a small MLP, or linear) over a whitened frozen encoder embedding of the
+item's text (UniSRec's "parametric whitening", Hou et al., 2022). With `use_id=False` the item is
+text only.
 
 Histories are left-padded id tensors (0 = padding, 1 = unknown item), oldest item first, as
 everywhere in the platform. Positions count back from the most recent item, so a history of any
@@ -36,6 +37,7 @@ class SeqSpec:
     max_history: int = 50
     text_dim: int = 0       # width of the frozen item text embeddings; 0 = ID-only (the SASRec baseline)
     use_id: bool = True     # False: items are their text alone (cold-start catalogues)
+    adaptor_hidden: int = 0  # hidden width of the text adaptor's MLP; 0 = a linear adaptor
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,6 +83,15 @@ def whitening(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), (vecs / vals.clamp(min=floor).sqrt()).float()
 
 
+def text_adaptor(text_dim: int, hidden: int, dim: int) -> nn.Sequential:
+    """[..., text_dim] whitened text embeddings -> [..., dim]. A linear map can only rotate and scale
+    the encoder's space: on Office a text-only model through it reached test NDCG@10 0.049, through
+    the MLP (hidden 256) 0.064 (stop 35's note)."""
+    if not hidden:
+        return nn.Sequential(nn.Dropout(0.1), nn.Linear(text_dim, dim))
+    return nn.Sequential(nn.Dropout(0.1), nn.Linear(text_dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim))
+
+
 class SequenceModel(nn.Module):
     def __init__(self, spec: SeqSpec, item_text: torch.Tensor | None = None):
         """`item_text` [n_items, text_dim]: the frozen encoder's embedding of every item's text
@@ -102,7 +113,7 @@ class SequenceModel(nn.Module):
                 raise ValueError(f"item_text has shape {tuple(text.shape)}, expected ({spec.n_items}, {spec.text_dim})")
             mean, w = whitening(text)
             self.register_buffer("item_text", (text - mean) @ w, persistent=True)
-            self.adaptor = nn.Sequential(nn.Dropout(0.1), nn.Linear(spec.text_dim, d))
+            self.adaptor = text_adaptor(spec.text_dim, spec.adaptor_hidden, d)
         else:
             self.adaptor = None
         self.position = nn.Embedding(spec.max_history, d)

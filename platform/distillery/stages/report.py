@@ -233,8 +233,8 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
 
 
 def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
-    """teacher.png: validation NDCG@10 against epochs of the teacher's sequence members and of every
-    SASRec baseline tried (the chosen one solid), and the encoder's intent macro-F1 per epoch."""
+    """teacher.png: validation NDCG@10 against epochs of every sequence model of the teacher's grid
+    and of the SASRec baseline's (the chosen ones solid), and the encoder's intent macro-F1 per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,8 +245,8 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
         return {n: _read_history(part.history) for n, part in teacher.trained(kind).items()}
 
     metrics = storage.read_json(teacher.metrics)
-    seq = {f"teacher member {n}": h for n, h in runs("members").items()}
-    seq.update(runs("sasrec"))
+    seq = {**runs("members"), **runs("sasrec")}
+    chosen = {*metrics.get("teacher_members", []), metrics.get("sasrec_chosen")}
     intent = _read_history(teacher.intent.history)
     if not seq and not intent:
         return []
@@ -254,7 +254,7 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     for i, (name, hist) in enumerate(seq.items()):
         vals = [(h["epoch"] + 1, h["valid"]["recommendation"]["ndcg@10"]) for h in hist if "recommendation" in h["valid"]]
         if vals:
-            style = "-" if name.startswith("teacher") or name == metrics.get("sasrec_chosen") else ":"
+            style = "-" if name in chosen else ":"
             axes[0].plot(*zip(*vals), style, marker=".", color=f"C{i}", label=name)
     axes[0].set_title("sequence models: validation NDCG@10")
     axes[1].plot([h["epoch"] + 1 for h in intent], [h["valid"]["intent"]["macro_f1"] for h in intent], marker="o")

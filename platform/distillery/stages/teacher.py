@@ -5,18 +5,21 @@ Steps, each kept when finished and the stage is re-run:
    `teacher.use_gpu`) -> RUN_DIR/teacher/item_text.safetensors.
 2. the SASRec baseline: one ID-only sequence model per (dim, dropout) of `teacher.sasrec`, each
    trained until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
-3. the sequence teacher: `teacher.sequence.members` text+ID sequence models with their CTR heads,
-   the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<i>/.
+3. the sequence teacher: text+ID sequence models with their CTR heads, one per (width, dropout,
+   seed) of `teacher.sequence`, the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<name>/.
+   Per width, the dropout with the best validation score is kept; the kept models are the
+   teacher's ensemble.
 4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
    macro-F1 stops improving -> RUN_DIR/teacher/intent/.
    Steps 2-4 are one Ray Train run that trains the models one after another (a Train run costs
    ~10 s to start on a small machine).
 Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
 evaluated on the test split: RUN_DIR/teacher/metrics.json =
-{"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], ...}.
+{"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], "teacher_grid": [...], ...}.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -60,30 +63,41 @@ SEQ_TASKS = ("recommendation", "ctr")
 
 
 # ------------------------------------------------------------------------------ the run's shapes
-def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int | None = None, dropout: float | None = None,
+def seq_spec(cfg: RunConfig, n_items: int, text_dim: int, *, dim: int, dropout: float,
              item_text: bool | None = None) -> SeqSpec:
-    """The sequence model of this run (`dim`, `dropout`, `item_text` override the config: the baseline grid)."""
+    """A sequence model of this run at one point of a grid (`item_text=False`: the ID-only SASRec)."""
     sc = cfg.teacher.sequence
     use_text = sc.item_text if item_text is None else item_text
-    return SeqSpec(n_items=n_items, dim=dim or sc.dim, layers=sc.layers, heads=sc.heads,
-                   dropout=sc.dropout if dropout is None else dropout,
+    return SeqSpec(n_items=n_items, dim=dim, layers=sc.layers, heads=sc.heads, dropout=dropout,
                    max_history=max(cfg.tasks.recommendation.max_history, cfg.tasks.ctr.max_history),
-                   text_dim=text_dim if use_text else 0, use_id=sc.item_ids or not use_text)
+                   text_dim=text_dim if use_text else 0, use_id=sc.item_ids or not use_text,
+                   adaptor_hidden=sc.adaptor_hidden if use_text else 0)
 
 
-def teacher_spec(cfg: RunConfig, prepare_dir: str, text_dim: int) -> TeacherSpec:
-    """The teacher this run trains (`text_dim`: the encoder's width)."""
+def member_name(dim: int, dropout: float, seed_index: int, members: int) -> str:
+    """A teacher member's part name (its folder under RUN_DIR/teacher/members/)."""
+    return f"teacher-d{dim}-p{dropout:g}" + (f"-s{seed_index}" if members > 1 else "")
+
+
+def teacher_spec(cfg: RunConfig, prepare_dir: str, text_dim: int,
+                 sequences: tuple[SeqSpec, ...] | None = None) -> TeacherSpec:
+    """The teacher this run trains (`text_dim`: the encoder's width). `sequences`: its members, known
+    once the grid has trained and chosen; by default one per width and seed at the first dropout."""
     items = read_items(prepare_dir)
     prep = PrepareDir(prepare_dir)
     labels = storage.read_json(prep.vocab("intent_labels")) if storage.exists(prep.vocab("intent_labels")) else []
     cats = storage.read_json(prep.vocab("categories"))
     tasks = list(cfg.tasks.enabled())
-    spec = seq_spec(cfg, vocab_size(prepare_dir), text_dim)
-    return TeacherSpec(n_items=spec.n_items, intent_labels=tuple(labels), n_categories=len(cats),
-                       max_history=spec.max_history, max_length=cfg.teacher.max_length,
-                       lexical_dim=cfg.teacher.lexical_dim, lexical_buckets=cfg.teacher.lexical_buckets,
-                       item_category=(0, 1, *items["category_idx"].tolist()), tasks=tuple(tasks), sequence=spec,
-                       members=cfg.teacher.sequence.members if set(tasks) & set(SEQ_TASKS) else 0)
+    sc, n_items = cfg.teacher.sequence, vocab_size(prepare_dir)
+    if sequences is None:
+        sequences = [seq_spec(cfg, n_items, text_dim, dim=d, dropout=sc.dropouts[0]) for d in sc.dims
+                     for _ in range(sc.members)]
+    return TeacherSpec(n_items=n_items, intent_labels=tuple(labels), n_categories=len(cats),
+                       max_history=max(cfg.tasks.recommendation.max_history, cfg.tasks.ctr.max_history),
+                       max_length=cfg.teacher.max_length, lexical_dim=cfg.teacher.lexical_dim,
+                       lexical_buckets=cfg.teacher.lexical_buckets,
+                       item_category=(0, 1, *items["category_idx"].tolist()), tasks=tuple(tasks),
+                       sequences=tuple(sequences) if set(tasks) & set(SEQ_TASKS) else ())
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -499,15 +513,15 @@ def _popularity(prepare_dir: str, n_items: int) -> list[float]:
 
 
 def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
-    """Steps 2-4 in one Ray Train run: the SASRec baseline grid, the teacher's members and the intent
-    encoder, each kept when it finished before. Returns {"members": [dirs], "sasrec": [{name, dir,
-    spec, valid, best_epoch, epochs_run}]}."""
+    """Steps 2-4 in one Ray Train run: the SASRec baseline grid, the teacher's grid and the intent
+    encoder, each kept when it finished before. Returns {"teacher": [...], "sasrec": [...]}, one
+    {name, dir, spec, valid, score, best_epoch, epochs_run} per trained sequence model."""
     import ray
 
     out_dir = TeacherDir(out_dir)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
-    sasrec, parts = _sequence_parts(cfg, out_dir, tasks, tspec, 0 if text is None else text.shape[1])
+    sasrec, grid, parts = _sequence_parts(cfg, out_dir, tasks, tspec, 0 if text is None else text.shape[1])
     todo = [part for part in parts if not _finished(part["name"], part["out_dir"])]
     datasets, steps = {}, 1
     if todo and "recommendation" in tasks:
@@ -529,14 +543,15 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
         _fit(cfg, datasets,
              {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, tspec.n_items),
               "item_text": out_dir.item_text, "parts": todo, "intent": intent})
-    return {"members": [out_dir.member(i) for i in range(cfg.teacher.sequence.members)] if tasks else [],
-            "sasrec": [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in sasrec]}
+    return {kind: [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in rows]
+            for kind, rows in (("teacher", grid), ("sasrec", sasrec))}
 
 
 def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec,
-                    text_dim: int) -> tuple[list[dict], list[dict]]:
-    """(the SASRec grid's entries, every sequence model to train as a `teacher_loop` part)."""
-    sasrec, parts = [], []
+                    text_dim: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(the SASRec grid's entries, the teacher grid's entries, every sequence model to train as a
+    `teacher_loop` part)."""
+    sasrec, grid, parts = [], [], []
     if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
         for dim in cfg.teacher.sasrec.dims:
             for p in cfg.teacher.sasrec.dropouts:
@@ -546,12 +561,30 @@ def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec
                 parts.append({"name": name, "out_dir": sasrec[-1]["dir"], "spec": spec.to_json(),
                               "tasks": ["recommendation"], "ctr_head": False, "seed": cfg.seed})
     if tasks:
-        members = cfg.teacher.sequence.members
-        for i in range(members):
-            parts.append({"name": f"teacher-seq{i}" if members > 1 else "teacher-seq",
-                          "out_dir": out_dir.member(i).root, "spec": tspec.sequence.to_json(), "tasks": tasks,
-                          "ctr_head": True, "seed": cfg.seed + 1000 * i})
-    return sasrec, parts
+        sc = cfg.teacher.sequence
+        for dim in sc.dims:
+            for p in sc.dropouts:
+                for k in range(sc.members):
+                    spec = seq_spec(cfg, tspec.n_items, text_dim, dim=dim, dropout=p)
+                    name = member_name(dim, p, k, sc.members)
+                    grid.append({"name": name, "dir": out_dir.member(name).root, "spec": spec.to_json()})
+                    parts.append({"name": name, "out_dir": grid[-1]["dir"], "spec": spec.to_json(), "tasks": tasks,
+                                  "ctr_head": True, "seed": cfg.seed + 1000 * k})
+    return sasrec, grid, parts
+
+
+def choose_members(grid: list[dict]) -> list[dict]:
+    """The teacher's ensemble out of its trained grid (`train_models`' "teacher" rows, each with its
+    best validation `score`): per width, every seed of the dropout whose mean score over its seeds is
+    the best."""
+    by_width: dict[int, dict[float, list[dict]]] = {}
+    for r in grid:
+        spec = r["spec"]
+        by_width.setdefault(spec["dim"], {}).setdefault(spec["dropout"], []).append(r)
+    chosen = []
+    for runs in by_width.values():
+        chosen += max(runs.values(), key=lambda rows: sum(r["score"] for r in rows) / len(rows))
+    return chosen
 
 
 def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec: TeacherSpec, seed: int) -> dict:
@@ -569,7 +602,8 @@ def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec:
 
 def _best(history: list[dict]) -> dict:
     best = max(history, key=lambda h: h["score"])
-    return {"valid": best["valid"], "best_epoch": best["epoch"] + 1, "epochs_run": history[-1]["epoch"] + 1}
+    return {"valid": best["valid"], "score": best["score"], "best_epoch": best["epoch"] + 1,
+            "epochs_run": history[-1]["epoch"] + 1}
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
@@ -583,6 +617,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     text = item_text_embeddings(cfg, out_dir) if uses_text else None
     tspec = teacher_spec(cfg, prepare_dir, hidden if uses_text else 0)
     trained = train_models(cfg, out_dir, text, tspec)
+    members = choose_members(trained["teacher"])
+    tspec = dataclasses.replace(tspec, sequences=tuple(SeqSpec.from_json(r["spec"]) for r in members))
     intent_dir = out.intent
 
     # assemble the teacher from its trained parts
@@ -590,8 +626,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     state = model.state_dict()
     if "intent" in tasks:
         state.update({f"intent.{k}": v for k, v in load_weights(intent_dir.weights).items()})
-    for i, d in enumerate(trained["members"]):
-        state.update({f"members.{i}.{k}": v for k, v in load_weights(d.weights).items()})
+    for i, r in enumerate(members):
+        state.update({f"members.{i}.{k}": v for k, v in load_weights(PartDir(r["dir"]).weights).items()})
     model.load_state_dict(state)
     model.eval()
     save_model(model, tokenizer, tspec, out.model)
@@ -599,17 +635,18 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
     base = baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed)
-    report = {"valid": valid, "test": test, "baselines": base, "sasrec_grid": []}
+    keys = ("name", "spec", "valid", "best_epoch", "epochs_run")
+    report = {"valid": valid, "test": test, "baselines": base, "sasrec_grid": [],
+              "teacher_grid": [{k: r[k] for k in keys} for r in trained["teacher"]],
+              "teacher_members": [r["name"] for r in members]}
     if trained["sasrec"]:
         chosen = max(trained["sasrec"], key=lambda r: r["valid"]["recommendation"]["ndcg@10"])
-        report["sasrec_grid"] = [{k: r[k] for k in ("name", "spec", "valid", "best_epoch", "epochs_run")}
-                                 for r in trained["sasrec"]]
+        report["sasrec_grid"] = [{k: r[k] for k in keys} for r in trained["sasrec"]]
         report["sasrec_chosen"] = chosen["name"]
         for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, tspec, cfg.seed).items():
             base.setdefault(t, {})["sasrec"] = m
     if "intent" in tasks:
         report["intent_epochs"] = _best(storage.read_json(intent_dir.history))
-    report["sequence_epochs"] = [_best(storage.read_json(d.history)) for d in trained["members"]]
     if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
         report["members_test"] = [evaluate_member(m, prepare_dir, "test", [t for t in SEQ_TASKS if t in tasks],
                                                   tspec.n_items, tspec.max_history, cfg.seed)
@@ -630,7 +667,18 @@ def print_metrics(report: dict) -> None:
             print(f"  {task:<15} {metric:<9} teacher={report['test'][task][metric]:.4f}  {others}")
     for i, m in enumerate(report.get("members_test", [])):
         print(f"  member {i} alone: " + "  ".join(f"{t} {SCORE_METRIC[t]}={v[SCORE_METRIC[t]]:.4f}" for t, v in m.items()))
+    def grid(rows: list[dict]) -> str:
+        return ", ".join(f"{r['name']} {_valid_score(r):.4f} (epoch {r['best_epoch']})" for r in rows)
+
+    if report.get("teacher_grid"):
+        print(f"[teacher] sequence teacher: members {', '.join(report['teacher_members'])}, the best dropout per "
+              f"width on validation (grid: {grid(report['teacher_grid'])})")
     if report.get("sasrec_grid"):
-        grid = ", ".join(f"{r['name']} {r['valid']['recommendation']['ndcg@10']:.4f} (epoch {r['best_epoch']})"
-                         for r in report["sasrec_grid"])
-        print(f"[teacher] SASRec baseline chosen on validation NDCG@10: {report['sasrec_chosen']} (grid: {grid})")
+        print(f"[teacher] SASRec baseline chosen on validation NDCG@10: {report['sasrec_chosen']} "
+              f"(grid: {grid(report['sasrec_grid'])})")
+
+
+def _valid_score(row: dict) -> float:
+    """A grid row's validation score: NDCG@10, or CTR AUC in a run without recommendation."""
+    task = "recommendation" if "recommendation" in row["valid"] else "ctr"
+    return row["valid"][task][SCORE_METRIC[task]]
