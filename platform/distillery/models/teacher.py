@@ -57,10 +57,6 @@ class TeacherSpec:
     def n_intents(self) -> int:
         return len(self.intent_labels)
 
-    @property
-    def members(self) -> int:
-        return len(self.sequences)
-
     def to_json(self) -> dict:
         return {**asdict(self), "item_category": list(self.item_category),
                 "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
