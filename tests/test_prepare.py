@@ -1,12 +1,13 @@
 """The prepare stage end to end on a local Ray: outputs, manifest, skip/force, leakage, quarantine."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from distillery import runner
+from distillery import runner, storage
 from distillery.errors import DataError, StageError
 from distillery.stages import prepare
 
@@ -99,6 +100,39 @@ def test_the_same_files_by_a_relative_or_an_absolute_path_are_one_input(prepared
     assert not relative.data.items.startswith("/")
     assert runner.run(relative, ["prepare"])["prepare"]["created"] == first["created"]
     assert "up to date" in capsys.readouterr().out
+
+
+def test_a_fresh_mtime_keeps_prepare_and_new_content_redoes_it(prepared, tmp_path, capsys):
+    # a re-mounted or re-synced copy of the same data has fresh mtimes: its finished stages stay
+    cfg, run_dir, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(prepare.synthetic_dir(cfg), data)
+    native = cfg.model_copy(update={"run_dir": str(tmp_path / "run"), "data": cfg.data.model_copy(
+        update={"format": "native", **{k: str(data / f"{k}.parquet") for k in ("items", "interactions", "reviews")}})})
+    first = runner.run(native, ["prepare"])["prepare"]
+    items = data / "items.parquet"
+    os.utime(items, ns=(items.stat().st_atime_ns, items.stat().st_mtime_ns + 10**9))
+    assert runner.run(native, ["prepare"])["prepare"]["created"] == first["created"]
+    assert "up to date" in capsys.readouterr().out
+    table = pq.read_table(items)
+    pq.write_table(table.slice(1), items)  # one item fewer: new content
+    assert runner.run(native, ["prepare"])["prepare"]["created"] != first["created"]
+
+
+def test_fingerprint_is_content_below_the_limit_and_mtime_above_it(tmp_path, monkeypatch):
+    f = tmp_path / "d" / "a.bin"
+    f.parent.mkdir()
+    f.write_bytes(b"abcd")
+    before = storage.fingerprint(str(f.parent))
+    os.utime(f, ns=(0, 10**9))
+    assert storage.fingerprint(str(f.parent)) == before and before["identity"] == "content"
+    f.write_bytes(b"abce")  # same size, new bytes
+    assert storage.fingerprint(str(f.parent))["sha256"] != before["sha256"]
+    monkeypatch.setattr(storage, "CONTENT_FINGERPRINT_MAX_BYTES", 3)
+    big = storage.fingerprint(str(f))
+    os.utime(f, ns=(0, 2 * 10**9))
+    assert big["identity"] == "mtime" and storage.fingerprint(str(f))["sha256"] != big["sha256"]
+    assert storage.fingerprint(str(tmp_path / "missing")) == {"path": str(tmp_path / "missing"), "exists": False}
 
 
 def test_stage_names_are_checked():

@@ -110,8 +110,15 @@ def list_files(path: str, extensions: tuple[str, ...] = ()) -> list[str]:
     return sorted(found)
 
 
+CONTENT_FINGERPRINT_MAX_BYTES = 1 << 30
+
+
 def fingerprint(path: str) -> dict:
-    """Cheap identity of a file or folder: count, bytes and a hash of (name, size, mtime)."""
+    """Identity of a file or folder: count, bytes and a hash of every file's name, size and content
+    (`identity: content`), or of name, size and mtime when the whole input is over
+    CONTENT_FINGERPRINT_MAX_BYTES (`identity: mtime`). Content, because a re-mounted, re-synced or
+    re-uploaded copy of the same data gets fresh mtimes, and an mtime in the identity would throw
+    away every finished stage over it; reading 1 GiB costs seconds, next to the stages it saves."""
     fs, p = resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
@@ -119,22 +126,30 @@ def fingerprint(path: str) -> dict:
     infos = [info] if info.type == pafs.FileType.File else [
         i for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File
     ]
+    infos.sort(key=lambda i: i.path)
+    total = sum(i.size or 0 for i in infos)
+    by_content = total <= CONTENT_FINGERPRINT_MAX_BYTES
     h = hashlib.sha256()
-    total = 0
-    for i in sorted(infos, key=lambda i: i.path):
-        total += i.size or 0
-        h.update(f"{posixpath.relpath(i.path, p)}|{i.size}|{i.mtime_ns}\n".encode())
-    return {"path": path, "files": len(infos), "bytes": total, "sha256": h.hexdigest()}
+    for i in infos:
+        name = posixpath.relpath(i.path, p) if i.path != p else posixpath.basename(p)
+        ident = _content_sha256(fs, i.path) if by_content else i.mtime_ns
+        h.update(f"{name}|{i.size}|{ident}\n".encode())
+    return {"path": path, "files": len(infos), "bytes": total, "identity": "content" if by_content else "mtime",
+            "sha256": h.hexdigest()}
 
 
-def sha256(path: str) -> str:
-    """sha256 of a file's bytes (path or URI), read in 1 MiB blocks."""
-    fs, p = resolve(path)
+def _content_sha256(fs: pafs.FileSystem, p: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(p) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256(path: str) -> str:
+    """sha256 of a file's bytes (path or URI), read in 1 MiB blocks."""
+    fs, p = resolve(path)
+    return _content_sha256(fs, p)
 
 
 def copy_dir(src: str, dest: str) -> None:
