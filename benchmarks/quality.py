@@ -1,6 +1,6 @@
 """Distillation quality on real data: teacher, KD student, no-KD student and every baseline, several seeds.
 
-    python benchmarks/quality.py [--data DIR] [--seeds 0,1,2] [--work runs/office] [key=value ...]
+    python benchmarks/quality.py [--data DIR] [--seeds 0,1,2] [--work runs/office] [--reuse FILE] [key=value ...]
 
 Runs `prepare` once on the Amazon 2014 Office data (`configs/amazon.yaml`, the
 `amazon14_office_products_lcrec` folder of ../shared/data or $DISTILLERY_SHARED_DATA), then, per
@@ -8,7 +8,9 @@ seed, the whole rest of the pipeline that quality depends on, in its own run dir
 (WORK/seed<S>): `teacher` (the sequence teacher, the SASRec baseline grid and the intent encoder),
 `label`, `distill` (KD student and no-KD student) and `report` (sizes and CPU latency). The data
 and its splits are the same for every seed; the seed changes every model's initialization, batch
-order and dropout. Finished stages are kept, so an interrupted benchmark resumes.
+order and dropout. Finished stages are kept, so an interrupted benchmark resumes. A seed whose
+numbers an earlier results file already holds (`--reuse`, same config and overrides) is taken from
+it and not run again: the seeds of a benchmark that outlasts one machine's session add up.
 
 Writes benchmarks/results/quality_office.json: per seed, and for every model the mean, standard
 deviation and runs over seeds (`summary.<task>.<model>` = {mean, std, runs}), the issue's targets
@@ -132,10 +134,15 @@ def main() -> int:
                       work_help="folder of the run directories (kept: finished stages are reused when the "
                                 "benchmark is run again)", out="quality_office.json")
     p.add_argument("--seeds", default="0,1,2", help="model seeds, comma-separated")
+    p.add_argument("--reuse", default=None, help="an earlier results JSON of this benchmark: its seeds are taken "
+                   "from it instead of being run (it must have the same config and overrides)")
     args = p.parse_args()
     work = Path(args.work).resolve()
     cfg = office.config(args, work / "data")
     if cfg is None:
+        return 2
+    reused = reusable_seeds(args)
+    if reused is None:
         return 2
     runner.init_ray()
     t0 = time.perf_counter()
@@ -143,11 +150,13 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed = {}
     for seed in seeds:  # the file is rewritten after every seed: a long benchmark cut short still reports
-        per_seed[seed] = run_seed(cfg, work, seed)
+        per_seed[seed] = reused[seed] if seed in reused else run_seed(cfg, work, seed)
         tasks = [t for t in SCORE_METRIC if t in per_seed[seeds[0]]["test"]["teacher"]]
         summary, checks = summarize(per_seed, tasks)
         result = {"data": args.data, "seeds": list(per_seed), "seeds_requested": seeds, "config": str(args.config),
-                  "overrides": args.overrides, "summary": summary, **checks, "per_seed": per_seed,
+                  "overrides": args.overrides,
+                  "reused": {"file": args.reuse, "seeds": sorted(set(reused) & set(per_seed))} if args.reuse else None,
+                  "summary": summary, **checks, "per_seed": per_seed,
                   "seconds": round(time.perf_counter() - t0, 1),
                   "machine": {"cpus": os.cpu_count(), "platform": stdlib_platform.platform()}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +169,25 @@ def main() -> int:
     print("targets:", json.dumps(checks["targets"], indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def reusable_seeds(args) -> dict[int, dict] | None:
+    """{seed: its per-seed record} from `args.reuse`, or None (after saying why) when that file is
+    not this benchmark's results for the same config and overrides."""
+    if not args.reuse:
+        return {}
+    try:
+        old = json.loads(Path(args.reuse).read_text())
+        same = Path(old["config"]).name == Path(args.config).name and old["overrides"] == args.overrides
+        records = {int(s): r for s, r in old["per_seed"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"--reuse {args.reuse}: not a results file of this benchmark ({exc!r}); run without --reuse")
+        return None
+    if not same:
+        print(f"--reuse {args.reuse}: made with config {old['config']} and overrides {old['overrides']}, not "
+              f"{args.config} and {args.overrides}; its seeds are not comparable. Run without --reuse")
+        return None
+    return records
 
 
 def plot(result: dict, path: Path) -> None:

@@ -39,6 +39,9 @@ def quality() -> str:
         seeds = f"mean ± std over {n} seeds"
     if n < len(requested):
         seeds += f"; {n} of the {len(requested)} seeds requested, the run was cut short"
+    if (reused := q.get("reused")) and reused["seeds"]:
+        seeds += (f"; seed{'s' if len(reused['seeds']) > 1 else ''} {', '.join(map(str, reused['seeds']))} "
+                  f"taken from an earlier run's results (`{Path(reused['file']).name}`)")
     lines = [f"**Quality on Amazon Office** (test split, {seeds}; every model, the baselines included, "
              "trained once per seed on the same split; `results/quality_office.json`)", "",
              "| task | metric | teacher | KD student | no-KD student | SASRec | other baseline | student / teacher |",

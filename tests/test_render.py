@@ -1,4 +1,5 @@
 """The README's Results section is generated from benchmarks/results/*.json and matches them."""
+import argparse
 import json
 import shutil
 import sys
@@ -35,3 +36,27 @@ def test_rendering_rewrites_only_between_the_markers_and_follows_the_json(tmp_pa
     assert "No `results/prepare.json` yet: run `python benchmarks/prepare.py`" in text
     monkeypatch.setattr(sys, "argv", ["render.py", "--readme", str(readme), "--check"])
     assert render.main() == 0
+
+
+def test_a_quality_run_reuses_an_earlier_runs_seeds_only_when_made_alike(tmp_path, monkeypatch, capsys):
+    import quality  # benchmarks/quality.py
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"config": "/elsewhere/configs/amazon.yaml", "overrides": [],
+                               "per_seed": {"0": {"test": {"teacher": {}}}}}))
+    args = argparse.Namespace(reuse=str(old), config="configs/amazon.yaml", overrides=[])
+    assert quality.reusable_seeds(args) == {0: {"test": {"teacher": {}}}}
+    assert quality.reusable_seeds(argparse.Namespace(reuse=None, config="x", overrides=[])) == {}
+    args.overrides = ["distill.epochs=3"]
+    assert quality.reusable_seeds(args) is None and "not comparable" in capsys.readouterr().out
+    old.write_text("[]")
+    assert quality.reusable_seeds(argparse.Namespace(reuse=str(old), config="configs/amazon.yaml", overrides=[])) is None
+    assert "not a results file of this benchmark" in capsys.readouterr().out
+    # the README says which seeds came from where
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    q = json.loads((results / "quality_office.json").read_text())
+    q["reused"] = {"file": str(old), "seeds": [q["seeds"][0]]}
+    (results / "quality_office.json").write_text(json.dumps(q))
+    monkeypatch.setattr(render, "RESULTS", results)
+    assert f"seed {q['seeds'][0]} taken from an earlier run's results (`old.json`)" in render.quality()
