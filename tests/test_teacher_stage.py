@@ -11,7 +11,7 @@ from conftest import ROOT, checkpoint_part
 from distillery import runner
 from distillery.metrics import SCORE_METRIC
 from distillery.models.teacher import load_model
-from distillery.stages.teacher import choose_members, evaluate, member_name
+from distillery.stages.teacher import choose_dropouts, choose_members, evaluate, member_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -77,13 +77,13 @@ def test_teacher_resumes_after_a_kill(prepared, tiny_bert, capfd, reliability, t
 
 def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encoder(prepared, tiny_bert, capsys):
     """The stage's contract on tiny data: the SASRec baseline is a grid chosen on validation and
-    reported beside popularity and TF-IDF; the teacher's members are the best dropout per width of
-    their grid; the assembled teacher reproduces its reported metrics."""
+    reported beside popularity and TF-IDF; the teacher's members are two seeds of the best dropout
+    per width of their grid; the assembled teacher reproduces its reported metrics."""
     cfg, run_dir, _ = prepared
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
         "model": tiny_bert, "epochs": 2, "patience": 5, "cpus_per_worker": 1.0,
         "sequence": cfg.teacher.sequence.model_copy(update={"dims": [16, 24], "dropouts": [0.1, 0.5], "epochs": 4,
-                                                             "eval_every": 2, "patience": 3}),
+                                                             "eval_every": 2, "patience": 3, "members": 2}),
         "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.1, 0.5]})})})
     m = runner.run(cfg, ["teacher"])["teacher"]
     out = capsys.readouterr().out
@@ -105,12 +105,14 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
 
     model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
     teacher_grid = {r["name"]: r for r in metrics["teacher_grid"]}
-    assert set(teacher_grid) == {f"teacher-d{d}-p{p}" for d in (16, 24) for p in (0.1, 0.5)}
-    for d in (16, 24):  # per width, the dropout with the better validation score
-        runs = [teacher_grid[f"teacher-d{d}-p{p}"] for p in (0.1, 0.5)]
-        assert max(runs, key=lambda r: r["valid"]["recommendation"]["ndcg@10"])["name"] in metrics["teacher_members"]
-    assert len(metrics["teacher_members"]) == 2 and len(metrics["members_test"]) == 2
-    assert [s.dim for s in spec.sequences] == [16, 24] and {s.text_dim for s in spec.sequences} == {32}
+    members = []
+    for d in (16, 24):  # per width, the dropout with the better validation score, then its second seed
+        runs = [teacher_grid[f"teacher-d{d}-p{p}-s0"] for p in (0.1, 0.5)]
+        p = max(runs, key=lambda r: r["valid"]["recommendation"]["ndcg@10"])["spec"]["dropout"]
+        members += [f"teacher-d{d}-p{p:g}-s0", f"teacher-d{d}-p{p:g}-s1"]
+    assert set(teacher_grid) == {f"teacher-d{d}-p{p}-s0" for d in (16, 24) for p in (0.1, 0.5)} | set(members)
+    assert metrics["teacher_members"] == members and len(metrics["members_test"]) == 4
+    assert [s.dim for s in spec.sequences] == [16, 16, 24, 24] and {s.text_dim for s in spec.sequences} == {32}
     assert [teacher_grid[n]["spec"] for n in metrics["teacher_members"]] == [s.to_json() for s in spec.sequences]
     again = evaluate(model, tok, str(run_dir / "prepare"), "valid", spec.tasks, cfg.teacher.max_length, seed=cfg.seed)
     for task, metric in SCORE_METRIC.items():
@@ -118,15 +120,18 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
 
 
 
-def test_the_teacher_keeps_per_width_the_dropout_best_on_validation_over_its_seeds():
+def test_the_teacher_keeps_per_width_the_dropout_best_on_validation_and_every_seed_of_it():
     def row(dim, p, seed, score):
-        return {"name": member_name(dim, p, seed, 2), "spec": {"dim": dim, "dropout": p}, "score": score}
+        return {"name": member_name(dim, p, seed, 2), "spec": {"dim": dim, "dropout": p}, "seed_index": seed,
+                "score": score}
 
-    grid = [row(64, 0.3, 0, 0.10), row(64, 0.3, 1, 0.02), row(64, 0.5, 0, 0.07), row(64, 0.5, 1, 0.07),
-            row(128, 0.3, 0, 0.05), row(128, 0.3, 1, 0.06), row(128, 0.5, 0, 0.01), row(128, 0.5, 1, 0.02)]
-    # width 64: 0.5 has the better mean (0.07 > 0.06) though 0.3 has the best single run
-    assert [r["name"] for r in choose_members(grid)] == ["teacher-d64-p0.5-s0", "teacher-d64-p0.5-s1",
-                                                         "teacher-d128-p0.3-s0", "teacher-d128-p0.3-s1"]
+    # the grid: one seed per (width, dropout); the second seeds exist only at the chosen dropouts
+    grid = [row(64, 0.3, 0, 0.10), row(64, 0.5, 0, 0.07), row(128, 0.3, 0, 0.05), row(128, 0.5, 0, 0.06),
+            row(128, 0.5, 1, 0.01), row(64, 0.3, 1, 0.02)]
+    assert choose_dropouts(grid) == {64: 0.3, 128: 0.5}
+    # a weak second seed does not move the choice, and is still a member (in width, then seed order)
+    assert [r["name"] for r in choose_members(grid)] == ["teacher-d64-p0.3-s0", "teacher-d64-p0.3-s1",
+                                                         "teacher-d128-p0.5-s0", "teacher-d128-p0.5-s1"]
     assert member_name(64, 0.3, 0, 1) == "teacher-d64-p0.3"
 
 

@@ -5,14 +5,14 @@ Steps, each kept when finished and the stage is re-run:
    `teacher.use_gpu`) -> RUN_DIR/teacher/item_text.safetensors.
 2. the SASRec baseline: one ID-only sequence model per (dim, dropout) of `teacher.sasrec`, each
    trained until validation NDCG@10 stops improving -> RUN_DIR/teacher/sasrec/<name>/.
-3. the sequence teacher: text+ID sequence models with their CTR heads, one per (width, dropout,
-   seed) of `teacher.sequence`, the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<name>/.
-   Per width, the dropout with the best validation score is kept; the kept models are the
-   teacher's ensemble.
+3. the sequence teacher: text+ID sequence models with their CTR heads, one per (width, dropout)
+   of `teacher.sequence`, the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<name>/. Per
+   width, the dropout with the best validation score is kept, and `members` - 1 more seeds of it
+   are trained; the kept models are the teacher's ensemble.
 4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
    macro-F1 stops improving -> RUN_DIR/teacher/intent/.
    Steps 2-4 are one Ray Train run that trains the models one after another (a Train run costs
-   ~10 s to start on a small machine).
+   ~10 s to start on a small machine); the extra seeds of step 3 are a second one.
 Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
 evaluated on the test split: RUN_DIR/teacher/metrics.json =
 {"valid", "test", "baselines": {task: {name: metrics}}, "sasrec_grid": [...], "teacher_grid": [...], ...}.
@@ -481,9 +481,9 @@ def _finished(name: str, out_dir: str) -> bool:
     return False
 
 
-def _fit(cfg: RunConfig, datasets: dict, loop_config: dict) -> None:
-    """The stage's Ray Train run (`teacher_loop`), resumed when its folder holds a checkpoint of an
-    interrupted attempt."""
+def _fit(cfg: RunConfig, datasets: dict, loop_config: dict, name: str) -> None:
+    """One of the stage's Ray Train runs (`teacher_loop`), resumed when its folder holds a checkpoint
+    of an interrupted attempt."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -495,7 +495,7 @@ def _fit(cfg: RunConfig, datasets: dict, loop_config: dict) -> None:
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
                                      resources_per_worker={"CPU": cfg.teacher.cpus_per_worker}),
-        run_config=TrainRunConfig(name="teacher", storage_path=layout.teacher.ray_train,
+        run_config=TrainRunConfig(name=name, storage_path=layout.teacher.ray_train,
                                   failure_config=FailureConfig(max_failures=cfg.teacher.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -513,15 +513,32 @@ def _popularity(prepare_dir: str, n_items: int) -> list[float]:
 
 
 def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
-    """Steps 2-4 in one Ray Train run: the SASRec baseline grid, the teacher's grid and the intent
-    encoder, each kept when it finished before. Returns {"teacher": [...], "sasrec": [...]}, one
-    {name, dir, spec, valid, score, best_epoch, epochs_run} per trained sequence model."""
+    """Steps 2-4: the SASRec baseline grid, the teacher's grid (one seed per width and dropout) and
+    the intent encoder in one Ray Train run; then, with `members` > 1, the other seeds of each width
+    at the dropout its grid chose, in a second. Every model is kept when it finished before.
+    Returns {"teacher": [...], "sasrec": [...]}, one {name, dir, spec, seed_index, valid, score,
+    best_epoch, epochs_run} per trained sequence model."""
+    out_dir = TeacherDir(out_dir)
+    tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
+    text_dim = 0 if text is None else text.shape[1]
+    sasrec, grid, parts = _sequence_parts(cfg, out_dir, tasks, tspec, text_dim)
+    _train(cfg, out_dir, tasks, tspec, parts, intent=True, name="teacher")
+    done = {kind: [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in rows]
+            for kind, rows in (("teacher", grid), ("sasrec", sasrec))}
+    if cfg.teacher.sequence.members > 1 and grid:
+        seeds, parts = _seed_parts(cfg, out_dir, tasks, tspec.n_items, text_dim, choose_dropouts(done["teacher"]))
+        _train(cfg, out_dir, tasks, tspec, parts, intent=False, name="teacher-seeds")
+        done["teacher"] += [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in seeds]
+    return done
+
+
+def _train(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec, parts: list[dict], *,
+           intent: bool, name: str) -> None:
+    """One Ray Train run (`name`) of the `parts` not finished yet, and of the intent encoder when
+    `intent` and it is not finished either."""
     import ray
 
-    out_dir = TeacherDir(out_dir)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
-    tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
-    sasrec, grid, parts = _sequence_parts(cfg, out_dir, tasks, tspec, 0 if text is None else text.shape[1])
     todo = [part for part in parts if not _finished(part["name"], part["out_dir"])]
     datasets, steps = {}, 1
     if todo and "recommendation" in tasks:
@@ -533,24 +550,34 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
-    intent = None
-    if "intent" in cfg.tasks.enabled() and not _finished("intent", out_dir.intent.root):
+    intent_part = None
+    if intent and "intent" in cfg.tasks.enabled() and not _finished("intent", out_dir.intent.root):
         datasets["intent"] = read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
-        intent = {"out_dir": out_dir.intent.root,
-                  "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
-                                            / cfg.teacher.intent_batch_size))}
-    if todo or intent:
+        intent_part = {"out_dir": out_dir.intent.root,
+                       "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
+                                                 / cfg.teacher.intent_batch_size))}
+    if todo or intent_part:
         _fit(cfg, datasets,
              {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, tspec.n_items),
-              "item_text": out_dir.item_text, "parts": todo, "intent": intent})
-    return {kind: [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in rows]
-            for kind, rows in (("teacher", grid), ("sasrec", sasrec))}
+              "item_text": out_dir.item_text, "parts": todo, "intent": intent_part}, name)
+
+
+def _member(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], n_items: int, text_dim: int, dim: int,
+            p: float, k: int) -> tuple[dict, dict]:
+    """(the teacher grid's entry, the `teacher_loop` part) of the member of width `dim`, dropout `p`
+    and seed index `k`."""
+    sc = cfg.teacher.sequence
+    spec = seq_spec(cfg, n_items, text_dim, dim=dim, dropout=p)
+    name = member_name(dim, p, k, sc.members)
+    row = {"name": name, "dir": out_dir.member(name).root, "spec": spec.to_json(), "seed_index": k}
+    return row, {"name": name, "out_dir": row["dir"], "spec": spec.to_json(), "tasks": tasks, "ctr_head": True,
+                 "seed": cfg.seed + 1000 * k}
 
 
 def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec,
                     text_dim: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(the SASRec grid's entries, the teacher grid's entries, every sequence model to train as a
-    `teacher_loop` part)."""
+    """(the SASRec grid's entries, the teacher grid's entries (seed index 0), every sequence model
+    of the first Train run as a `teacher_loop` part)."""
     sasrec, grid, parts = [], [], []
     if "recommendation" in tasks and cfg.teacher.sasrec.enabled:
         for dim in cfg.teacher.sasrec.dims:
@@ -561,30 +588,38 @@ def _sequence_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec
                 parts.append({"name": name, "out_dir": sasrec[-1]["dir"], "spec": spec.to_json(),
                               "tasks": ["recommendation"], "ctr_head": False, "seed": cfg.seed})
     if tasks:
-        sc = cfg.teacher.sequence
-        for dim in sc.dims:
-            for p in sc.dropouts:
-                for k in range(sc.members):
-                    spec = seq_spec(cfg, tspec.n_items, text_dim, dim=dim, dropout=p)
-                    name = member_name(dim, p, k, sc.members)
-                    grid.append({"name": name, "dir": out_dir.member(name).root, "spec": spec.to_json()})
-                    parts.append({"name": name, "out_dir": grid[-1]["dir"], "spec": spec.to_json(), "tasks": tasks,
-                                  "ctr_head": True, "seed": cfg.seed + 1000 * k})
+        for dim in cfg.teacher.sequence.dims:
+            for p in cfg.teacher.sequence.dropouts:
+                row, part = _member(cfg, out_dir, tasks, tspec.n_items, text_dim, dim, p, 0)
+                grid.append(row)
+                parts.append(part)
     return sasrec, grid, parts
 
 
-def choose_members(grid: list[dict]) -> list[dict]:
-    """The teacher's ensemble out of its trained grid (`train_models`' "teacher" rows, each with its
-    best validation `score`): per width, every seed of the dropout whose mean score over its seeds is
-    the best."""
-    by_width: dict[int, dict[float, list[dict]]] = {}
+def _seed_parts(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], n_items: int, text_dim: int,
+                dropouts: dict[int, float]) -> tuple[list[dict], list[dict]]:
+    """(grid entries, parts) of seed indices 1 .. members-1 of each width at its chosen dropout."""
+    rows = [_member(cfg, out_dir, tasks, n_items, text_dim, dim, p, k) for dim, p in dropouts.items()
+            for k in range(1, cfg.teacher.sequence.members)]
+    return [r for r, _ in rows], [part for _, part in rows]
+
+
+def choose_dropouts(grid: list[dict]) -> dict[int, float]:
+    """{width: the dropout whose first seed (seed_index 0) has the best validation `score`}: the
+    grid trains every (width, dropout) once; the other seeds train only at the chosen dropout."""
+    best: dict[int, dict] = {}
     for r in grid:
-        spec = r["spec"]
-        by_width.setdefault(spec["dim"], {}).setdefault(spec["dropout"], []).append(r)
-    chosen = []
-    for runs in by_width.values():
-        chosen += max(runs.values(), key=lambda rows: sum(r["score"] for r in rows) / len(rows))
-    return chosen
+        if r.get("seed_index", 0) == 0 and (r["spec"]["dim"] not in best or r["score"] > best[r["spec"]["dim"]]["score"]):
+            best[r["spec"]["dim"]] = r
+    return {dim: r["spec"]["dropout"] for dim, r in best.items()}
+
+
+def choose_members(grid: list[dict]) -> list[dict]:
+    """The teacher's ensemble out of its trained grid (`train_models`' "teacher" rows): per width,
+    every seed at the dropout `choose_dropouts` picks, in width then seed order."""
+    dropouts = choose_dropouts(grid)
+    chosen = [r for r in grid if dropouts.get(r["spec"]["dim"]) == r["spec"]["dropout"]]
+    return sorted(chosen, key=lambda r: (list(dropouts).index(r["spec"]["dim"]), r.get("seed_index", 0)))
 
 
 def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec: TeacherSpec, seed: int) -> dict:
@@ -671,8 +706,8 @@ def print_metrics(report: dict) -> None:
         return ", ".join(f"{r['name']} {_valid_score(r):.4f} (epoch {r['best_epoch']})" for r in rows)
 
     if report.get("teacher_grid"):
-        print(f"[teacher] sequence teacher: members {', '.join(report['teacher_members'])}, the best dropout per "
-              f"width on validation (grid: {grid(report['teacher_grid'])})")
+        print(f"[teacher] sequence teacher: members {', '.join(report['teacher_members'])}, the seeds of the "
+              f"dropout best on validation per width (grid: {grid(report['teacher_grid'])})")
     if report.get("sasrec_grid"):
         print(f"[teacher] SASRec baseline chosen on validation NDCG@10: {report['sasrec_chosen']} "
               f"(grid: {grid(report['sasrec_grid'])})")
