@@ -523,13 +523,17 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
     text_dim = 0 if text is None else text.shape[1]
     sasrec, grid, parts = _sequence_parts(cfg, out_dir, tasks, tspec, text_dim)
     _train(cfg, out_dir, tasks, tspec, parts, intent=True, name="teacher")
-    done = {kind: [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in rows]
-            for kind, rows in (("teacher", grid), ("sasrec", sasrec))}
+    done = {"teacher": _trained(grid), "sasrec": _trained(sasrec)}
     if cfg.teacher.sequence.members > 1 and grid:
         seeds, parts = _seed_parts(cfg, out_dir, tasks, tspec.n_items, text_dim, choose_dropouts(done["teacher"]))
         _train(cfg, out_dir, tasks, tspec, parts, intent=False, name="teacher-seeds")
-        done["teacher"] += [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in seeds]
+        done["teacher"] += _trained(seeds)
     return done
+
+
+def _trained(rows: list[dict]) -> list[dict]:
+    """Grid entries with their best validation (`_best` of each written history)."""
+    return [{**r, **_best(storage.read_json(PartDir(r["dir"]).history))} for r in rows]
 
 
 def _train(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec, parts: list[dict], *,
