@@ -9,7 +9,8 @@ arm distills the KD student alone from that one teacher's labels, with the base 
 `tasks.intent.kd_class_power` and the arm's seed, in its own run directory under WORK (prepare,
 teacher and label linked, not copied). The teacher is the same for every arm, so the spread is the
 student's own (initialization, batch order, dropout). The base run's own KD student is reused for the
-arm it was trained as (its power and seed) instead of being trained again.
+arm it was trained as (its power and seed) instead of being trained again, unless key=value overrides
+change every arm (then it is trained like the others).
 
 Writes, after every arm: per arm and seed the best epoch's validation and the test metrics, the mean
 and standard deviation over seeds per power, the paired test differences against the first power,
@@ -154,7 +155,7 @@ def main() -> int:
     t0, arms = time.perf_counter(), []
     for seed in seeds:  # seed-major: a benchmark cut short still has whole pairs
         for power in powers:
-            reuse = power == base.tasks.intent.kd_class_power and seed == base.seed
+            reuse = power == base.tasks.intent.kd_class_power and seed == base.seed and not args.overrides
             if reuse and storage.exists(base_layout.distill.variant("student").metrics):
                 metrics, seconds = storage.read_json(base_layout.distill.variant("student").metrics), None
             else:
