@@ -14,7 +14,9 @@ it and not run again: the seeds of a benchmark that outlasts one machine's sessi
 
 Writes benchmarks/results/quality_office.json: per seed, and for every model the mean, standard
 deviation and runs over seeds (`summary.<task>.<model>` = {mean, std, runs}), the issue's targets
-checked (`targets`), and quality_office.png.
+checked (`targets`), and quality_office.png. Per seed, `student_over_teacher_interval` is the
+report's paired bootstrap interval of the KD student / teacher ratio on that seed's test split:
+what the split's size alone leaves uncertain, which more seeds do not shrink (the split is shared).
 
 Targets (issue 19), test split, means over seeds:
   teacher NDCG@10 >= 1.15 x the converged SASRec baseline, and above 0.0635;
@@ -73,6 +75,8 @@ def run_seed(cfg, work: Path, seed: int) -> dict:
         m = storage.read_json(layout.distill.variant(v).metrics)
         out["test"][v] = m["test"]
         out[f"{v}_best_epoch"] = m["best_epoch"]
+    if "relative_to_teacher" in report:  # the KD student over the teacher, with the test split's 95% interval
+        out["student_over_teacher_interval"] = report["relative_to_teacher"]["student"]
     t, s = report["models"]["teacher"], report["models"]["student"]
     out["size_speed"] = {"teacher_params": t["params"], "student_params": s["params"],
                          "params_ratio": t["params"] / s["params"],

@@ -59,6 +59,13 @@ def quality() -> str:
         lines.append(f"| {task} | {s['metric']} | {cell(s['teacher'])} | {cell(s['student'])} | "
                      f"{cell(s['student_no_kd'])} | {cell(s['sasrec']) if 'sasrec' in s else '–'} | {other} | "
                      f"{s['student_over_teacher']:.3f} |")
+    intervals = {seed: r["student_over_teacher_interval"] for seed, r in q.get("per_seed", {}).items()
+                 if r.get("student_over_teacher_interval")}
+    for seed, by_task in intervals.items():
+        lines += ["", f"KD student / teacher on seed {seed}'s test split, with a paired bootstrap 95% interval "
+                      "(the report's `relative_to_teacher`; the split's size, not the seeds, sets its width): "
+                  + ", ".join(f"{t} {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]" for t, r in by_task.items())
+                  + "."]
     size = q.get("size_speed_median")
     if size:
         lines += ["", f"Student vs teacher (report stage, median over seeds): {size['params_ratio']:.1f}x fewer "
@@ -101,13 +108,17 @@ def sweep() -> str:
     if t is None:
         return _missing("tune_compress", "tune_compress.py")
     s = t["sweep"]
-    return "\n".join([
-        "**Sweep on Office** (over the earlier two-tower teacher; `results/tune_compress.json`)", "",
-        "| | value |", "|---|---:|",
-        f"| trials (stopped early by ASHA) | {t['trials']} ({s['stopped_early']}) |",
-        f"| best validation score / the defaults trial's | {s['best_valid_score']:.2f} / {s['defaults_trial_score']:.2f} "
-        f"({100 * s['relative_gain_over_defaults']:+.0f}%) |",
-    ]) + "\n"
+    lines = [f"**Sweep on Office** ({t['trials']} trials of at most {t['epochs_per_trial']} epochs, over seed 0's "
+             "teacher and labels; `results/tune_compress.json`)", "",
+             "| | value |", "|---|---:|",
+             f"| trials (stopped early by ASHA) | {t['trials']} ({s['stopped_early']}) |",
+             f"| best validation score / the defaults trial's | {s['best_valid_score']:.3f} / "
+             f"{s['defaults_trial_score']:.3f} ({100 * s['relative_gain_over_defaults']:+.1f}%) |"]
+    for name in ("temperature", "alpha"):  # the per-task values the task defaults were set from
+        if name in s.get("best_params", {}):
+            lines.append(f"| best trial's {name} (" + " / ".join(s["best_params"][name]) + ") | "
+                         + " / ".join(f"{v:.2f}" for v in s["best_params"][name].values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def compression() -> str:

@@ -10,6 +10,7 @@ import torch
 from conftest import small_student
 from distillery import metrics, runner
 from distillery.errors import StageError
+from distillery.metrics import SCORE_METRIC
 from distillery.stages import distill
 
 
@@ -129,7 +130,17 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
     cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"latency_requests": 10})})
     runner.run(cfg, ["report"])
     rep = json.loads((run_dir / "report" / "report.json").read_text())
-    assert set(rep) == {"dataset", "models", "tasks"}
+    assert set(rep) == {"dataset", "models", "tasks", "relative_to_teacher"}
+    # each student over the teacher with its interval; the point is the two test metrics' ratio
+    assert set(rep["relative_to_teacher"]) == {"student", "student_no_kd"}
+    for name, by_task in rep["relative_to_teacher"].items():
+        assert set(by_task) == {"recommendation", "ctr", "intent"}
+        for task, metric in SCORE_METRIC.items():
+            r, test = by_task[task], rep["tasks"][task]
+            assert r["metric"] == metric and r["resamples"] > 0
+            if test["teacher"][metric]:  # recomputed in the report stage's process: equal up to float noise
+                assert r["ratio"] == pytest.approx(test[name][metric] / test["teacher"][metric], abs=0.02)
+                assert r["low"] <= r["high"]
     assert set(rep["models"]) == {"teacher", "student", "student_no_kd"}
     for m in rep["models"].values():
         assert m["params"] > 0 and m["bytes"] > 0
@@ -150,6 +161,8 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
         assert (run_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
     out = capfd.readouterr().out
     assert "student vs teacher:" in out and "(sasrec)" in out and "(popularity)" in out
+    assert "student / teacher (95% interval): recommendation" in out
+    assert "## Relative to the teacher" in md
 
 
 def test_report_markdown_labels_the_sampled_protocol_and_the_summary_gives_the_ratios():

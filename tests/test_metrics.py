@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 from distillery import metrics as M
@@ -80,3 +82,80 @@ def test_intent_metrics_match_reference():
     m = M.intent_metrics(y, p)
     assert m["accuracy"] == pytest.approx(4 / 7)
     assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 5)), min_size=2, max_size=60))
+def test_auc_matches_reference_on_heavily_tied_scores(pairs):
+    y, s = (np.array(v) for v in zip(*pairs))
+    if len(set(y.tolist())) < 2:
+        assert math.isnan(M.auc(y, s))
+    else:
+        assert M.auc(y, s) == pytest.approx(roc_auc_score(y, s))
+
+
+def _ndcg(ranks):
+    return lambda rows: M.ranking_metrics(ranks[rows])["ndcg@10"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=3, max_size=80), st.integers(0, 2**16))
+def test_paired_interval_of_a_model_against_itself_or_a_constant_multiple(ranks, seed):
+    ranks = np.array(ranks)
+    units = np.arange(len(ranks))
+    same = M.paired_ratio_interval(_ndcg(ranks), _ndcg(ranks), units, resamples=50, seed=seed)
+    if ranks.min() <= 10:  # paired: the shared examples cancel, so the interval has no width
+        assert same["ratio"] == same["low"] == same["high"] == pytest.approx(1.0)
+        double = M.paired_ratio_interval(lambda r: 2 * _ndcg(ranks)(r), _ndcg(ranks), units, resamples=50, seed=seed)
+        assert double["ratio"] == pytest.approx(2.0) and double["low"] == pytest.approx(2.0)
+    else:  # every resample's denominator is 0: no ratio, and no interval
+        assert math.isnan(same["ratio"]) and same["resamples"] == 0 and math.isnan(same["low"])
+
+
+def test_paired_interval_draws_whole_units_and_covers_the_sampling_noise():
+    rng = np.random.default_rng(0)
+    units = np.repeat(np.arange(200), 2)  # two rows per user, drawn together
+    seen = []
+
+    def numerator(rows):
+        seen.append(rows)
+        return float(len(rows))
+
+    M.paired_ratio_interval(numerator, lambda rows: float(len(rows)), units, resamples=20, seed=1)
+    for rows in seen:
+        counts = np.bincount(rows, minlength=len(units))
+        assert np.array_equal(counts[0::2], counts[1::2])
+    # a model that is right on 90% of examples against one right on all: the interval holds the
+    # truth and is about as wide as binomial noise on 2,000 examples says (+- 1.96 * 0.0067)
+    hits = (rng.random(2000) < 0.9).astype(float)
+    r = M.paired_ratio_interval(lambda rows: hits[rows].mean(), lambda rows: 1.0, np.arange(2000), seed=0)
+    assert r["low"] < 0.9 < r["high"] and 0.02 < r["high"] - r["low"] < 0.033
+    assert r["resamples"] == 1000 and r["units"] == 2000 and r["ratio"] == pytest.approx(hits.mean())
+    with pytest.raises(ValueError, match="level"):
+        M.paired_ratio_interval(numerator, numerator, units, level=1.0)
+
+
+def test_ratio_intervals_of_two_models_outputs_match_their_metrics():
+    from distillery import evaluation
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(50), 5)
+
+    def outputs(noise):
+        label = np.tile([1, 0, 0, 0, 0], 50)
+        y = rng.integers(0, 4, 80)
+        return {"recommendation": {"rank": rng.integers(1, 15, 120), "unit": np.arange(120)},
+                "ctr": {"label": label, "prob": label * 0.3 + noise * rng.random(250), "unit": users},
+                "intent": {"label": y, "prediction": np.where(rng.random(80) < noise, rng.integers(0, 4, 80), y),
+                           "unit": np.arange(80)}}
+
+    student, teacher = outputs(0.9), outputs(0.5)
+    got = evaluation.ratio_intervals(student, teacher, resamples=200)
+    ms, mt = evaluation.metrics_of(student), evaluation.metrics_of(teacher)
+    for t, m in M.SCORE_METRIC.items():
+        assert got[t]["metric"] == m and got[t]["ratio"] == pytest.approx(ms[t][m] / mt[t][m])
+        assert got[t]["low"] < got[t]["ratio"] < got[t]["high"]
+    assert got["ctr"]["units"] == 50 and got["intent"]["units"] == 80
+    teacher["intent"] = {k: v[:40] for k, v in teacher["intent"].items()}
+    with pytest.raises(ValueError, match="intent: the two models' outputs are not of the same examples"):
+        evaluation.ratio_intervals(student, teacher)

@@ -56,7 +56,9 @@ def test_trial_config_puts_sampled_values_in_their_places():
 def test_the_defaults_are_the_first_point_clamped_into_the_space():
     cfg = load_config("configs/demo.yaml", ["tasks.ctr.temperature=20", "tune.space.dim=[32,96]"])
     point = tune.defaults_point(cfg, cfg.tune.space, ["ctr", "intent"])
-    assert point["temperature"] == {"ctr": 10.0, "intent": 2.0} and point["alpha"] == {"ctr": 0.5, "intent": 0.5}
+    intent = cfg.tasks.intent
+    assert point["temperature"] == {"ctr": 10.0, "intent": intent.temperature}
+    assert point["alpha"] == {"ctr": cfg.tasks.ctr.alpha, "intent": intent.alpha}
     assert point["lr"] == cfg.distill.lr and point["dim"] == 32  # 64 is not a choice: the first one
 
 

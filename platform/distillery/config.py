@@ -75,6 +75,11 @@ class DataConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------- tasks
+# Each task's T_t and a_t defaults are the best trial of a Tune sweep of T and a per task on Amazon
+# Office's validation split (benchmarks/tune_compress.py, 16 trials; docs/stages.md "The tune stage").
+SWEPT = "; default: the Office sweep's best trial"
+
+
 class _TaskBase(_Section):
     enabled: bool = True
     weight: float = Field(1.0, ge=0, description="loss weight w_t")
@@ -86,6 +91,9 @@ class _TaskBase(_Section):
 
 
 class RecommendationTask(_TaskBase):
+    temperature: float = Field(1.3, gt=0, description="distillation temperature T_t" + SWEPT)
+    alpha: float = Field(0.94, ge=0, le=1, description="soft/hard mix a_t (0 = hard labels only): nearly all "
+                         "soft, the teacher's list says more than the one next item" + SWEPT)
     max_history: int = Field(50, ge=1, description="most recent items kept per history")
     rank_weight: float = Field(0.0, ge=0, description="weight b of the ranking-distillation term (the teacher's "
                                                       "top rank_k items as rank-weighted pseudo-positives; 0 = off)")
@@ -96,6 +104,8 @@ class RecommendationTask(_TaskBase):
 
 
 class CtrTask(_TaskBase):
+    temperature: float = Field(4.4, gt=0, description="distillation temperature T_t" + SWEPT)
+    alpha: float = Field(0.52, ge=0, le=1, description="soft/hard mix a_t (0 = hard labels only)" + SWEPT)
     max_history: int = Field(20, ge=1, description="most recent clicked items kept per history")
     negative_ratio: int = Field(
         4, ge=1, description="sampled negatives per positive when the log has no real impressions"
@@ -106,6 +116,8 @@ class CtrTask(_TaskBase):
 
 
 class IntentTask(_TaskBase):
+    temperature: float = Field(1.4, gt=0, description="distillation temperature T_t" + SWEPT)
+    alpha: float = Field(0.41, ge=0, le=1, description="soft/hard mix a_t (0 = hard labels only)" + SWEPT)
     category_level: int = Field(2, ge=1, description="category path depth used as the intent label")
     min_class_count: int = Field(10, ge=1, description="classes with fewer texts merge into 'other'")
     sources: list[Literal["queries", "item_titles", "review_titles"]] = Field(
@@ -424,6 +436,8 @@ class CompressConfig(_Section):
 
 class ReportConfig(_Section):
     latency_requests: int = Field(200, ge=10, description="batch-1 requests timed per model (median and p99)")
+    bootstrap: int = Field(1000, ge=100, description="paired bootstrap resamples of the test split behind each "
+                           "student / teacher interval (report.json `relative_to_teacher`)")
 
 
 class ServeConfig(_Section):

@@ -37,27 +37,81 @@ def _pad(histories, max_history: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
-             seed: int = 0, batch: int = 512) -> dict:
-    """{task: {metric: value}} on one split, for the tasks in `predictors`."""
+def outputs(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
+            seed: int = 0, batch: int = 512) -> dict[str, dict[str, np.ndarray]]:
+    """Per-example outputs on one split, for the tasks in `predictors` (`metrics_of` turns them into
+    metrics; `score_rows` scores any subset of rows, as a bootstrap needs):
+        recommendation: {"rank" [N], "rank_sampled100" [N] (catalogues over 100 items), "unit" [N]}
+        ctr:            {"label" [N], "prob" [N], "unit" [N] (the user: her candidates go together)}
+        intent:         {"label" [N], "prediction" [N], "unit" [N]}"""
     out = {}
     if "recommendation" in predictors:
         df = read_split(prepare_dir, "recommendation", split)
         hists = [np.asarray(h, dtype=np.int64) for h in df["history"]]
         score = predictors["recommendation"]
-        out["recommendation"] = M.evaluate_ranking(lambda a, b: score(_pad(hists[a:b], max_history)),
-                                                   df["item"].to_numpy(np.int64), hists, n_items, seed, batch)
+        full, sampled = M.ranking_ranks(lambda a, b: score(_pad(hists[a:b], max_history)),
+                                        df["item"].to_numpy(np.int64), hists, n_items, seed, batch)
+        out["recommendation"] = {"rank": full, "unit": np.arange(len(full)),
+                                 **({} if sampled is None else {"rank_sampled100": sampled})}
     if "ctr" in predictors:
         df = read_split(prepare_dir, "ctr", split)
         probs = [predictors["ctr"](_pad(part["history"], max_history),
                                    torch.as_tensor(part["item"].to_numpy(np.int64)),
                                    torch.as_tensor(part["slot"].fillna(-1).to_numpy(np.int64)))
                  for part in (df.iloc[a:a + 4 * batch] for a in range(0, len(df), 4 * batch))]
-        out["ctr"] = M.ctr_metrics(df["label"].to_numpy(), np.concatenate(probs) if probs else np.zeros(0),
-                                   df["user_id"].to_numpy())
+        out["ctr"] = {"label": df["label"].to_numpy(), "prob": np.concatenate(probs) if probs else np.zeros(0),
+                      "unit": df["user_id"].to_numpy()}
     if "intent" in predictors:
         df = read_split(prepare_dir, "intent", split)
         texts = df["text"].tolist()
         preds = [predictors["intent"](texts[a:a + 128]) for a in range(0, len(texts), 128)]
-        out["intent"] = M.intent_metrics(df["label"].to_numpy(), np.concatenate(preds) if preds else np.zeros(0))
+        out["intent"] = {"label": df["label"].to_numpy(), "unit": np.arange(len(texts)),
+                         "prediction": np.concatenate(preds) if preds else np.zeros(0, np.int64)}
     return out
+
+
+def metrics_of(outputs: dict[str, dict[str, np.ndarray]]) -> dict:
+    """`outputs`' per-example arrays -> {task: {metric: value}} (the metric module's names)."""
+    out = {}
+    if "recommendation" in outputs:
+        o = outputs["recommendation"]
+        out["recommendation"] = M.ranking_metrics_of(o["rank"], o.get("rank_sampled100"))
+    if "ctr" in outputs:
+        o = outputs["ctr"]
+        out["ctr"] = M.ctr_metrics(o["label"], o["prob"], o["unit"])
+    if "intent" in outputs:
+        o = outputs["intent"]
+        out["intent"] = M.intent_metrics(o["label"], o["prediction"])
+    return out
+
+
+def score_rows(task: str, output: dict[str, np.ndarray], rows: np.ndarray) -> float:
+    """SCORE_METRIC[task] over some rows of one task's `outputs` (rows may repeat)."""
+    if task == "recommendation":
+        return M.ranking_metrics(output["rank"][rows])[M.SCORE_METRIC[task]]
+    if task == "ctr":
+        return M.auc(output["label"][rows], output["prob"][rows])
+    return M.intent_metrics(output["label"][rows], output["prediction"][rows])["macro_f1"]
+
+
+def ratio_intervals(model: dict, reference: dict, *, resamples: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> dict[str, dict]:
+    """{task: `metrics.paired_ratio_interval` of model / reference on SCORE_METRIC[task]} over the
+    tasks both `outputs` (of the same split) hold: e.g. how much of the teacher a student keeps,
+    with how much of that the test split's size leaves uncertain."""
+    out = {}
+    for t in [t for t in model if t in reference]:
+        if len(model[t]["unit"]) != len(reference[t]["unit"]) or not np.array_equal(model[t]["unit"], reference[t]["unit"]):
+            raise ValueError(f"{t}: the two models' outputs are not of the same examples")
+        out[t] = {"metric": M.SCORE_METRIC[t],
+                  **M.paired_ratio_interval(lambda rows: score_rows(t, model[t], rows),
+                                            lambda rows: score_rows(t, reference[t], rows), model[t]["unit"],
+                                            resamples=resamples, level=level, seed=seed)}
+    return out
+
+
+def evaluate(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
+             seed: int = 0, batch: int = 512) -> dict:
+    """{task: {metric: value}} on one split, for the tasks in `predictors`."""
+    return metrics_of(outputs(predictors, prepare_dir, split, n_items=n_items, max_history=max_history,
+                              seed=seed, batch=batch))

@@ -105,11 +105,12 @@ def ranks_sampled(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray
     return (neg_scores >= target_score[:, None]).sum(axis=1) + 1
 
 
-def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
-                     seed: int = 0, batch: int = 1024, k: int = 10) -> dict[str, float]:
-    """Full-catalogue metrics, plus sampled-100 ones when the catalogue has over 100 items.
+def ranking_ranks(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
+                  seed: int = 0, batch: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-example 1-based ranks: (among the whole catalogue [N], among 100 sampled negatives [N] or
+    None when the catalogue has at most 100 items).
 
-    score_batch(start, end) -> [end - start, vocab_size] scores for those examples; evaluating in
+    score_batch(start, end) -> [end - start, vocab_size] scores for those examples; ranking in
     batches keeps memory at [batch, V] instead of [N, V].
     """
     negatives = sample_negatives(targets, histories, vocab_size, seed=seed) if vocab_size - RESERVED > 100 else None
@@ -120,10 +121,23 @@ def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarra
         full.append(ranks_full(scores, targets[a:b], histories[a:b]))
         if negatives is not None:
             sampled.append(ranks_sampled(scores, targets[a:b], negatives[a:b]))
-    out = ranking_metrics(np.concatenate(full) if full else np.zeros(0), k)
-    if negatives is not None:
-        out.update(ranking_metrics(np.concatenate(sampled) if sampled else np.zeros(0), k, suffix="_sampled100"))
+    full = np.concatenate(full) if full else np.zeros(0, np.int64)
+    return full, None if negatives is None else (np.concatenate(sampled) if sampled else np.zeros(0, np.int64))
+
+
+def ranking_metrics_of(full: np.ndarray, sampled: np.ndarray | None, k: int = 10) -> dict[str, float]:
+    """`ranking_ranks`'s two rank arrays -> the full-catalogue metrics, plus the sampled-100 ones."""
+    out = ranking_metrics(full, k)
+    if sampled is not None:
+        out.update(ranking_metrics(sampled, k, suffix="_sampled100"))
     return out
+
+
+def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
+                     seed: int = 0, batch: int = 1024, k: int = 10) -> dict[str, float]:
+    """Full-catalogue metrics, plus sampled-100 ones when the catalogue has over 100 items
+    (`ranking_ranks`, then `ranking_metrics_of`)."""
+    return ranking_metrics_of(*ranking_ranks(score_batch, targets, histories, vocab_size, seed, batch), k)
 
 
 def recommendation_metrics(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray],
@@ -137,15 +151,10 @@ def recommendation_metrics(scores: np.ndarray, targets: np.ndarray, histories: l
 
 # ------------------------------------------------------------------------------ ctr
 def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    sx = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sx[1:] != sx[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
-    return ranks
+    """1-based ranks with ties sharing their average rank: a value's tie group spans the sorted
+    positions [left, right), whose 1-based ranks average to (left + right + 1) / 2."""
+    sx = np.sort(x, kind="mergesort")
+    return (np.searchsorted(sx, x, "left") + np.searchsorted(sx, x, "right") + 1) / 2.0
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -198,3 +207,40 @@ def intent_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, flo
         denom = float((p == c).sum() + (y == c).sum())
         f1s.append(2 * tp / denom if denom else 0.0)
     return {"accuracy": float((y == p).mean()), "macro_f1": float(np.mean(f1s))}
+
+
+# ------------------------------------------------------------------------------ intervals
+def paired_ratio_interval(numerator, denominator, units: np.ndarray, *, resamples: int = 1000,
+                          level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """The ratio numerator(rows) / denominator(rows) over all rows, with a paired percentile
+    bootstrap interval: each resample draws units with replacement and takes all their rows, the
+    same rows for both sides, so what the two models share (the test examples' difficulty) cancels.
+
+    numerator, denominator: f(row indices [M]) -> a metric of those rows (e.g. a student's and its
+    teacher's NDCG@10 over the same examples); units: [N] each row's resampling unit (one id per
+    example, or the user for CTR rows, whose candidates are drawn together). Resamples where the
+    denominator is 0 or either side NaN (an AUC with one class) are left out.
+    -> {"ratio", "low", "high", "level", "resamples" (the ones kept), "units"}.
+    """
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1 (got {level} and {resamples})")
+    units = np.asarray(units)
+    _, inverse = np.unique(units, return_inverse=True)
+    order = np.argsort(inverse, kind="mergesort")
+    starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 2 if len(units) else 1))
+    n_units = len(starts) - 1
+    rows = np.arange(len(units))
+    den = denominator(rows)
+    ratio = numerator(rows) / den if den else math.nan
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples if n_units else 0):
+        picked = rng.integers(0, n_units, n_units)
+        idx = order[picked] if n_units == len(units) else np.concatenate([order[starts[u]:starts[u + 1]] for u in picked])
+        num, den = numerator(idx), denominator(idx)
+        if den and not (math.isnan(num) or math.isnan(den)):
+            ratios.append(num / den)
+    tail = (1 - level) / 2 * 100
+    low, high = (np.percentile(ratios, [tail, 100 - tail]).tolist() if ratios else [math.nan, math.nan])
+    return {"ratio": float(ratio), "low": float(low), "high": float(high), "level": level,
+            "resamples": len(ratios), "units": n_units}

@@ -5,7 +5,12 @@ report.json (a contract; later stages add their models under "models" and "tasks
     {"dataset": {...counts...},
      "models": {name: {"params", "bytes", "cpu_latency_ms": {"p50", "p99"},
                        "cpu_throughput": {"batch1", "batch256"}}},
-     "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}}}
+     "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}},
+     "relative_to_teacher": {name: {task: {"metric", "ratio", "low", "high", "level", "resamples", "units"}}}}
+
+`relative_to_teacher`: each student's score metric over the teacher's on the test split, with a
+paired bootstrap interval (`evaluation.ratio_intervals`): whether "keeps 95% of the teacher" is
+told apart from 97% by a test split of this size.
 
 Latency and throughput are measured by `latency.py`.
 """
@@ -14,13 +19,15 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .. import latency, storage
+from .. import evaluation, latency, storage
 from ..config import RunConfig
+from ..data.examples import vocab_size
 from ..errors import StageError
 from ..layout import RunLayout, TeacherDir
 from ..metrics import SCORE_METRIC
 from ..models import student as S
 from ..models.teacher import load_model
+from ..models.teacher import predictors as teacher_predictors
 from ..progress import say
 
 METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],
@@ -65,6 +72,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     for n, (m, _, _, _, d) in variants.items():
         models[n] = {"params": sum(p.numel() for p in m.parameters()), "bytes": _size(d), **speed[n]}
 
+    say(f"[report] each student against the teacher on the test split ({cfg.report.bootstrap} paired bootstrap resamples)")
+    relative = relative_to_teacher(teacher, t_tok, t_spec, {n: v[:3] for n, v in variants.items()}, prepare_dir,
+                                   tasks, cfg.report.bootstrap, cfg.seed)
     task_report = {}
     for t in tasks:
         task_report[t] = {"teacher": teacher_metrics["test"][t],
@@ -72,7 +82,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
                           "baselines": teacher_metrics.get("baselines", {}).get(t, {})}
     prep = storage.read_json(layout.prepare.manifest)
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
-              "models": models, "tasks": task_report}
+              "models": models, "tasks": task_report, "relative_to_teacher": relative}
     if warm_start:
         report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
     for stage, path in (("tune", layout.tune.summary), ("compress", layout.compress.variants)):
@@ -89,6 +99,21 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     print(summary_table(report))
     return {"models": {n: {"params": m["params"], "p50_ms": round(m["cpu_latency_ms"]["p50"], 3)}
                        for n, m in models.items()}, "plots": plots}
+
+
+def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str, tasks: list[str],
+                        resamples: int, seed: int) -> dict:
+    """{student name: {task: ratio interval}} of each student (model, tokenizer, spec) over the
+    teacher, from both models' per-example outputs on the test split."""
+    n_items = vocab_size(prepare_dir)
+    ref = evaluation.outputs(teacher_predictors(teacher, t_tok, tasks, t_spec.max_length), prepare_dir, "test",
+                             n_items=n_items, max_history=teacher.max_history, seed=seed)
+    out = {}
+    for name, (model, tok, spec) in students.items():
+        own = evaluation.outputs(S.predictors(model, tok, spec, tasks), prepare_dir, "test", n_items=spec.n_items,
+                                 max_history=spec.max_history, seed=seed)
+        out[name] = evaluation.ratio_intervals(own, ref, resamples=resamples, seed=seed)
+    return out
 
 
 def _later_stages(run_dir: str) -> dict:
@@ -136,6 +161,11 @@ def summary_table(report: dict) -> str:
         lines.append(f"student vs teacher: {t['params'] / s['params']:.1f}x fewer parameters, "
                      f"{t['cpu_latency_ms']['p50'] / s['cpu_latency_ms']['p50']:.1f}x lower p50 latency at batch 1 "
                      f"({by_task})")
+    for n, by_task in report.get("relative_to_teacher", {}).items():
+        if by_task:
+            level = next(iter(by_task.values()))["level"]
+            lines.append(f"{n} / teacher ({level:.0%} interval): " + ", ".join(
+                f"{t} {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]" for t, r in by_task.items()))
     kept = report.get("compress") and next((n for n in names if n.startswith("student_") and
                                             n not in ("student_no_kd", "student_tuned")), None)
     if kept:
@@ -161,6 +191,19 @@ def markdown(report: dict, plots: list[str]) -> str:
                 continue
             label = m + (" (100 sampled negatives, SASRec protocol)" if m.endswith("_sampled100") else "")
             out.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.4f}" for v in vals) + " |")
+        out.append("")
+    relative = report.get("relative_to_teacher", {})
+    if relative:
+        level = next(iter(next(iter(relative.values())).values()), {}).get("level", 0.95)
+        out += [f"## Relative to the teacher (test split; paired bootstrap, {level:.0%} interval)", "",
+                "The student's score metric over the teacher's, both on the same resampled test examples "
+                "(CTR: the same users).", "",
+                "| model | " + " | ".join(f"{t} {SCORE_METRIC[t]}" for t in report["tasks"]) + " |",
+                "|---|" + "---:|" * len(report["tasks"])]
+        for n, by_task in relative.items():
+            out.append(f"| {n} | " + " | ".join(
+                f"{by_task[t]['ratio']:.3f} [{by_task[t]['low']:.3f}, {by_task[t]['high']:.3f}]" if t in by_task else ""
+                for t in report["tasks"]) + " |")
         out.append("")
     tasks = list(next(iter(report["models"].values())).get("cpu_latency_ms_by_task", {}))
     out += ["## Models (CPU, one thread; one request = one example of every task)", "",
