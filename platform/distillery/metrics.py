@@ -236,7 +236,12 @@ def paired_ratio_interval(numerator, denominator, units: np.ndarray, *, resample
     ratios = []
     for _ in range(resamples if n_units else 0):
         picked = rng.integers(0, n_units, n_units)
-        idx = order[picked] if n_units == len(units) else np.concatenate([order[starts[u]:starts[u + 1]] for u in picked])
+        if n_units == len(units):
+            idx = order[picked]
+        else:  # every row of each picked unit: its run of `order`, from starts[u] for lengths[u] rows
+            lengths = starts[picked + 1] - starts[picked]
+            first = np.repeat(starts[picked] - np.cumsum(lengths) + lengths, lengths)
+            idx = order[first + np.arange(lengths.sum())]
         num, den = numerator(idx), denominator(idx)
         if den and not (math.isnan(num) or math.isnan(den)):
             ratios.append(num / den)
