@@ -101,7 +101,7 @@ def ratio_intervals(model: dict, reference: dict, *, resamples: int = 1000, leve
     with how much of that the test split's size leaves uncertain."""
     out = {}
     for t in [t for t in model if t in reference]:
-        if len(model[t]["unit"]) != len(reference[t]["unit"]) or not np.array_equal(model[t]["unit"], reference[t]["unit"]):
+        if not np.array_equal(model[t]["unit"], reference[t]["unit"]):
             raise ValueError(f"{t}: the two models' outputs are not of the same examples")
         out[t] = {"metric": M.SCORE_METRIC[t],
                   **M.paired_ratio_interval(lambda rows: score_rows(t, model[t], rows),

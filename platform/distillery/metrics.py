@@ -226,8 +226,8 @@ def paired_ratio_interval(numerator, denominator, units: np.ndarray, *, resample
         raise ValueError(f"need 0 < level < 1 and resamples >= 1 (got {level} and {resamples})")
     units = np.asarray(units)
     _, inverse = np.unique(units, return_inverse=True)
-    order = np.argsort(inverse, kind="mergesort")
-    starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 2 if len(units) else 1))
+    order = np.argsort(inverse, kind="mergesort")  # each unit's rows, one run after another
+    starts = np.r_[0, np.cumsum(np.bincount(inverse))]
     n_units = len(starts) - 1
     rows = np.arange(len(units))
     den = denominator(rows)
