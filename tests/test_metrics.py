@@ -94,6 +94,16 @@ def test_auc_matches_reference_on_heavily_tied_scores(pairs):
         assert M.auc(y, s) == pytest.approx(roc_auc_score(y, s))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 5)), min_size=1, max_size=40),
+       st.lists(st.integers(0, 10**6), min_size=1, max_size=80))
+def test_auc_of_rows_equals_auc_of_the_rows_it_is_given(pairs, picks):
+    y, s = (np.array(v) for v in zip(*pairs))
+    rows = np.array(picks) % len(y)  # repeated rows, as a bootstrap draws them
+    got, want = M.auc_of_rows(y, s)(rows), M.auc(y[rows], s[rows])
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+
+
 def _ndcg(ranks):
     return lambda rows: M.ranking_metrics(ranks[rows])["ndcg@10"]
 

@@ -40,7 +40,7 @@ def _pad(histories, max_history: int) -> torch.Tensor:
 def outputs(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
             seed: int = 0, batch: int = 512) -> dict[str, dict[str, np.ndarray]]:
     """Per-example outputs on one split, for the tasks in `predictors` (`metrics_of` turns them into
-    metrics; `score_rows` scores any subset of rows, as a bootstrap needs):
+    metrics; `row_scorer` scores any subset of rows, as a bootstrap needs):
         recommendation: {"rank" [N], "rank_sampled100" [N] (catalogues over 100 items), "unit" [N]}
         ctr:            {"label" [N], "prob" [N], "unit" [N] (the user: her candidates go together)}
         intent:         {"label" [N], "prediction" [N], "unit" [N]}"""
@@ -85,13 +85,15 @@ def metrics_of(outputs: dict[str, dict[str, np.ndarray]]) -> dict:
     return out
 
 
-def score_rows(task: str, output: dict[str, np.ndarray], rows: np.ndarray) -> float:
-    """SCORE_METRIC[task] over some rows of one task's `outputs` (rows may repeat)."""
+def row_scorer(task: str, output: dict[str, np.ndarray]) -> Callable[[np.ndarray], float]:
+    """-> f(rows) = SCORE_METRIC[task] over those rows of one task's `outputs` (rows may repeat)."""
     if task == "recommendation":
-        return M.ranking_metrics(output["rank"][rows])[M.SCORE_METRIC[task]]
+        ranks = output["rank"]
+        return lambda rows: M.ranking_metrics(ranks[rows])[M.SCORE_METRIC[task]]
     if task == "ctr":
-        return M.auc(output["label"][rows], output["prob"][rows])
-    return M.intent_metrics(output["label"][rows], output["prediction"][rows])["macro_f1"]
+        return M.auc_of_rows(output["label"], output["prob"])
+    label, prediction = output["label"], output["prediction"]
+    return lambda rows: M.intent_metrics(label[rows], prediction[rows])["macro_f1"]
 
 
 def ratio_intervals(model: dict, reference: dict, *, resamples: int = 1000, level: float = 0.95,
@@ -104,8 +106,7 @@ def ratio_intervals(model: dict, reference: dict, *, resamples: int = 1000, leve
         if not np.array_equal(model[t]["unit"], reference[t]["unit"]):
             raise ValueError(f"{t}: the two models' outputs are not of the same examples")
         out[t] = {"metric": M.SCORE_METRIC[t],
-                  **M.paired_ratio_interval(lambda rows: score_rows(t, model[t], rows),
-                                            lambda rows: score_rows(t, reference[t], rows), model[t]["unit"],
+                  **M.paired_ratio_interval(row_scorer(t, model[t]), row_scorer(t, reference[t]), model[t]["unit"],
                                             resamples=resamples, level=level, seed=seed)}
     return out
 

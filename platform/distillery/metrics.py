@@ -168,6 +168,25 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def auc_of_rows(labels: np.ndarray, scores: np.ndarray):
+    """-> f(rows [M], indices into labels/scores, may repeat) = auc(labels[rows], scores[rows]),
+    from one sort of the scores: each call counts rows per score value and class, O(N + M), where
+    `auc` would sort again. A bootstrap scores a thousand resamples of one model's rows."""
+    labels = np.asarray(labels).astype(bool)
+    _, group = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+
+    def of(rows: np.ndarray) -> float:
+        g, y = group[rows], labels[rows]
+        pos, neg = np.bincount(g[y], minlength=n_groups), np.bincount(g[~y], minlength=n_groups)
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        if n_pos == 0 or n_neg == 0:
+            return math.nan
+        below = np.cumsum(neg) - neg  # negatives scored strictly below each score value
+        return float((pos * (below + neg / 2.0)).sum() / (n_pos * n_neg))
+    return of
+
+
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     labels, scores, groups = np.asarray(labels), np.asarray(scores, dtype=np.float64), np.asarray(groups)
     order = np.argsort(groups, kind="mergesort")
