@@ -9,8 +9,8 @@ arm distills the KD student alone from that one teacher's labels, with the base 
 `tasks.intent.kd_class_power` and the arm's seed, in its own run directory under WORK (prepare,
 teacher and label linked, not copied). The teacher is the same for every arm, so the spread is the
 student's own (initialization, batch order, dropout). The base run's own KD student is reused for the
-arm it was trained as (its power and seed) instead of being trained again, unless key=value overrides
-change every arm (then it is trained like the others).
+arm whose config equals the base run's (its power and seed, and overrides, if any, that repeat its
+values) instead of being trained again.
 
 Writes, after every arm: per arm and seed the best epoch's validation and the test metrics, the mean
 and standard deviation over seeds per power, the paired test differences against the first power,
@@ -43,6 +43,14 @@ def arm_config(base: RunConfig, run_dir: Path, power: float, seed: int, override
     path = run_dir / "config.json"
     path.write_text(json.dumps(raw))
     return load_config(path, overrides)
+
+
+def same_student(arm: RunConfig, base: RunConfig) -> bool:
+    """Whether the arm would train the base run's own KD student again: equal configs, run_dir aside
+    (an override that repeats the base's value changes nothing)."""
+    a, b = arm.model_dump(mode="json"), base.model_dump(mode="json")
+    a.pop("run_dir"), b.pop("run_dir")
+    return a == b
 
 
 def link_inputs(base_dir: Path, run_dir: Path) -> None:
@@ -155,15 +163,16 @@ def main() -> int:
     t0, arms = time.perf_counter(), []
     for seed in seeds:  # seed-major: a benchmark cut short still has whole pairs
         for power in powers:
-            reuse = power == base.tasks.intent.kd_class_power and seed == base.seed and not args.overrides
-            if reuse and storage.exists(base_layout.distill.variant("student").metrics):
+            run_dir = work / f"power{power:g}-seed{seed}"
+            link_inputs(base_dir, run_dir)
+            cfg = arm_config(base, run_dir, power, seed, args.overrides)
+            reuse = same_student(cfg, base) and storage.exists(base_layout.distill.variant("student").metrics)
+            if reuse:
                 metrics, seconds = storage.read_json(base_layout.distill.variant("student").metrics), None
             else:
-                run_dir = work / f"power{power:g}-seed{seed}"
-                link_inputs(base_dir, run_dir)
                 started = time.perf_counter()
-                metrics = train_arm(arm_config(base, run_dir, power, seed, args.overrides))
-                seconds, reuse = round(time.perf_counter() - started, 1), False
+                metrics = train_arm(cfg)
+                seconds = round(time.perf_counter() - started, 1)
             arms.append({"power": power, "seed": seed, "from_base_run": reuse, "seconds": seconds,
                          "best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"]})
             print(f"power {power:g} seed {seed}: " + "  ".join(
