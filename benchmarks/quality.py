@@ -9,8 +9,9 @@ seed, the whole rest of the pipeline that quality depends on, in its own run dir
 `label`, `distill` (KD student and no-KD student) and `report` (sizes and CPU latency). The data
 and its splits are the same for every seed; the seed changes every model's initialization, batch
 order and dropout. Finished stages are kept, so an interrupted benchmark resumes. A seed whose
-numbers an earlier results file already holds (`--reuse`, same config and overrides) is taken from
-it and not run again: the seeds of a benchmark that outlasts one machine's session add up.
+numbers an earlier results file already holds (`--reuse`) is taken from it and not run again, when
+it was made with the same recipe (`recipe_hash`: the data, tasks, teacher, label, student and
+distill settings): the seeds of a benchmark that outlasts one machine's session add up.
 
 Writes benchmarks/results/quality_office.json: per seed, and for every model the mean, standard
 deviation and runs over seeds (`summary.<task>.<model>` = {mean, std, runs}), the issue's targets
@@ -42,11 +43,22 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 import office  # noqa: E402  (benchmarks/office.py)
 from distillery import runner, storage  # noqa: E402
+from distillery.config import RunConfig, stable_hash  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
 from distillery.metrics import SCORE_METRIC  # noqa: E402
 
 MODELS = ("teacher", "student", "student_no_kd")
 SASREC_PUBLISHED = 0.0635  # NDCG@10 of a widely used library's SASRec on this protocol (the issue's floor)
+
+
+RECIPE = ("data", "tasks", "teacher", "label", "student", "distill")
+
+
+def recipe_hash(cfg: RunConfig) -> str:
+    """What a seed's models depend on: the config's RECIPE sections. Not the seed or run directory,
+    and not the settings of stages that do not change them (tune, compress, report, serve)."""
+    raw = cfg.model_dump(mode="json")
+    return stable_hash({k: raw[k] for k in RECIPE})
 
 
 def _stats(values: list[float]) -> dict:
@@ -66,7 +78,7 @@ def run_seed(cfg, work: Path, seed: int) -> dict:
     manifests = runner.run(s_cfg, ["teacher", "label", "distill", "report"])
     teacher = storage.read_json(layout.teacher.metrics)
     report = storage.read_json(storage.join(layout.report, "report.json"))
-    out = {"test": {"teacher": teacher["test"]}, "baselines": teacher["baselines"],
+    out = {"recipe": recipe_hash(s_cfg), "test": {"teacher": teacher["test"]}, "baselines": teacher["baselines"],
            "sasrec_chosen": teacher.get("sasrec_chosen"), "sasrec_grid": teacher.get("sasrec_grid"),
            "teacher_members_test": teacher.get("members_test"),
            "stage_seconds": {k: m.get("wall_time_s") for k, m in manifests.items()},
@@ -112,7 +124,7 @@ def summarize(per_seed: dict, tasks: list[str]) -> tuple[dict, dict]:
         return summary[t][model]["mean"]
 
     targets = {}
-    if "recommendation" in summary:
+    if "sasrec" in summary.get("recommendation", {}):  # the baseline can be switched off (teacher.sasrec.enabled)
         targets["teacher_ndcg_ge_1.15x_sasrec"] = mean("recommendation", "teacher") >= 1.15 * mean("recommendation", "sasrec")
         targets["teacher_ndcg_above_0.0635"] = mean("recommendation", "teacher") > SASREC_PUBLISHED
         targets["sasrec_ndcg_reaches_0.0635"] = mean("recommendation", "sasrec") >= SASREC_PUBLISHED
@@ -139,13 +151,14 @@ def main() -> int:
                                 "benchmark is run again)", out="quality_office.json")
     p.add_argument("--seeds", default="0,1,2", help="model seeds, comma-separated")
     p.add_argument("--reuse", default=None, help="an earlier results JSON of this benchmark: its seeds are taken "
-                   "from it instead of being run (it must have the same config and overrides)")
+                   "from it instead of being run (each must have been made with this run's recipe: the same "
+                   "data, tasks, teacher, label, student and distill settings)")
     args = p.parse_args()
     work = Path(args.work).resolve()
     cfg = office.config(args, work / "data")
     if cfg is None:
         return 2
-    reused = reusable_seeds(args)
+    reused = reusable_seeds(args, recipe_hash(cfg))
     if reused is None:
         return 2
     runner.init_ray()
@@ -175,21 +188,22 @@ def main() -> int:
     return 0
 
 
-def reusable_seeds(args) -> dict[int, dict] | None:
+def reusable_seeds(args, recipe: str) -> dict[int, dict] | None:
     """{seed: its per-seed record} from `args.reuse`, or None (after saying why) when that file is
-    not this benchmark's results for the same config and overrides."""
+    not this benchmark's results or a seed in it was made with another recipe (`recipe_hash`)."""
     if not args.reuse:
         return {}
     try:
         old = json.loads(Path(args.reuse).read_text())
-        same = Path(old["config"]).name == Path(args.config).name and old["overrides"] == args.overrides
         records = {int(s): r for s, r in old["per_seed"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"--reuse {args.reuse}: not a results file of this benchmark ({exc!r}); run without --reuse")
         return None
-    if not same:
-        print(f"--reuse {args.reuse}: made with config {old['config']} and overrides {old['overrides']}, not "
-              f"{args.config} and {args.overrides}; its seeds are not comparable. Run without --reuse")
+    other = sorted(s for s, r in records.items() if r.get("recipe") != recipe)
+    if other:
+        print(f"--reuse {args.reuse}: seed(s) {', '.join(map(str, other))} were made with another recipe than "
+              f"{args.config} {' '.join(args.overrides)} gives (its data, tasks, teacher, label, student or distill "
+              "settings differ), so their numbers are not comparable. Run without --reuse")
         return None
     return records
 

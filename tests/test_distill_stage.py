@@ -23,6 +23,16 @@ def test_shares_split_the_batch_by_the_mix_and_refuse_a_task_without_one(prepare
         distill._shares(cfg2, ["ctr", "intent"])
 
 
+def test_a_task_folder_without_its_split_folders_names_the_stage_to_rerun(tmp_path):
+    import pyarrow.parquet as pq
+
+    with pytest.raises(StageError, match=f"{tmp_path} has none of the split folders train, transfer: re-run the label"):
+        distill._read_splits(str(tmp_path), ["train", "transfer"], ["example_id"], "label")
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"example_id": ["a", "b"], "x": [1, 2]}), tmp_path / "train" / "part-0.parquet")
+    assert distill._read_splits(str(tmp_path), ["train", "transfer"], ["example_id"], "label").num_rows == 2
+
+
 def test_select_rebuilds_the_intent_bags_of_the_chosen_rows():
     bag = pa.array([[1, 2], [], [3, 4, 5], [6]], pa.list_(pa.int32()))
     t = pa.table({"bag": bag, "label": pa.array([0, 1, 2, 3], pa.int32()),
@@ -179,3 +189,23 @@ def test_report_markdown_labels_the_sampled_protocol_and_the_summary_gives_the_r
     assert "| ndcg@10_sampled100 (100 sampled negatives, SASRec protocol) | 0.3000 | 0.3000 | 0.3000 |" in md
     assert "| student | 50 | 200 | 0.50 | 0.90 | 0.50 |" in md and "![tasks.png](tasks.png)" in md
     assert "20.0x fewer parameters, 20.0x lower p50 latency at batch 1 (intent 20.0x)" in report.summary_table(rep)
+    lines = md.splitlines()  # every table's delimiter row has as many columns as its header
+    for header, delimiter in zip(lines, lines[1:]):
+        if delimiter.startswith("|---"):
+            assert header.count("|") == delimiter.count("|"), header
+
+
+def test_report_summary_compares_the_compressed_variant_with_the_student_it_came_from():
+    from distillery.stages import report
+
+    def model(mb, req_s):
+        return {"params": 10, "bytes": mb * 1e6, "cpu_latency_ms": {"p50": 1.0, "p99": 1.0},
+                "cpu_latency_ms_by_task": {"intent": 1.0}, "cpu_throughput": {"batch1": 1.0, "batch256": req_s}}
+
+    rep = {"models": {"teacher": model(40, 10.0), "student": model(8, 100.0), "student_tuned": model(16, 50.0),
+                      "student_units75_int8": model(2, 100.0)}, "tasks": {}}
+    # the sweep ran but the distill stage's student won: compress started from it, not from student_tuned
+    rep["compressed"] = {"variant": "student_units75_int8", "from": "student"}
+    assert "student_units75_int8 vs the float32 student it came from: 4.0x smaller file, 1.00x" in report.summary_table(rep)
+    rep["compressed"]["from"] = "student_tuned"
+    assert "it came from: 8.0x smaller file, 2.00x throughput" in report.summary_table(rep)

@@ -48,8 +48,19 @@ def test_sampled_protocol():
     scores[1, 9] = -1.0  # worst: rank 101
     m = M.recommendation_metrics(scores, targets, hist, negatives=negs)
     assert m["hr@10_sampled100"] == 0.5 and m["ndcg@10_sampled100"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="more than 100 items"):
+    with pytest.raises(ValueError, match="example 0: 45 catalogue items are outside"):
         M.sample_negatives(targets, hist, vocab_size=50)
+
+
+def test_sampled_protocol_is_left_out_when_a_history_leaves_under_100_items():
+    # 120 items, one user has seen 30 of them: 89 are left to draw 100 negatives from
+    targets, hist = np.array([40, 50]), [np.arange(2, 32), np.array([3])]
+    with pytest.raises(ValueError, match="example 0: 89 catalogue items"):
+        M.sample_negatives(targets, hist, vocab_size=122)
+    scores = np.random.default_rng(0).random((2, 122))
+    full, sampled = M.ranking_ranks(lambda a, b: scores[a:b], targets, hist, vocab_size=122)
+    assert sampled is None and len(full) == 2
+    assert M.ranking_ranks(lambda a, b: scores[a:b], targets, [np.arange(2, 21), np.array([3])], vocab_size=122)[1] is not None
 
 
 def test_auc_matches_reference_with_ties():

@@ -41,7 +41,7 @@ def outputs(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_
             seed: int = 0, batch: int = 512) -> dict[str, dict[str, np.ndarray]]:
     """Per-example outputs on one split, for the tasks in `predictors` (`metrics_of` turns them into
     metrics; `row_scorer` scores any subset of rows, as a bootstrap needs):
-        recommendation: {"rank" [N], "rank_sampled100" [N] (catalogues over 100 items), "unit" [N]}
+        recommendation: {"rank" [N], "rank_sampled100" [N] (`metrics.ranking_ranks`: when 100 negatives can be drawn), "unit" [N]}
         ctr:            {"label" [N], "prob" [N], "unit" [N] (the user: her candidates go together)}
         intent:         {"label" [N], "prediction" [N], "unit" [N]}"""
     out = {}
@@ -93,7 +93,7 @@ def row_scorer(task: str, output: dict[str, np.ndarray]) -> Callable[[np.ndarray
     if task == "ctr":
         return M.auc_of_rows(output["label"], output["prob"])
     label, prediction = output["label"], output["prediction"]
-    return lambda rows: M.intent_metrics(label[rows], prediction[rows])["macro_f1"]
+    return lambda rows: M.intent_metrics(label[rows], prediction[rows])[M.SCORE_METRIC[task]]
 
 
 def ratio_intervals(model: dict, reference: dict, *, resamples: int = 1000, level: float = 0.95,

@@ -72,6 +72,12 @@ def ranking_metrics(ranks: np.ndarray, k: int = 10, suffix: str = "") -> dict[st
     return out
 
 
+def _outside(target: int, history, vocab_size: int) -> int:
+    """How many catalogue items (ids 2..vocab_size-1) are neither the target nor in the history."""
+    seen = {int(target), *np.asarray(history).tolist()}
+    return vocab_size - RESERVED - sum(RESERVED <= i < vocab_size for i in seen)
+
+
 def sample_negatives(targets: np.ndarray, histories: list[np.ndarray], vocab_size: int, n: int = 100,
                      seed: int = 0) -> np.ndarray:
     """[B, n] item ids drawn uniformly from the catalogue, none in the history or the target.
@@ -81,10 +87,11 @@ def sample_negatives(targets: np.ndarray, histories: list[np.ndarray], vocab_siz
     rng = np.random.default_rng(seed)
     out = np.empty((len(targets), n), dtype=np.int64)
     n_items = vocab_size - RESERVED
-    if n_items <= n:
-        raise ValueError(f"sampled evaluation needs more than {n} items, the catalogue has {n_items}")
     for i, (t, hist) in enumerate(zip(targets, histories)):
         banned = set(np.asarray(hist).tolist()) | {int(t)}
+        if (left := _outside(t, hist, vocab_size)) < n:
+            raise ValueError(f"example {i}: {left} catalogue items are outside its history and target, "
+                             f"too few for {n} sampled negatives")
         picked: list[int] = []
         while len(picked) < n:
             for d in (rng.integers(0, n_items, 2 * n) + RESERVED).tolist():
@@ -108,12 +115,14 @@ def ranks_sampled(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray
 def ranking_ranks(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
                   seed: int = 0, batch: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-example 1-based ranks: (among the whole catalogue [N], among 100 sampled negatives [N] or
-    None when the catalogue has at most 100 items).
+    None when some example has under 100 catalogue items outside its history and target, as in a
+    small catalogue).
 
     score_batch(start, end) -> [end - start, vocab_size] scores for those examples; ranking in
     batches keeps memory at [batch, V] instead of [N, V].
     """
-    negatives = sample_negatives(targets, histories, vocab_size, seed=seed) if vocab_size - RESERVED > 100 else None
+    sampled_ok = all(_outside(t, h, vocab_size) >= 100 for t, h in zip(targets, histories))
+    negatives = sample_negatives(targets, histories, vocab_size, seed=seed) if sampled_ok else None
     full, sampled = [], []
     for a in range(0, len(targets), batch):
         b = min(a + batch, len(targets))
@@ -135,7 +144,7 @@ def ranking_metrics_of(full: np.ndarray, sampled: np.ndarray | None, k: int = 10
 
 def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
                      seed: int = 0, batch: int = 1024, k: int = 10) -> dict[str, float]:
-    """Full-catalogue metrics, plus sampled-100 ones when the catalogue has over 100 items
+    """Full-catalogue metrics, plus sampled-100 ones when every example has over 100 items to sample
     (`ranking_ranks`, then `ranking_metrics_of`)."""
     return ranking_metrics_of(*ranking_ranks(score_batch, targets, histories, vocab_size, seed, batch), k)
 

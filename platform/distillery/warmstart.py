@@ -239,7 +239,7 @@ def previous_metrics(cfg: RunConfig, tasks: list[str]) -> dict:
     out = {}
     for split in ("valid", "test"):
         out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.spec, tasks), prepare_dir,
-                                         split, n_items=loaded.spec.n_items, max_history=loaded.spec.max_history,
+                                         split, n_items=loaded.spec.n_items, max_history=loaded.spec.history_window,
                                          seed=cfg.seed)
     return out
 

@@ -69,6 +69,11 @@ class StudentSpec:
     def n_intents(self) -> int:
         return len(self.intent_labels)
 
+    @property
+    def history_window(self) -> int:
+        """The longest history any of its tasks reads (its position table's length)."""
+        return max(self.max_history, self.ctr_history)
+
     def to_json(self) -> dict:
         return {**asdict(self), "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
 
@@ -230,7 +235,7 @@ def build(spec: StudentSpec, item_category: torch.Tensor | None = None, item_tex
                    item_category=item_category if item_category is not None else torch.zeros(n, dtype=torch.long),
                    item_bag_ids=ids, item_bag_offsets=offsets, dim=spec.dim, text_dim=spec.text_dim,
                    ngram_buckets=spec.ngram_buckets, heads=spec.heads,
-                   max_history=max(spec.max_history, spec.ctr_history), history_layers=spec.layers,
+                   max_history=spec.history_window, history_layers=spec.layers,
                    dropout=spec.dropout, ctr_hidden=spec.ctr_hidden, intent_hidden=spec.intent_hidden,
                    text_rows=None if kept is None else torch.arange(kept), item_text=spec.item_text)
 

@@ -110,7 +110,7 @@ def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: s
 
     def evaluate(v, split):
         return evaluation.evaluate(S.predictors(v["model"], tok, v["spec"], inp.tasks), inp.prepare_dir, split,
-                                   n_items=spec.n_items, max_history=spec.max_history, seed=cfg.seed)
+                                   n_items=spec.n_items, max_history=spec.history_window, seed=cfg.seed)
 
     say(f"[compress] timing {len(candidates)} variants on one CPU thread ({cc.latency_requests} requests each, "
         "interleaved)")

@@ -274,7 +274,7 @@ def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
 
     def validate():
         valid = evaluation.evaluate(S.predictors(student, tokenizer, spec, tasks, device), prepare_dir, "valid",
-                                    n_items=spec.n_items, max_history=spec.max_history, seed=cfg.seed)
+                                    n_items=spec.n_items, max_history=spec.history_window, seed=cfg.seed)
         return teacher_relative_score(valid, config["teacher_valid"]), valid
 
     def on_validated(st: dict, improved: bool) -> None:
@@ -310,8 +310,8 @@ def training_table(cfg: RunConfig, task: str, tokenizer, student: StudentSpec) -
     splits = ["train"] + ([TRANSFER] if task == "intent" else [])  # transfer: teacher-labelled texts only
     layout = RunLayout(cfg.run_dir)
     ex_dir, lab_dir = layout.prepare.examples(task), layout.label.task(task)
-    examples = _read_splits(ex_dir, splits, list(spec.example_columns))
-    labels = _read_splits(lab_dir, splits, ["example_id", *spec.label_columns])
+    examples = _read_splits(ex_dir, splits, list(spec.example_columns), "prepare")
+    labels = _read_splits(lab_dir, splits, ["example_id", *spec.label_columns], "label")
     # joined by position (Arrow's hash join does not carry list columns)
     pos = pc.index_in(examples.column("example_id"), value_set=labels.column("example_id"))
     matched = examples.num_rows - pos.null_count
@@ -329,8 +329,8 @@ def training_table(cfg: RunConfig, task: str, tokenizer, student: StudentSpec) -
     return table
 
 
-def _read_splits(folder: str, splits: list[str], columns: list[str]) -> pa.Table:
-    """The split folders of `folder` that exist, as one table."""
+def _read_splits(folder: str, splits: list[str], columns: list[str], stage: str) -> pa.Table:
+    """The split folders of `folder` that exist, as one table (`stage` wrote them)."""
     import pyarrow.parquet as pq
 
     tables = []
@@ -339,6 +339,9 @@ def _read_splits(folder: str, splits: list[str], columns: list[str]) -> pa.Table
         if storage.exists(path):
             fs, local = storage.resolve(path)
             tables.append(pq.read_table(local, filesystem=fs, columns=columns))
+    if not tables:
+        raise StageError(f"{folder} has none of the split folders {', '.join(splits)}: re-run the {stage} stage "
+                         f"with --force")
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -391,7 +394,8 @@ def inputs(cfg: RunConfig) -> Inputs:
 
     layout = RunLayout(cfg.run_dir)
     teacher_dir = layout.teacher.model
-    for need, stage in ((layout.teacher.spec, "teacher"), (layout.label.manifest, "label")):
+    for need, stage in ((layout.teacher.spec, "teacher"), (layout.teacher.metrics, "teacher"),
+                        (layout.label.manifest, "label")):
         if not storage.exists(need):
             raise StageError(f"{need} is missing: run the {stage} stage first (--stages teacher,label,distill)")
     prepare_dir = layout.prepare.root
@@ -438,7 +442,7 @@ def finish(inp: Inputs, out_dir: str, spec: StudentSpec | None = None) -> dict:
     history = storage.read_json(StudentDir(out_dir).history)
     best = max(history, key=lambda h: h["score"])
     test = evaluation.evaluate(S.predictors(model, tok, spec, inp.tasks), inp.prepare_dir, "test",
-                               n_items=spec.n_items, max_history=spec.max_history, seed=inp.cfg.seed)
+                               n_items=spec.n_items, max_history=spec.history_window, seed=inp.cfg.seed)
     metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
                "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}
     storage.write_json(StudentDir(out_dir).metrics, metrics)

@@ -3,10 +3,13 @@
 
 report.json (a contract; later stages add their models under "models" and "tasks"):
     {"dataset": {...counts...},
-     "models": {name: {"params", "bytes", "cpu_latency_ms": {"p50", "p99"},
+     "models": {name: {"params", "bytes", "cpu_latency_ms": {"p50", "p99"}, "cpu_latency_ms_by_task": {task: p50},
                        "cpu_throughput": {"batch1", "batch256"}}},
      "tasks": {task: {name: {metric: value}, "baselines": {baseline: {metric: value}}}},
-     "relative_to_teacher": {name: {task: {"metric", "ratio", "low", "high", "level", "resamples", "units"}}}}
+     "relative_to_teacher": {name: {task: {"metric", "ratio", "low", "high", "level", "resamples", "units"}}},
+     when those stages ran: "tune" (tune/summary.json), "compress" (compress/variants.json),
+     "compressed": {"variant", "from"} (the kept compressed variant and the float32 student it was made from),
+     "warm_start": {"bundle", "previous_run"}}
 
 `relative_to_teacher`: each student's score metric over the teacher's on the test split, with a
 paired bootstrap interval (`evaluation.ratio_intervals`): whether "keeps 95% of the teacher" is
@@ -88,7 +91,13 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     for stage, path in (("tune", layout.tune.summary), ("compress", layout.compress.variants)):
         if storage.exists(path):
             report[stage] = storage.read_json(path)
-    histories = {n: _read_history(layout.distill.variant(n).history) for n in variants}
+    kept = storage.read_json(layout.compress.metrics) if storage.exists(layout.compress.metrics) else None
+    if kept and kept["variant"] != "student":  # compress starts from the tune stage's student only when it won
+        report["compressed"] = {"variant": kept["variant"],
+                                "from": "student_tuned" if kept["source"].startswith("tune") else "student"}
+    trained = {n: layout.distill.variant(n).history for n in ("student", "student_no_kd")}
+    histories = {n: _read_history(path) for n, path in {**trained, "student_tuned": layout.tune.best.history}.items()
+                 if n in variants}
     with tempfile.TemporaryDirectory() as tmp:
         storage.write_json(os.path.join(tmp, "report.json"), report)
         plots = write_plots(report, histories, tmp)
@@ -111,15 +120,16 @@ def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str
     out = {}
     for name, (model, tok, spec) in students.items():
         own = evaluation.outputs(S.predictors(model, tok, spec, tasks), prepare_dir, "test", n_items=spec.n_items,
-                                 max_history=spec.max_history, seed=seed)
+                                 max_history=spec.history_window, seed=seed)
         out[name] = evaluation.ratio_intervals(own, ref, resamples=resamples, seed=seed)
     return out
 
 
 def _later_stages(run_dir: str) -> dict:
-    """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's winner
-    ("student_tuned") and the compress stage's kept variant (loaded from the verified bundle), when
-    those stages ran. The kept variant is left out when it is the uncompressed winner itself."""
+    """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's best trial
+    ("student_tuned", whether or not it beat the distill stage's student) and the compress stage's
+    kept variant (loaded from the verified bundle), when those stages ran. The kept variant is left
+    out when it is the uncompressed winner itself."""
     from ..serving import bundle
 
     out, layout = {}, RunLayout(run_dir)
@@ -166,10 +176,8 @@ def summary_table(report: dict) -> str:
             level = next(iter(by_task.values()))["level"]
             lines.append(f"{n} / teacher ({level:.0%} interval): " + ", ".join(
                 f"{t} {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]" for t, r in by_task.items()))
-    kept = report.get("compress") and next((n for n in names if n.startswith("student_") and
-                                            n not in ("student_no_kd", "student_tuned")), None)
-    if kept:
-        ref = models.get("student_tuned") or s
+    if "compressed" in report:
+        kept, ref = report["compressed"]["variant"], models[report["compressed"]["from"]]
         lines.append(f"{kept} vs the float32 student it came from: {ref['bytes'] / models[kept]['bytes']:.1f}x smaller file, "
                      f"{models[kept]['cpu_throughput']['batch256'] / ref['cpu_throughput']['batch256']:.2f}x throughput at batch 256")
     return "[report]\n" + "\n".join("  " + line for line in lines)
@@ -208,7 +216,7 @@ def markdown(report: dict, plots: list[str]) -> str:
     tasks = list(next(iter(report["models"].values())).get("cpu_latency_ms_by_task", {}))
     out += ["## Models (CPU, one thread; one request = one example of every task)", "",
             "| model | parameters | bytes | p50 ms | p99 ms | " + "".join(f"{t} p50 ms | " for t in tasks)
-            + "req/s batch 1 | req/s batch 256 |", "|---|" + "---:|" * (7 + len(tasks))]
+            + "req/s batch 1 | req/s batch 256 |", "|---|" + "---:|" * (6 + len(tasks))]
     for n, m in report["models"].items():
         out.append(f"| {n} | {m['params']:,} | {m['bytes']:,} | {m['cpu_latency_ms']['p50']:.2f} | "
                    f"{m['cpu_latency_ms']['p99']:.2f} | " + "".join(f"{m['cpu_latency_ms_by_task'][t]:.2f} | " for t in tasks)
@@ -259,11 +267,11 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, (n, hist) in enumerate(histories.items()):
-        if hist:
-            epochs = [h["epoch"] + 1 for h in hist]
-            axes[0].plot(epochs, [h["loss"].get("total", float("nan")) for h in hist], marker="o", color=f"C{i}", label=n)
-            axes[1].plot(epochs, [h["score"] for h in hist], marker="o", color=f"C{i}", label=n)
+    for n, hist in histories.items():
+        if hist:  # a model keeps its colour of the other plots
+            epochs, color = [h["epoch"] + 1 for h in hist], f"C{names.index(n)}"
+            axes[0].plot(epochs, [h["loss"].get("total", float("nan")) for h in hist], marker="o", color=color, label=n)
+            axes[1].plot(epochs, [h["score"] for h in hist], marker="o", color=color, label=n)
     axes[0].set_title("training loss per epoch")
     axes[1].set_title("validation score (mean ratio to the teacher)")
     for ax in axes:
