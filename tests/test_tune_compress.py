@@ -71,6 +71,36 @@ def test_trial_folders_and_errors_are_read_back():
     assert tune._error_line(err) == "ValueError: bad trial"
 
 
+def test_a_sweep_made_before_distill_was_rerun_is_not_current_and_not_the_winner(tmp_path):
+    from distillery import storage
+    from distillery.config import stable_hash
+    from distillery.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+
+    def finish(stage, *upstream):
+        m = {"stage": stage, "status": "complete",
+             "upstream": {u: stable_hash(storage.read_json(layout.manifest(u))) for u in upstream}}
+        storage.makedirs(layout.stage(stage))
+        storage.write_json(layout.manifest(stage), m)
+
+    finish("prepare")
+    finish("distill", "prepare")
+    for folder in (layout.distill.variant("student").model, layout.tune.best.model):
+        storage.makedirs(folder)
+        (tmp_path / folder / "model.safetensors").write_bytes(b"x")
+    storage.write_json(layout.tune.summary, {"winner": "tune", "params": {}, "trial_id": "t1"})
+    finish("tune", "prepare", "distill")
+    finish("compress", "distill", "tune")
+    assert layout.current("tune") and layout.current("compress") and layout.winner().source == "tune"
+    storage.write_json(layout.manifest("distill"), {**storage.read_json(layout.manifest("distill")), "created": "later"})
+    assert layout.current("distill") and not layout.current("tune") and not layout.current("compress")
+    assert layout.winner().source == "distill"
+    finish("tune", "prepare", "distill")  # the sweep run again on the new distill stage
+    assert layout.current("tune") and not layout.current("compress") and layout.winner().source == "tune"
+    assert not layout.current("label")  # never ran
+
+
 # ------------------------------------------------------------------------------ 8-bit weights
 def test_rowwise_int8_keeps_every_entry_within_half_a_step_of_its_row():
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import storage
+from .config import stable_hash
 from .errors import StageError
 
 
@@ -251,6 +252,17 @@ class RunLayout:
     def manifest(self, stage: str) -> str:
         return _join(self.run_dir, stage, "manifest.json")
 
+    def current(self, stage: str) -> bool:
+        """Whether `stage` finished from the outputs now in the run directory: every upstream manifest
+        it recorded is there, unchanged and itself current. A re-run distill leaves an earlier sweep's
+        and compression's outputs in place; they are not this run's and must not be read as such."""
+        path = self.manifest(stage)
+        m = storage.read_json(path) if storage.exists(path) else None
+        if not m or m.get("status") != "complete":
+            return False
+        return all(storage.exists(self.manifest(u)) and stable_hash(storage.read_json(self.manifest(u))) == h
+                   and self.current(u) for u, h in m.get("upstream", {}).items())
+
     def synthetic_data(self, key: str) -> str:
         return _join(self.run_dir, "data", f"synthetic-{key}")
 
@@ -287,9 +299,10 @@ class RunLayout:
         return self.stage("report")
 
     def winner(self) -> Winner:
-        """The sweep's best student when the tune stage ran and it beat the distill stage's student on
-        validation (best.json `winner`), else the distill stage's student."""
-        summary = storage.read_json(self.tune.summary) if storage.exists(self.tune.summary) else {}
+        """The sweep's best student when the tune stage ran on this run's distill stage (`current`) and
+        its best beat the distill stage's student on validation (best.json `winner`), else the distill
+        stage's student."""
+        summary = storage.read_json(self.tune.summary) if self.current("tune") else {}
         tuned = self.tune.best.model
         if summary.get("winner") == "tune" and storage.exists(storage.join(tuned, "model.safetensors")):
             return Winner(tuned, "tune", summary["params"], summary["trial_id"])

@@ -118,10 +118,9 @@ def _expected(stage: Stage, cfg: RunConfig) -> dict:
             raise StageError(f"stage {stage.name} needs the {name} stage's output in {cfg.run_dir}: "
                              f"run with --stages {name},{stage.name}")
         upstream[name] = stable_hash(m)
-    for name in stage.optional_upstream:
-        m = read_manifest(cfg.run_dir, name)
-        if m is not None:
-            upstream[name] = stable_hash(m)
+    for name in stage.optional_upstream:  # only when made from this run's outputs, not left by an earlier one
+        if RunLayout(cfg.run_dir).current(name):
+            upstream[name] = stable_hash(read_manifest(cfg.run_dir, name))
     return {
         "config_hash": stable_hash(stage.config(cfg)),
         "inputs": {p: storage.fingerprint(p) for p in stage.inputs(cfg)},

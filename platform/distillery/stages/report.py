@@ -89,9 +89,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     if warm_start:
         report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
     for stage, path in (("tune", layout.tune.summary), ("compress", layout.compress.variants)):
-        if storage.exists(path):
+        if layout.current(stage):
             report[stage] = storage.read_json(path)
-    kept = storage.read_json(layout.compress.metrics) if storage.exists(layout.compress.metrics) else None
+    kept = storage.read_json(layout.compress.metrics) if layout.current("compress") else None
     if kept and kept["variant"] != "student":  # compress starts from the tune stage's student only when it won
         report["compressed"] = {"variant": kept["variant"],
                                 "from": "student_tuned" if kept["source"].startswith("tune") else "student"}
@@ -128,16 +128,16 @@ def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str
 def _later_stages(run_dir: str) -> dict:
     """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's best trial
     ("student_tuned", whether or not it beat the distill stage's student) and the compress stage's
-    kept variant (loaded from the verified bundle), when those stages ran. The kept variant is left
-    out when it is the uncompressed winner itself."""
+    kept variant (loaded from the verified bundle), when those stages ran on this run's distill
+    stage (`RunLayout.current`). The kept variant is left out when it is the uncompressed winner itself."""
     from ..serving import bundle
 
     out, layout = {}, RunLayout(run_dir)
     best = layout.tune.best
-    if storage.exists(best.metrics):
+    if layout.current("tune") and storage.exists(best.metrics):
         out["student_tuned"] = (*S.load(best.model), storage.read_json(best.metrics), best.model)
     chosen = layout.compress.metrics
-    if storage.exists(chosen):
+    if layout.current("compress"):
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
             b = bundle.load(layout.bundle)
