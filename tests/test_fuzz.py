@@ -42,7 +42,7 @@ FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_to
                 deadline=None, derandomize=True, database=None)
 CATALOGUE = np.array(["a", "b", "c", "sku-1"], dtype=object)
 REASONS = {"unparsable_row", "null_id", "unknown_item", "missing_order", "unparsable_timestamp",
-           "timestamp_out_of_range", "unparsable_position", "clicked_not_binary", "rating_not_numeric",
+           "timestamp_out_of_range", "unparsable_position", "unparsable_slot", "clicked_not_binary", "rating_not_numeric",
            "rating_out_of_range", "empty_text", "duplicate", "duplicate_id", "price_not_numeric", "price_out_of_range"}
 
 huge_text = st.builds(lambda c, n: c * n, st.characters(), st.integers(1_000, 200_000))

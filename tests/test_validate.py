@@ -55,6 +55,15 @@ def test_values_are_normalized():
     assert out["query"].tolist() == ["ink", None]
 
 
+def test_a_slot_is_a_non_negative_integer_or_null_and_clicked_reads_pandas_floats_in_csv():
+    df = {"user_id": ["u"] * 7, "item_id": ["a"] * 7, "timestamp": list(range(7)),
+          "slot": [3, None, "top", 2.7, -1, 5e9, "4"], "clicked": ["1.0", "0.0", "1", "0", "1", "1", "2.0"]}
+    out = _inter(df)
+    assert _reasons(out) == [None, None, "unparsable_slot", "unparsable_slot", "unparsable_slot", "unparsable_slot",
+                             "clicked_not_binary"]
+    assert out["clicked"].tolist()[:2] == [1, 0] and out["slot"].tolist()[0] == 3 and pd.isna(out["slot"].tolist()[1])
+
+
 def test_position_orders_when_no_timestamp():
     df = pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "position": [0, 1, "x"]})
     out = validate_rows(df, table="interactions", catalogue=CATALOGUE)

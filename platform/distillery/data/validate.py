@@ -12,6 +12,7 @@ Reasons (first failing check wins):
   unparsable_timestamp  timestamp is neither a number nor a date string
   timestamp_out_of_range  timestamp < 0 or after 2100 (milliseconds instead of seconds?)
   unparsable_position   position not a non-negative integer
+  unparsable_slot       slot given but not a non-negative integer (below 2^31)
   clicked_not_binary    clicked given but not 0/1 (null or absent: an implicit positive, 1)
   rating_not_numeric / rating_out_of_range
   empty_text            review with neither title nor text
@@ -103,8 +104,9 @@ def parse_binary(series: pd.Series) -> pd.Series:
             return int(v)
         if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
             return _BINARY.get(int(v))
-        if isinstance(v, str):
-            return _BINARY.get(v.strip().lower())
+        if isinstance(v, str):  # "1.0": a CSV written by pandas from a float column (one with nulls)
+            v = v.strip().lower()
+            return _BINARY.get(v.removesuffix(".0") if v.endswith(".0") and v[:-2] in ("0", "1") else v)
         return None
     return pd.Series([conv(v) for v in series.tolist()], index=series.index, dtype=object)
 
@@ -174,7 +176,12 @@ def _interaction_columns(df: pd.DataFrame, out: pd.DataFrame, r: "_Reasons") -> 
         out["clicked"] = 1  # absent = implicit positive
     out["query"] = _text(df["query"]) if "query" in df.columns else None
     out["impression_id"] = _text(df["impression_id"]) if "impression_id" in df.columns else None
-    out["slot"] = pd.to_numeric(df["slot"], errors="coerce") if "slot" in df.columns else pd.Series(np.nan, index=df.index)
+    if "slot" in df.columns:  # null = unknown slot; anything else must be a slot number, not be cast into one
+        slot, given = pd.to_numeric(df["slot"], errors="coerce").astype(float), df["slot"].notna()
+        r.flag(given & (slot.isna() | (slot < 0) | (slot != np.floor(slot)) | (slot >= 2 ** 31)), "unparsable_slot", "slot")
+        out["slot"] = slot.where(given)
+    else:
+        out["slot"] = pd.Series(np.nan, index=df.index)
 
 
 def _review_columns(df: pd.DataFrame, out: pd.DataFrame, r: "_Reasons", rating_range) -> None:
