@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # every stage, then the endpoint: started, one request of each kind sent and printed, stopped
+# (RUN_DIR=... elsewhere; CONFIG=... another config; ARGS="key=value ..." overrides)
 demo: $(STAMP)
-	$(BIN)/distillery run $(CONFIG) $(ARGS)
+	$(BIN)/distillery run $(CONFIG) run_dir=$(RUN_DIR) $(ARGS)
 	$(BIN)/distillery serve $(RUN_DIR)/bundle --port 18431 --demo
 
 # the default suite (about 7.5 min on 2 cores, fuzzing included; docs/testing.md); test-slow: the

@@ -26,6 +26,11 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert "unknown stage(s) serve; stages are prepare," in capsys.readouterr().err
     assert main(["verify", "/nonexistent/bundle"]) == 1
     assert "not a folder" in capsys.readouterr().err
+    # serve's options are checked before anything starts, each error in the words of its option
+    assert main(["serve", "/nonexistent/bundle", "--batch-wait-ms", "20000", "--max-body-bytes", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-wait-ms: Input should be less than or equal to 10 seconds (got 20000 ms)" in err
+    assert "--max-body-bytes: Input should be greater than or equal to 1024" in err and "Traceback" not in err
 
 
 def test_jobs_are_thin_entrypoints():
@@ -37,7 +42,8 @@ def test_jobs_are_thin_entrypoints():
         assert len(text.splitlines()) < 20 and "job_main(" in text and "ray job submit" in text
     for job in ("pipeline.py", "distill.py"):  # ~4 s each to import Ray: two stand for the rest
         out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "--config" in out.stdout
+        assert out.returncode == 0 and "--config" in out.stdout and "distillery run configs" not in out.stdout
+        assert ("(default: every available stage" in out.stdout) == (job == "pipeline.py")
 
 
 def test_no_platform_init():

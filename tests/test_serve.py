@@ -130,7 +130,7 @@ BAD = [  # (path, body, status, text the message must contain)
     ("/v1/recommend", [1, 2], 422, "body"),
     ("/v1/ctr", {"history": [], "candidates": []}, 422, "candidates: List should have at least 1 item"),
     ("/v1/ctr", {"history": [], "candidates": ["a"] * 1001}, 422, "candidates"),
-    ("/v1/ctr", {"history": [], "candidates": ["a", "b"], "slots": [1]}, 422, "slots has 1 entries"),
+    ("/v1/ctr", {"history": [], "candidates": ["a", "b"], "slots": [1]}, 422, "slots: Value error, slots has 1 entries"),
     ("/v1/ctr", {"history": [], "candidates": ["a"], "slots": [-3]}, 422, "slots.0"),
     ("/v1/intent", {"texts": 5}, 422, "texts: Input should be a valid list"),
     ("/v1/intent", {"texts": []}, 422, "texts: List should have at least 1 item"),

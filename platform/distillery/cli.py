@@ -20,7 +20,17 @@ Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches 
 """
 
 
-def _add_run_args(p: argparse.ArgumentParser, positional_config: bool) -> None:
+JOB_EPILOG = """\
+overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:
+  ray job submit --working-dir . -- python jobs/pipeline.py --config configs/amazon.yaml \\
+      data.interactions=s3://bucket/office/interactions.parquet data.items=s3://bucket/office/items.parquet \\
+      run_dir=s3://bucket/runs/office
+  python jobs/distill.py --config configs/demo.yaml distill.epochs=4
+Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.
+"""
+
+
+def _add_run_args(p: argparse.ArgumentParser, positional_config: bool, default_stages: str | None = None) -> None:
     if positional_config:
         p.add_argument("config", help="run config YAML (see configs/)")
     else:
@@ -29,7 +39,8 @@ def _add_run_args(p: argparse.ArgumentParser, positional_config: bool) -> None:
                    help="config overrides, e.g. data.synthetic.users=500 run_dir=/tmp/run")
     p.add_argument("--stages", default=None,
                    help=f"comma-separated stages to run, in pipeline order: {','.join(runner.STAGES)} "
-                        f"(default: every available stage; available now: {','.join(runner.AVAILABLE)})")
+                        f"(default: {default_stages or 'every available stage'}; available now: "
+                        f"{','.join(runner.AVAILABLE)})")
     p.add_argument("--force", action="store_true",
                    help="redo the stages even when their manifest matches the config and inputs")
     p.add_argument("--warm-start", metavar="BUNDLE", default=None,
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "native input contract. Deterministic for a given seed.")
     gen.add_argument("out", help="output folder")
     gen.add_argument("--users", type=int, default=1500, help="number of users (default 1500)")
-    gen.add_argument("--items", type=int, default=600, help="catalogue size, at least 36 (default 600)")
+    gen.add_argument("--items", type=int, default=600, help="catalogue size, at least 40 (default 600)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--sessions-per-user", type=float, default=12.0, help="mean impressions per user (default 12)")
     gen.add_argument("--slots", type=int, default=8, help="items shown per impression (default 8)")
@@ -87,7 +98,8 @@ def _add_serve_parser(sub) -> None:
                                      "OpenAPI docs at /docs) until Ctrl-C or SIGTERM.\n"
                                      "On a cluster use `serve deploy serve/config.yaml` instead.",
                          epilog=f"Set ${API_KEY_ENV} to require 'Authorization: Bearer <key>' on every /v1 call.\n"
-                                "Defaults are those of distillery.config.ServeConfig (a run config's serve section).")
+                                "Defaults are those of distillery.config.ServeConfig (serve/config.yaml's args take the\n"
+                                "same fields, for `serve deploy` on a cluster).")
     defaults = _serve_defaults()
     srv.add_argument("bundle", help="bundle folder (path or URI), e.g. runs/demo/bundle")
     srv.add_argument("--host", default=defaults.host,
@@ -101,6 +113,12 @@ def _add_serve_parser(sub) -> None:
                      help=f"longest wait to fill a batch, ms (default {defaults.batch_wait_timeout_s * 1000:g})")
     srv.add_argument("--threads", type=int, default=defaults.threads,
                      help=f"torch threads per model replica (default {defaults.threads})")
+    srv.add_argument("--model-cpus", type=float, default=defaults.model_cpus,
+                     help=f"CPUs Ray reserves per model replica (default {defaults.model_cpus:g})")
+    srv.add_argument("--ingress-cpus", type=float, default=defaults.ingress_cpus,
+                     help=f"CPUs Ray reserves for the HTTP deployment with --split (default {defaults.ingress_cpus:g})")
+    srv.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                     help=f"larger request bodies are answered 413 (default {defaults.max_body_bytes})")
     srv.add_argument("--split", action="store_true",
                      help="run the model in its own deployment behind the HTTP one (one more process hop "
                           "a request; the two then scale apart)")
@@ -121,6 +139,14 @@ def _serve_defaults():
     return ServeConfig()
 
 
+def _serve_flag_error(e: dict) -> str:
+    """A ServeConfig error in the words of the option that set the field."""
+    field = str(e["loc"][0])
+    if field == "batch_wait_timeout_s":  # the option is in ms, the field in seconds
+        return f"--batch-wait-ms: {e['msg']} seconds (got {e['input'] * 1000:g} ms)"
+    return f"--{field.replace('_', '-')}: {e['msg']}"
+
+
 def cmd_serve(args) -> int:
     from pydantic import ValidationError
 
@@ -130,9 +156,10 @@ def cmd_serve(args) -> int:
     try:
         cfg = ServeConfig(host=args.host, port=args.port, replicas=args.replicas, max_batch_size=args.max_batch_size,
                           batch_wait_timeout_s=args.batch_wait_ms / 1000, threads=args.threads, split=args.split,
-                          ingress=args.ingress, access_log=args.access_log)
+                          ingress=args.ingress, access_log=args.access_log, model_cpus=args.model_cpus,
+                          ingress_cpus=args.ingress_cpus, max_body_bytes=args.max_body_bytes)
     except ValidationError as err:
-        raise DistilleryError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+        raise DistilleryError("; ".join(_serve_flag_error(e) for e in err.errors())) from None
     return serving.run(args.bundle, cfg, demo=args.demo)
 
 
@@ -213,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def job_main(stages: str | None, argv: list[str] | None = None) -> int:
     """Entry point of the thin scripts in jobs/: `--config CONFIG [key=value ...] [--force]`."""
-    parser = argparse.ArgumentParser(description=f"Ray job: distillery stages {stages or 'all'}", epilog=RUN_EPILOG,
+    parser = argparse.ArgumentParser(description=f"Ray job: distillery stages {stages or 'all'}", epilog=JOB_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_args(parser, positional_config=False)
+    _add_run_args(parser, positional_config=False, default_stages=stages)
     args = _parse(parser, argv)
     if stages is not None and args.stages is None:
         args.stages = stages

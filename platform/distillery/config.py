@@ -441,7 +441,9 @@ class ReportConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """The HTTP endpoint (`distillery serve`, `serve/config.yaml`): one place for its defaults."""
+    """The HTTP endpoint: one place for its defaults. `distillery serve` takes them as options and
+    `serve/config.yaml` as its application's `args` (not a run config section: a bundle is served
+    apart from the run that made it)."""
 
     host: str = Field("127.0.0.1", description="interface to bind; loopback unless told otherwise")
     port: int = Field(8000, ge=1, le=65535)
@@ -481,7 +483,6 @@ class RunConfig(_Section):
     tune: TuneConfig = TuneConfig()
     compress: CompressConfig = CompressConfig()
     report: ReportConfig = ReportConfig()
-    serve: ServeConfig = ServeConfig()
 
 
 # ---------------------------------------------------------------------------------- load / dump

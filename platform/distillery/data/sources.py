@@ -2,7 +2,8 @@
 
 `load_sources(data_cfg)` returns {"items", "interactions", "reviews"?} as lazy Ray Datasets whose
 rows follow DESIGN.md's input contract plus `_source` (the file a row came from, for error
-messages). Adapters only rename and reshape fields; they never drop rows. A line that cannot be
+messages). Adapters only rename and reshape fields; they never drop an input row (the MIND adapter
+keeps a user's history once, though every impression line of hers repeats it). A line that cannot be
 parsed becomes a row with `_parse_error` set, which validation turns into a reject.
 
 Formats:
@@ -371,7 +372,8 @@ def _mind_behaviors(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def _first_history_only(group: pd.DataFrame) -> pd.DataFrame:
-    """A user's history repeats on every impression line; keep it once (from the earliest line)."""
+    """A user's history repeats on every impression line; keep one line's copy (the same for any
+    line that is picked: MIND gives a user one history for the whole log)."""
     hist = group["_history_of"].notna()
     if hist.any():
         keep = group.loc[hist, "_history_of"].astype(str).min()

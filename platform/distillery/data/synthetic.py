@@ -12,11 +12,9 @@ Everything is drawn from one numpy Generator seeded by `seed`.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import SyntheticConfig
 
@@ -276,15 +274,3 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
         "interactions": pa.table(inter, schema=schema_inter),
         "reviews": pa.table(reviews, schema=schema_rev),
     }
-
-
-def write(tables: dict[str, pa.Table], out_dir: str) -> dict[str, str]:
-    """Write each table as OUT/<name>.parquet; return the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, table in tables.items():
-        path = os.path.join(out_dir, f"{name}.parquet")
-        pq.write_table(table, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        paths[name] = path
-    return paths

@@ -11,7 +11,7 @@ import hmac
 import os
 from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 API_KEY_ENV = "DISTILLERY_API_KEY"
 MAX_HISTORY = 1000
@@ -46,11 +46,13 @@ class CtrRequest(_Request):
         None, description="display position of each candidate (0 = top); unknown when omitted")
     explain: bool = Field(False, description="also return the history items that weighed most")
 
-    @model_validator(mode="after")
-    def _slots(self):
-        if self.slots is not None and len(self.slots) != len(self.candidates):
-            raise ValueError(f"slots has {len(self.slots)} entries; it needs one per candidate ({len(self.candidates)})")
-        return self
+    @field_validator("slots")
+    @classmethod
+    def _one_slot_per_candidate(cls, slots: list[int] | None, info: ValidationInfo):
+        candidates = info.data.get("candidates")  # absent when the candidates were refused themselves
+        if slots is not None and candidates is not None and len(slots) != len(candidates):
+            raise ValueError(f"slots has {len(slots)} entries; it needs one per candidate ({len(candidates)})")
+        return slots
 
 
 class IntentRequest(_Request):

@@ -179,7 +179,7 @@ def _item_text(items: pd.DataFrame) -> list[str]:
 
 def _coverage(items: pd.DataFrame, item_text: list[str], clicks: pd.Series, user_clicks: pd.Series) -> dict:
     """What the catalogue and the log lack, counted: each is a row kept with a documented meaning
-    (README "Missing values"), not a reject."""
+    (docs/data.md, "Missing values"), not a reject."""
     def missing(column: str) -> int:
         return int(sum(ex.text_or_none(v) is None for v in items[column]))
     return {
@@ -199,7 +199,7 @@ def _print_coverage(cov: dict, n_items: int, n_users: int, intent: dict) -> None
                               cov["users_with_test_example_only"], *intent.get("left_out", {}).values())):
         print("left out or defaulted: nothing (every item has every optional field, every user 3+ clicks)")
         return
-    print("left out or defaulted (kept rows, README \"Missing values\"):")
+    print("left out or defaulted (kept rows, docs/data.md \"Missing values\"):")
     for p in parts:
         print(f"  {p}")
     if w["category"]:
