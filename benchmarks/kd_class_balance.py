@@ -154,7 +154,9 @@ def main() -> int:
         print(f"{base_dir} is not a finished run directory (missing: {', '.join(missing) or 'config.json'}): run "
               f"benchmarks/quality.py or `distillery run configs/amazon.yaml --stages prepare,teacher,label` first")
         return 2
-    base = RunConfig.model_validate_json((base_dir / "config.json").read_text())
+    raw = json.loads((base_dir / "config.json").read_text())
+    # a base run of an earlier version may carry a section this one dropped (`serve`): not a student setting
+    base = RunConfig.model_validate({k: v for k, v in raw.items() if k in RunConfig.model_fields})
     powers = [float(x) for x in args.powers.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.work).resolve()
