@@ -41,16 +41,29 @@ def test_rendering_rewrites_only_between_the_markers_and_follows_the_json(tmp_pa
 def test_a_quality_run_reuses_an_earlier_runs_seeds_only_when_made_alike(tmp_path, monkeypatch, capsys):
     import quality  # benchmarks/quality.py
 
+    from distillery.config import load_config
+
+    def office(*overrides):
+        return quality.recipe_hash(load_config(ROOT / "configs" / "amazon.yaml", ["data.interactions=/d/i.parquet",
+                                                                                 "data.items=/d/items.parquet", *overrides]))
+
+    recipe = office()
+    # the seed, run directory and the settings of stages that do not change the models are not the recipe
+    assert office("seed=3", "run_dir=/x", "report.bootstrap=200", "tune.num_samples=2") == recipe
+    assert office("student.dim=64") != recipe and office("data.items=/e/items.parquet") != recipe
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"config": "/elsewhere/configs/amazon.yaml", "overrides": [],
-                               "per_seed": {"0": {"test": {"teacher": {}}}}}))
+                               "per_seed": {"0": {"recipe": recipe, "test": {}}, "1": {"recipe": recipe}}}))
     args = argparse.Namespace(reuse=str(old), config="configs/amazon.yaml", overrides=[])
-    assert quality.reusable_seeds(args) == {0: {"test": {"teacher": {}}}}
-    assert quality.reusable_seeds(argparse.Namespace(reuse=None, config="x", overrides=[])) == {}
-    args.overrides = ["distill.epochs=3"]
-    assert quality.reusable_seeds(args) is None and "not comparable" in capsys.readouterr().out
+    assert quality.reusable_seeds(args, recipe) == {0: {"recipe": recipe, "test": {}}, 1: {"recipe": recipe}}
+    assert quality.reusable_seeds(argparse.Namespace(reuse=None, config="x", overrides=[]), recipe) == {}
+    args.overrides = ["student.dim=64"]
+    assert quality.reusable_seeds(args, "another") is None
+    assert "seed(s) 0, 1 were made with another recipe" in capsys.readouterr().out
+    old.write_text(json.dumps({"per_seed": {"0": {"test": {}}}}))  # a file from before seeds had recipes
+    assert quality.reusable_seeds(args, recipe) is None and "seed(s) 0 were made" in capsys.readouterr().out
     old.write_text("[]")
-    assert quality.reusable_seeds(argparse.Namespace(reuse=str(old), config="configs/amazon.yaml", overrides=[])) is None
+    assert quality.reusable_seeds(argparse.Namespace(reuse=str(old), config="configs/amazon.yaml", overrides=[]), recipe) is None
     assert "not a results file of this benchmark" in capsys.readouterr().out
     # the README says which seeds came from where
     results = tmp_path / "results"
