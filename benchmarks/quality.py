@@ -56,7 +56,7 @@ RECIPE = ("data", "tasks", "teacher", "label", "student", "distill")
 
 def recipe_hash(cfg: RunConfig) -> str:
     """What a seed's models depend on: the config's RECIPE sections. Not the seed or run directory,
-    and not the settings of stages that do not change them (tune, compress, report, serve)."""
+    and not the settings of stages that do not change them (tune, compress, report)."""
     raw = cfg.model_dump(mode="json")
     return stable_hash({k: raw[k] for k in RECIPE})
 

@@ -144,7 +144,7 @@ def ranking_metrics_of(full: np.ndarray, sampled: np.ndarray | None, k: int = 10
 
 def evaluate_ranking(score_batch, targets: np.ndarray, histories: list[np.ndarray], vocab_size: int,
                      seed: int = 0, batch: int = 1024, k: int = 10) -> dict[str, float]:
-    """Full-catalogue metrics, plus sampled-100 ones when every example has over 100 items to sample
+    """Full-catalogue metrics, plus sampled-100 ones when every example has at least 100 items to sample
     (`ranking_ranks`, then `ranking_metrics_of`)."""
     return ranking_metrics_of(*ranking_ranks(score_batch, targets, histories, vocab_size, seed, batch), k)
 
