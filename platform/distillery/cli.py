@@ -8,26 +8,24 @@ from . import __version__, runner
 from .errors import DistilleryError
 from .serving.api import API_KEY_ENV
 
-RUN_EPILOG = """\
-overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:
+_OVERRIDES = "overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:\n"
+_MANIFESTS = "Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.\n"
+RUN_EPILOG = _OVERRIDES + """\
   distillery run configs/demo.yaml data.synthetic.users=300 run_dir=/tmp/small
   distillery run configs/amazon.yaml --stages prepare \\
       data.interactions=../shared/data/amazon14_office_products_lcrec/interactions.parquet \\
       data.items=../shared/data/amazon14_office_products_lcrec/items.parquet run_dir=/tmp/office
   distillery run configs/demo.yaml --warm-start runs/demo/bundle \\
       data.format=native data.items=ITEMS data.interactions=NEW_WINDOW run_dir=runs/demo-next
-Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.
-"""
+""" + _MANIFESTS
 
 
-JOB_EPILOG = """\
-overrides are key.sub=value pairs applied on top of CONFIG, values parsed as YAML:
+JOB_EPILOG = _OVERRIDES + """\
   ray job submit --working-dir . -- python jobs/pipeline.py --config configs/amazon.yaml \\
       data.interactions=s3://bucket/office/interactions.parquet data.items=s3://bucket/office/items.parquet \\
       run_dir=s3://bucket/runs/office
   python jobs/distill.py --config configs/demo.yaml distill.epochs=4
-Each stage writes RUN_DIR/<stage>/manifest.json; a stage whose manifest matches is skipped.
-"""
+""" + _MANIFESTS
 
 
 def _add_run_args(p: argparse.ArgumentParser, positional_config: bool, default_stages: str | None = None) -> None:

@@ -256,12 +256,22 @@ class RunLayout:
         """Whether `stage` finished from the outputs now in the run directory: every upstream manifest
         it recorded is there, unchanged and itself current. A re-run distill leaves an earlier sweep's
         and compression's outputs in place; they are not this run's and must not be read as such."""
-        path = self.manifest(stage)
-        m = storage.read_json(path) if storage.exists(path) else None
-        if not m or m.get("status") != "complete":
-            return False
-        return all(storage.exists(self.manifest(u)) and stable_hash(storage.read_json(self.manifest(u))) == h
-                   and self.current(u) for u, h in m.get("upstream", {}).items())
+        manifests, verdicts = {}, {}  # each manifest read and each stage judged once, however many refer to it
+
+        def manifest(name: str) -> dict | None:
+            if name not in manifests:
+                path = self.manifest(name)
+                manifests[name] = storage.read_json(path) if storage.exists(path) else None
+            return manifests[name]
+
+        def ok(name: str) -> bool:
+            if name not in verdicts:
+                m = manifest(name)
+                verdicts[name] = bool(m) and m.get("status") == "complete" and all(
+                    manifest(u) is not None and stable_hash(manifest(u)) == h and ok(u)
+                    for u, h in m.get("upstream", {}).items())
+            return verdicts[name]
+        return ok(stage)
 
     def synthetic_data(self, key: str) -> str:
         return _join(self.run_dir, "data", f"synthetic-{key}")

@@ -56,7 +56,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
             raise StageError(f"{d.metrics} is missing: run the distill stage first (--stages distill,report)")
         variants[name] = (*S.load(d.model), storage.read_json(d.metrics), d.model)
 
-    variants.update(_later_stages(cfg.run_dir))
+    fresh = {s: layout.current(s) for s in ("tune", "compress")}  # made from this run's distill stage
+    variants.update(_later_stages(layout, fresh))
     warm = layout.distill.warm_start
     warm_start = storage.read_json(warm) if storage.exists(warm) else None
     if warm_start:  # the student this run continued from, measured on this run's window
@@ -89,9 +90,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     if warm_start:
         report["warm_start"] = {"bundle": warm_start["bundle"], "previous_run": warm_start["previous_run"]}
     for stage, path in (("tune", layout.tune.summary), ("compress", layout.compress.variants)):
-        if layout.current(stage):
+        if fresh[stage]:
             report[stage] = storage.read_json(path)
-    kept = storage.read_json(layout.compress.metrics) if layout.current("compress") else None
+    kept = storage.read_json(layout.compress.metrics) if fresh["compress"] else None
     if kept and kept["variant"] != "student":  # compress starts from the tune stage's student only when it won
         report["compressed"] = {"variant": kept["variant"],
                                 "from": "student_tuned" if kept["source"].startswith("tune") else "student"}
@@ -125,19 +126,19 @@ def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str
     return out
 
 
-def _later_stages(run_dir: str) -> dict:
+def _later_stages(layout: RunLayout, fresh: dict[str, bool]) -> dict:
     """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's best trial
     ("student_tuned", whether or not it beat the distill stage's student) and the compress stage's
     kept variant (loaded from the verified bundle), when those stages ran on this run's distill
-    stage (`RunLayout.current`). The kept variant is left out when it is the uncompressed winner itself."""
+    stage (`fresh`, from `RunLayout.current`). The kept variant is left out when it is the uncompressed winner itself."""
     from ..serving import bundle
 
-    out, layout = {}, RunLayout(run_dir)
+    out = {}
     best = layout.tune.best
-    if layout.current("tune") and storage.exists(best.metrics):
+    if fresh["tune"] and storage.exists(best.metrics):
         out["student_tuned"] = (*S.load(best.model), storage.read_json(best.metrics), best.model)
     chosen = layout.compress.metrics
-    if layout.current("compress"):
+    if fresh["compress"]:
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
             b = bundle.load(layout.bundle)
