@@ -25,8 +25,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_set_timer(item, settings):
     """pytest-timeout's limit (`timeout` in pyproject.toml), enforced from a thread: a test stuck in
-    `ray.get` never sees a signal. At the limit it prints where the test waits and what Ray is
-    doing, last in the output where a CI log's tail shows it, and ends the run."""
+    `ray.get` never sees a signal. At the limit it prints what Ray is doing and where the test
+    waits, in the last ~20 lines of the output where a CI log's tail shows them, and ends the run."""
     timer = threading.Timer(settings.timeout, _timed_out, (item, settings.timeout))
     timer.daemon = True
 
@@ -40,40 +40,55 @@ def pytest_timeout_set_timer(item, settings):
 
 
 def _timed_out(item, seconds: float) -> None:
+    # CI keeps only the last ~20 lines of a failed run: Ray's state first, in a few summary lines,
+    # then where the test waits, then the test's name
     capture = item.config.pluginmanager.getplugin("capturemanager")
     if capture:
         capture.suspend_global_capture(item)
     out = item.config.get_terminal_writer()
     main = sys._current_frames().get(threading.main_thread().ident)
-    out.sep("+", f"Timeout: {item.nodeid} ran past {seconds:.0f} s")
-    out.line("".join(traceback.format_stack(main)[-16:]) if main else "(no main thread)")
-    out.line("Ray at that moment:")
+    out.sep("+", "Ray at that moment")
     out.line(ray_state())
+    out.sep("+", "where the test waits, innermost last")
+    out.line(_stack(main) if main else "(no main thread)")
+    out.sep("+", f"Timeout: {item.nodeid} ran past {seconds:.0f} s")
     out.flush()
     os._exit(1)
 
 
+def _stack(frame, inner: int = 4, depth: int = 12) -> str:
+    """One line per frame (file:line in function): the project's own frames and the `inner`
+    innermost ones (Ray's, when it waits in `ray.get`), the last `depth` of those."""
+    frames = traceback.extract_stack(frame)
+    ours = [i for i, f in enumerate(frames) if f.filename.startswith(str(ROOT)) and "/.venv/" not in f.filename]
+    keep = sorted(set(ours) | set(range(max(len(frames) - inner, 0), len(frames))))[-depth:]
+    return "\n".join(f"  {Path(frames[i].filename).name}:{frames[i].lineno} in {frames[i].name}" for i in keep)
+
+
 def ray_state() -> str:
-    """What a hung test may be waiting for: free and total resources, unfinished tasks, live
-    actors and placement groups with what each asks for."""
+    """What a hung test may be waiting for, in a few lines: free and total resources, the tasks
+    still running or waiting (by name and state), the actors not dead (by class and state) and the
+    placement groups with their bundles."""
     try:
         import ray
         from ray.util import state
 
         if not ray.is_initialized():
             return "  Ray is not running"
-        lines = [f"  available {ray.available_resources()} of {ray.cluster_resources()}"]
-        unfinished = [("state", "!=", "FINISHED")]
-        listed = [("task", state.list_tasks(filters=unfinished, limit=40, timeout=20, detail=True),
-                   ("name", "state", "required_resources")),
-                  ("actor", state.list_actors(filters=[("state", "!=", "DEAD")], limit=40, timeout=20, detail=True),
-                   ("class_name", "state", "required_resources")),
-                  ("placement group", state.list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=40,
-                                                                  timeout=20, detail=True),
-                   ("name", "state", "bundles"))]
-        for kind, rows, fields in listed:
-            lines += [f"  {kind}: " + " | ".join(str(getattr(r, f, "?")) for f in fields) for r in rows]
-        return "\n".join(lines)
+
+        def counted(rows, *fields) -> str:
+            keys = [" ".join(str(getattr(r, f, "?")) for f in fields) for r in rows]
+            return ", ".join(f"{k} x{keys.count(k)}" for k in sorted(set(keys))) or "none"
+
+        live = [("state", "!=", "FINISHED"), ("state", "!=", "FAILED")]
+        tasks = state.list_tasks(filters=live, limit=200, timeout=20)
+        actors = state.list_actors(filters=[("state", "!=", "DEAD")], limit=200, timeout=20)
+        groups = state.list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=40, timeout=20, detail=True)
+        bundles = "; ".join(f"{g.state} {[b.get('unit_resources') for b in (g.bundles or [])]}" for g in groups)
+        return "\n".join([f"  available {ray.available_resources()} of {ray.cluster_resources()}",
+                          f"  tasks not finished: {counted(tasks, 'name', 'state')}",
+                          f"  actors not dead: {counted(actors, 'class_name', 'state')}",
+                          f"  placement groups: {bundles or 'none'}"])
     except Exception as err:  # a diagnostic: it must not hide the timeout itself
         return f"  could not read Ray's state: {err!r}"
 

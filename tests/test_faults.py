@@ -13,6 +13,7 @@ and test_label_stage.py, marked `fault` too.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -41,11 +42,15 @@ def alive(prefix: str) -> list:
 
 class Killer(threading.Thread):
     """Once `ready()` holds, SIGKILLs the process of one live actor whose class starts with
-    `prefix` (the first, by `pick`). `.killed` is that actor, `.at` the time; None if it never fired."""
+    `prefix` (the first, by `pick`), if `confirm(actors)` still holds right before the kill: listing
+    actors takes seconds, and what `ready` saw may have moved on by then. `.killed` is that actor,
+    `.at` the time; None if it never fired."""
 
-    def __init__(self, prefix: str, ready, *, delay: float = 0.0, timeout: float = 300.0, pick=lambda a: a[0]):
+    def __init__(self, prefix: str, ready, *, delay: float = 0.0, timeout: float = 300.0, pick=lambda a: a[0],
+                 confirm=lambda actors: True):
         super().__init__(daemon=True)
         self.prefix, self.ready, self.delay, self.timeout, self.pick = prefix, ready, delay, timeout, pick
+        self.confirm = confirm
         self.killed = self.at = None
         self.stop = threading.Event()
 
@@ -55,7 +60,7 @@ class Killer(threading.Thread):
             if self.ready():
                 time.sleep(self.delay)
                 actors = alive(self.prefix)
-                if actors:
+                if actors and self.confirm(actors):
                     self.killed = self.pick(actors)
                     os.kill(self.killed.pid, signal.SIGKILL)
                     self.at = time.time()
@@ -206,19 +211,51 @@ def test_a_labeling_worker_killed_partway_leaves_every_example_labelled_exactly_
 
 # ------------------------------------------------------------------------------ Tune
 def test_a_killed_tune_trial_is_reported_failed_and_the_sweep_finishes(distilled, tmp_path, reliability):
+    from distillery.layout import TuneDir
+    from ray import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
     cfg = _fresh_run(distilled[0], tmp_path / "run", "prepare", "teacher", "label", "distill")
     out = tmp_path / "run" / "tune"
+    first: list[Path] = []  # the first trial's Train run folder, pinned when it appears
+
+    def first_trial_training() -> bool:
+        """The first trial has a registered checkpoint and its loop has not finished (no history.json)."""
+        if not first:
+            runs = list((out / "ray_train").glob("trial-*"))
+            if len(runs) != 1:
+                return False
+            first.append(runs[0])
+        trial_id = first[0].name.removeprefix("trial-")
+        return registered(first[0]) and not Path(TuneDir(str(out)).trial(trial_id).history).exists()
+
     # the first trial's own process, after its first epoch: Tune does not retry it (max_failures=0).
-    # (Killed while its Train workers were still starting, its placement group leaked and starved
-    # the next trial: Ray's cleaner only learns of it once the worker group is up.)
-    killer = Killer("ImplicitFunc", lambda: any(registered(d) for d in (out / "ray_train").glob("trial-*")), delay=0.5)
+    # Checked again right before the kill, after the seconds the actor list takes: a trial killed
+    # while its Train workers were still starting (the second one, once the first had finished)
+    # leaked their placement group, and with it one of the session's two CPUs
+    killer = Killer("ImplicitFunc", first_trial_training, delay=0.5,
+                    confirm=lambda actors: len(actors) == 1 and first_trial_training())
     killer.start()
-    m = dtune.run(cfg, str(out))
-    killer.stop.set()
+    try:
+        m = dtune.run(cfg, str(out))
+    finally:
+        killer.stop.set()
+        # a leak fails this test rather than starving a later one: Train's cleaner removes a
+        # killed run's group within seconds, and nothing else holds one between tests
+        deadline, leaked = time.time() + 60, ["?"]
+        while leaked and time.time() < deadline:
+            leaked = [g for g, t in placement_group_table().items() if t["state"] != "REMOVED"]
+            time.sleep(0.5 if leaked else 0)
+        for group_id in leaked:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
     reliability["faults"] = int(killer.killed is not None)
+    assert not leaked, f"placement groups left behind by the sweep: {leaked}"
     assert killer.killed, "no trial was killed"
-    rows = (out / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3 and sum(",failed," in r for r in rows) == 1
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and [r["status"] for r in rows].count("failed") == 1
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert failed["defaults"] == "True" and int(failed["epochs_run"]) >= 1  # killed mid-training, not while starting
     assert m["counts"] == {"trials": 2, "failed": 1}
     assert (out / "best.json").exists()
 
