@@ -80,10 +80,12 @@ def ray_state() -> str:
             keys = [" ".join(str(getattr(r, f, "?")) for f in fields) for r in rows]
             return ", ".join(f"{k} x{keys.count(k)}" for k in sorted(set(keys))) or "none"
 
+        at = ray.get_runtime_context().gcs_address  # this session's Ray, even with another one on the machine
         live = [("state", "!=", "FINISHED"), ("state", "!=", "FAILED")]
-        tasks = state.list_tasks(filters=live, limit=200, timeout=20)
-        actors = state.list_actors(filters=[("state", "!=", "DEAD")], limit=200, timeout=20)
-        groups = state.list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=40, timeout=20, detail=True)
+        tasks = state.list_tasks(address=at, filters=live, limit=200, timeout=20)
+        actors = state.list_actors(address=at, filters=[("state", "!=", "DEAD")], limit=200, timeout=20)
+        groups = state.list_placement_groups(address=at, filters=[("state", "!=", "REMOVED")], limit=40, timeout=20,
+                                             detail=True)
         bundles = "; ".join(f"{g.state} {[b.get('unit_resources') for b in (g.bundles or [])]}" for g in groups)
         return "\n".join([f"  available {ray.available_resources()} of {ray.cluster_resources()}",
                           f"  tasks not finished: {counted(tasks, 'name', 'state')}",

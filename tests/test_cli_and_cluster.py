@@ -33,6 +33,44 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert "--max-body-bytes: Input should be greater than or equal to 1024" in err and "Traceback" not in err
 
 
+def test_paths_and_arguments_that_cannot_work_are_errors_not_tracebacks(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["generate-data", str(blocker / "out"), "--users", "10", "--items", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distillery: error: ") and "check that the path exists" in err and "Traceback" not in err
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--stages", ","]) == 2
+    assert "names no stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # overrides are optional: only CONFIG is asked for
+        main(["run"])
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("the following arguments are required: config")
+
+
+def test_export_refuses_a_destination_it_would_destroy_and_names_a_malformed_manifest(tmp_path, monkeypatch, capsys):
+    from distillery.serving import bundle
+
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    (run / "bundle" / "manifest.json").write_text('{"files": []}')
+    (run / "prepare").mkdir()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for out in (run, tmp_path, run / "bundle", ".", notes, notes / "keep.txt"):
+        with pytest.raises(bundle.BundleError, match="export OUT .* export replaces OUT"):
+            bundle.export(str(run), str(out))
+    assert main(["export", str(run), "."]) == 2 and "Traceback" not in capsys.readouterr().err
+    assert (run / "prepare").is_dir() and (notes / "keep.txt").exists()
+    # a manifest of the wrong shape is named, with what to do, not a KeyError from inside
+    for text in ('{"files": []}', '{"files": {"model.safetensors": {"sha256": "ab"}}}', "null"):
+        (run / "bundle" / "manifest.json").write_text(text)
+        assert main(["verify", str(run / "bundle")]) == 1
+        err = capsys.readouterr().err
+        assert "manifest.json: unreadable" in err and "re-export" in err and "Traceback" not in err
+
+
 def test_jobs_are_thin_entrypoints():
     jobs = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
     assert jobs == ["compress.py", "distill.py", "label.py", "pipeline.py", "prepare.py", "report.py",

@@ -33,6 +33,25 @@ def test_unknown_key_names_the_key_and_suggests():
         load_config(None, ["datta.format=native"])
 
 
+def test_an_error_from_an_override_names_the_override_not_only_the_file(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("data:\n  format: synthetic\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(good, ["distill.epocs=3", "data.max_reject_fraction=2", "run_dir="])
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"invalid config ({good}):"
+    assert any(x.startswith("  distill.epocs: unknown key") and x.endswith("[from the override distill.epocs=3]")
+               for x in lines)
+    assert any("data.max_reject_fraction" in x and x.endswith("[from the override data.max_reject_fraction=2]")
+               for x in lines)
+    assert any(x.startswith("  run_dir:") and "at least 1 character" in x for x in lines)  # not the current folder
+    # an error the file itself holds carries no such mark
+    good.write_text("data:\n  format: parquet-ish\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(good, ["seed=1"])
+    assert "data.format" in str(err.value) and "[from the override" not in str(err.value)
+
+
 def test_wrong_type_names_key_and_expectation():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.max_reject_fraction=lots"])

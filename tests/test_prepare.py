@@ -141,6 +141,26 @@ def test_stage_names_are_checked():
     assert runner.parse_stages("label,prepare") == ["prepare", "label"]  # pipeline order
     assert runner.parse_stages("report,compress,tune") == ["tune", "compress", "report"]
     assert runner.parse_stages(None) == list(runner.STAGES)  # every stage is available
+    for empty in ("", ",", " , "):  # a typo must not run the whole pipeline
+        with pytest.raises(StageError, match="names no stage"):
+            runner.parse_stages(empty)
+
+
+def test_an_absent_input_is_named_by_its_key_before_ray_starts_or_old_output_goes(tiny_config, tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["i"], "timestamp": [1]}), tmp_path / "interactions.parquet")
+    cfg = tiny_config("data.format=native", f"data.items={tmp_path / 'nope' / 'items.parquet'}",
+                      f"data.interactions={tmp_path / 'interactions.parquet'}")
+    earlier = Path(cfg.run_dir) / "prepare" / "manifest.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    monkeypatch.setattr(runner, "init_ray", lambda: pytest.fail("Ray was started"))
+    with pytest.raises(DataError, match=r"^data\.items: .*/nope/items\.parquet does not exist: check the path"):
+        runner.run(cfg, ["prepare"])
+    assert earlier.exists()
+    with pytest.raises(StageError, match="no stage to run"):
+        runner.run(cfg, [])
 
 
 def _planted(tmp_path, tiny_config):

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -31,6 +33,7 @@ def test_a_stuck_test_ends_the_run_naming_itself_where_it_waits_and_rays_state(t
     assert lines == sorted(lines), "\n".join(tail)
 
 
+@pytest.mark.integration
 def test_rays_state_names_resources_live_actors_and_placement_groups(ray_local):
     import ray
     from conftest import ray_state

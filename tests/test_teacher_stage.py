@@ -138,5 +138,9 @@ def test_the_teacher_keeps_per_width_the_dropout_best_on_validation_and_every_se
 def test_stage_order_needs_prepare(tmp_path, tiny_config):
     from distillery.errors import StageError
 
-    with pytest.raises(StageError, match="needs the prepare stage"):
+    with pytest.raises(StageError, match="needs the output of prepare"):
         runner.run(tiny_config(), ["teacher"])
+    # every missing stage is named, in pipeline order, so that the suggested command runs
+    with pytest.raises(StageError, match="needs the output of prepare, teacher, label in .*: run with "
+                                         "--stages prepare,teacher,label,distill"):
+        runner.run(tiny_config(), ["distill"])

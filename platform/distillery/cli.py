@@ -33,7 +33,7 @@ def _add_run_args(p: argparse.ArgumentParser, positional_config: bool, default_s
         p.add_argument("config", help="run config YAML (see configs/)")
     else:
         p.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="config overrides, e.g. data.synthetic.users=500 run_dir=/tmp/run")
     p.add_argument("--stages", default=None,
                    help=f"comma-separated stages to run, in pipeline order: {','.join(runner.STAGES)} "
@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write items.parquet, interactions.parquet and reviews.parquet in the "
                                      "native input contract. Deterministic for a given seed.")
     gen.add_argument("out", help="output folder")
-    gen.add_argument("--users", type=int, default=1500, help="number of users (default 1500)")
+    gen.add_argument("--users", type=int, default=1500, help="number of users, at least 10 (default 1500)")
     gen.add_argument("--items", type=int, default=600, help="catalogue size, at least 40 (default 600)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--sessions-per-user", type=float, default=12.0, help="mean impressions per user (default 12)")
-    gen.add_argument("--slots", type=int, default=8, help="items shown per impression (default 8)")
-    gen.add_argument("--query-rate", type=float, default=0.4, help="share of sessions that are searches (default 0.4)")
-    gen.add_argument("--review-rate", type=float, default=0.3, help="share of clicks that get a review (default 0.3)")
+    gen.add_argument("--sessions-per-user", type=float, default=12.0, help="mean impressions per user, above 1 (default 12)")
+    gen.add_argument("--slots", type=int, default=8, help="items shown per impression, 2-50 (default 8)")
+    gen.add_argument("--query-rate", type=float, default=0.4, help="share of sessions that are searches, 0-1 (default 0.4)")
+    gen.add_argument("--review-rate", type=float, default=0.3, help="share of clicks that get a review, 0-1 (default 0.3)")
 
     ver = sub.add_parser("verify", help="check a model bundle against its manifest",
                          description="Recompute the sha256 of every file of BUNDLE and compare it with its "
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="copy a run's verified bundle out of it",
                          description="Copy RUN_DIR/bundle to OUT (path or URI), verifying it before and after.")
     exp.add_argument("run_dir", help="a run directory whose compress stage wrote RUN_DIR/bundle")
-    exp.add_argument("out", help="destination folder (replaced)")
+    exp.add_argument("out", help="destination folder, replaced: a new or empty folder, or an earlier bundle")
 
     _add_serve_parser(sub)
     return parser
@@ -220,7 +220,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)} (config overrides are key.sub=value pairs)")
     if extra:
         args.overrides = list(args.overrides) + extra
     return args
@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except DistilleryError as err:
         print(f"distillery: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
+        print(f"distillery: error: {err}: check that the path exists and that you may write there", file=sys.stderr)
         return 2
 
 
@@ -248,6 +251,9 @@ def job_main(stages: str | None, argv: list[str] | None = None) -> int:
         return cmd_run(args)
     except DistilleryError as err:
         print(f"distillery: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
+        print(f"distillery: error: {err}: check that the path exists and that you may write there", file=sys.stderr)
         return 2
 
 

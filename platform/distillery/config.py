@@ -470,7 +470,7 @@ class ServeConfig(_Section):
 class RunConfig(_Section):
     """Everything one run needs. Field defaults are the only defaults."""
 
-    run_dir: str = Field("runs/demo", description="where stages write their outputs (path or URI)")
+    run_dir: str = Field("runs/demo", min_length=1, description="where stages write their outputs (path or URI)")
     seed: int = 0
     warm_start: Optional[str] = Field(None, description="bundle of an earlier run to continue from: its teacher and "
                                       "labels are reused and the student starts from it (warmstart.py)")
@@ -547,20 +547,24 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
     lines = [f"invalid config ({source}):"]
+    set_by = {o.split("=", 1)[0].strip(): o for o in overrides}
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p != "__root__")
         key = ".".join(str(p) for p in loc) or "(top level)"
+        # the innermost override that set this key or a section above it: the file may not hold it
+        origin = next((f" [from the override {set_by[k]}]" for k in
+                       (".".join(str(p) for p in loc[:i]) for i in range(len(loc), 0, -1)) if k in set_by), "")
         if e["type"] == "extra_forbidden":
             known = _known_keys(RunConfig, loc)
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             extra = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
-            lines.append(f"  {key}: unknown key{extra}")
+            lines.append(f"  {key}: unknown key{extra}{origin}")
         elif e["type"] == "value_error":
-            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{origin}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){origin}")
     return "\n".join(lines)
 
 
@@ -582,7 +586,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, list(overrides or []))) from None
 
 
 def stable_hash(obj: Any) -> str:

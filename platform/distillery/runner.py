@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from . import __version__, storage, warmstart
 from .config import RunConfig, stable_hash
-from .errors import StageError
+from .errors import DataError, StageError
 from .layout import RunLayout
 from .stages import compress, distill, label, prepare, report, teacher, tune
 
@@ -88,9 +88,12 @@ AVAILABLE: dict[str, Stage] = {
 
 
 def parse_stages(text: str | None, warm_start: bool = False) -> list[str]:
-    if not text or text == "all":
+    if text is None or text.strip() == "all":
         return [s for s in STAGES if s in AVAILABLE and not (warm_start and s == "tune")]
     asked = [s.strip() for s in text.split(",") if s.strip()]
+    if not asked:
+        raise StageError(f"--stages {text!r} names no stage: give some of {','.join(STAGES)}, or leave "
+                         "--stages out to run every stage")
     unknown = [s for s in asked if s not in STAGES]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
@@ -115,8 +118,9 @@ def _expected(stage: Stage, cfg: RunConfig) -> dict:
     for name in stage.upstream:
         m = read_manifest(cfg.run_dir, name)
         if m is None:
-            raise StageError(f"stage {stage.name} needs the {name} stage's output in {cfg.run_dir}: "
-                             f"run with --stages {name},{stage.name}")
+            missing = [s for s in stage.upstream if read_manifest(cfg.run_dir, s) is None]
+            raise StageError(f"stage {stage.name} needs the output of {', '.join(missing)} in {cfg.run_dir}: "
+                             f"run with --stages {','.join([*missing, stage.name])}")
         upstream[name] = stable_hash(m)
     for name in stage.optional_upstream:  # only when made from this run's outputs, not left by an earlier one
         if RunLayout(cfg.run_dir).current(name):
@@ -142,7 +146,9 @@ def init_ray() -> None:
 
 def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:
     """Run `stages` (default: all available) in pipeline order; return their manifests."""
-    names = stages or parse_stages(None, warm_start=bool(cfg.warm_start))
+    names = parse_stages(None, warm_start=bool(cfg.warm_start)) if stages is None else stages
+    if not names:
+        raise StageError("no stage to run: name at least one")
     for n in names:
         if n not in AVAILABLE:
             raise StageError(f"stage {n!r} is not available (available: {', '.join(AVAILABLE)})")
@@ -161,6 +167,11 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: bool = False) ->
     for name in names:
         stage = AVAILABLE[name]
         expected = _expected(stage, cfg)
+        absent = [p for p, f in expected["inputs"].items() if f.get("exists") is False]
+        if absent and cfg.data.reader != "hf":  # before Ray starts or old output goes; hf names datasets, not paths
+            keys = {v: f"data.{k}" for k, v in data.items()}
+            raise DataError("; ".join(f"{keys.get(p, 'input')}: {p} does not exist" for p in absent)
+                            + ": check the path in your config or override")
         current = read_manifest(cfg.run_dir, name)
         if not force and current and current.get("status") == "complete" and all(
             current.get(k) == v for k, v in expected.items()

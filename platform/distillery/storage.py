@@ -47,6 +47,15 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def holds_anything(path: str) -> bool:
+    """Whether `path` (path or URI) is a file or a folder with anything in it."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        return bool(fs.get_file_info(pafs.FileSelector(p)))
+    return info.type != pafs.FileType.NotFound
+
+
 def makedirs(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)

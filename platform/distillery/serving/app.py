@@ -195,8 +195,9 @@ def ingress(cfg: ServeConfig, spare_port: Callable[[], int]) -> Ingress:
     if mode == "auto":
         mode = "direct" if cfg.replicas == 1 else "haproxy"
     if mode == "direct" and cfg.replicas > 1:
-        raise ConfigError(f"serve.ingress=direct serves one replica on serve.port; serve.replicas={cfg.replicas}: "
-                          "use serve.ingress=haproxy (or auto) to balance over several")
+        raise ConfigError(f"ingress direct serves one replica, on the port itself; {cfg.replicas} replicas asked: "
+                          "use ingress haproxy or auto to balance over several (--ingress, or `ingress` in "
+                          "serve/config.yaml's args)")
     if mode == "haproxy" and haproxy_binary() is None:
         return Ingress("proxy", {}, cfg.port, "note: no HAProxy binary (ray[serve] bundles one on Linux; else install "
                        "Debian's `haproxy` package): serving through Ray Serve's Python proxy, ~4x less throughput")

@@ -76,8 +76,11 @@ def problems(folder: str) -> list[str]:
         return [f"{path}: missing (not a bundle, or an incomplete copy)"]
     try:
         listed = json.load(open(path))["files"]
+        if not (isinstance(listed, dict) and all(isinstance(w, dict) and isinstance(w.get("bytes"), int)
+                                                 and isinstance(w.get("sha256"), str) for w in listed.values())):
+            raise TypeError('"files" is not {name: {"sha256": ..., "bytes": ...}}')
     except (ValueError, KeyError, TypeError) as exc:
-        return [f"{path}: unreadable ({exc})"]
+        return [f"{path}: unreadable ({exc}): re-export the bundle from its run or rebuild it"]
     out = []
     for name in REQUIRED:
         if name not in listed:
@@ -138,10 +141,22 @@ def load(path: str) -> Loaded:
 
 
 def export(run_dir: str, out: str) -> dict:
-    """Copy RUN_DIR/bundle to `out`, verified before and after."""
+    """Copy RUN_DIR/bundle to `out`, verified before and after. `out` is replaced, so it must be
+    new, empty or an earlier bundle, and not the run directory, a folder above it or its bundle."""
     src = RunLayout(run_dir).bundle
     if not storage.exists(storage.join(src, MANIFEST)):
         raise BundleError(f"{src} has no bundle: run the compress stage first (distillery run CONFIG --stages compress)")
+    _check_export_target(run_dir, out)
     verify(src)
     storage.copy_dir(src, out)
     return verify(out)
+
+
+def _check_export_target(run_dir: str, out: str) -> None:
+    run, dest, src = (storage.absolute(x).rstrip("/") for x in (run_dir, out, RunLayout(run_dir).bundle))
+    if run == dest or run.startswith(dest + "/") or dest == src:
+        raise BundleError(f"export OUT {out} is the run directory {run_dir}, a folder above it or its own bundle, "
+                          "and export replaces OUT: choose another folder")
+    if storage.holds_anything(out) and not storage.exists(storage.join(out, MANIFEST)):
+        raise BundleError(f"export OUT {out} exists and is not a bundle (no {MANIFEST}), and export replaces "
+                          "OUT: choose a new or empty folder, or an earlier bundle to overwrite")
