@@ -6,7 +6,7 @@ import pytest
 from distillery.config import DataConfig
 from distillery.data.sources import amazon_item, amazon_review, load_sources
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
 
 def _pd(ds):
