@@ -242,10 +242,10 @@ def test_a_killed_tune_trial_is_reported_failed_and_the_sweep_finishes(distilled
         killer.stop.set()
         # a leak fails this test rather than starving a later one: Train's cleaner removes a
         # killed run's group within seconds, and nothing else holds one between tests
-        deadline, leaked = time.time() + 60, ["?"]
-        while leaked and time.time() < deadline:
-            leaked = [g for g, t in placement_group_table().items() if t["state"] != "REMOVED"]
-            time.sleep(0.5 if leaked else 0)
+        deadline = time.time() + 60
+        while (leaked := [g for g, t in placement_group_table().items() if t["state"] != "REMOVED"]) \
+                and time.time() < deadline:
+            time.sleep(0.5)
         for group_id in leaked:
             remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
     reliability["faults"] = int(killer.killed is not None)

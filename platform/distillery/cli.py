@@ -226,17 +226,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(build_parser(), argv)
+def _reported(command, args) -> int:
+    """`command(args)`, with a user's error printed as one line and exit code 2, no traceback."""
     try:
-        return {"run": cmd_run, "generate-data": cmd_generate, "verify": cmd_verify,
-                "export": cmd_export, "serve": cmd_serve}[args.command](args)
+        return command(args)
     except DistilleryError as err:
         print(f"distillery: error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
         print(f"distillery: error: {err}: check that the path exists and that you may write there", file=sys.stderr)
-        return 2
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(build_parser(), argv)
+    return _reported({"run": cmd_run, "generate-data": cmd_generate, "verify": cmd_verify,
+                      "export": cmd_export, "serve": cmd_serve}[args.command], args)
 
 
 def job_main(stages: str | None, argv: list[str] | None = None) -> int:
@@ -247,14 +251,7 @@ def job_main(stages: str | None, argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     if stages is not None and args.stages is None:
         args.stages = stages
-    try:
-        return cmd_run(args)
-    except DistilleryError as err:
-        print(f"distillery: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
-        print(f"distillery: error: {err}: check that the path exists and that you may write there", file=sys.stderr)
-        return 2
+    return _reported(cmd_run, args)
 
 
 if __name__ == "__main__":

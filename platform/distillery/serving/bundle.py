@@ -146,15 +146,15 @@ def export(run_dir: str, out: str) -> dict:
     src = RunLayout(run_dir).bundle
     if not storage.exists(storage.join(src, MANIFEST)):
         raise BundleError(f"{src} has no bundle: run the compress stage first (distillery run CONFIG --stages compress)")
-    _check_export_target(run_dir, out)
+    _check_export_target(run_dir, src, out)
     verify(src)
     storage.copy_dir(src, out)
     return verify(out)
 
 
-def _check_export_target(run_dir: str, out: str) -> None:
-    run, dest, src = (storage.absolute(x).rstrip("/") for x in (run_dir, out, RunLayout(run_dir).bundle))
-    if run == dest or run.startswith(dest + "/") or dest == src:
+def _check_export_target(run_dir: str, src: str, out: str) -> None:
+    run, bundle, dest = (storage.absolute(x).rstrip("/") for x in (run_dir, src, out))
+    if run == dest or run.startswith(dest + "/") or dest == bundle:
         raise BundleError(f"export OUT {out} is the run directory {run_dir}, a folder above it or its own bundle, "
                           "and export replaces OUT: choose another folder")
     if storage.holds_anything(out) and not storage.exists(storage.join(out, MANIFEST)):
