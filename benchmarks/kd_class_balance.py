@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 from distillery import runner, storage  # noqa: E402
 from distillery.config import RunConfig, load_config  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
-from distillery.metrics import SCORE_METRIC  # noqa: E402
+from distillery.tasks import SCORE_METRIC  # noqa: E402
 
 
 def arm_config(base: RunConfig, run_dir: Path, power: float, seed: int, overrides: list[str]) -> RunConfig:

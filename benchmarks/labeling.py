@@ -45,6 +45,7 @@ from distillery.data.examples import read_items  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
 from distillery.models import teacher as teacher_model  # noqa: E402
 from distillery.stages import label, teacher  # noqa: E402
+from distillery.tasks import TASKS, LabelContext  # noqa: E402
 
 
 def build_teacher(cfg, kind: str, run_dir: Path, tokenizer: str) -> int:
@@ -109,23 +110,18 @@ def plain_loop(cfg, run_dir: Path, device: str) -> dict[str, float]:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     seconds = {}
+    ctx = LabelContext(cfg=cfg, tokenizer=tok, spec=spec, items=items, device=device)
     for task in cfg.tasks.enabled():
         t0 = time.perf_counter()
-        table = pq.read_table(layout.prepare.examples(task), columns=label.COLUMNS[task])
-        size = cfg.label.text_batch_size if task == "intent" else cfg.label.batch_size
+        t = TASKS[task]
+        table = pq.read_table(layout.prepare.examples(task), columns=["example_id", "split", *t.teacher_inputs])
         parts = []
-        for batch in table.to_batches(max_chunksize=size):
+        for batch in table.to_batches(max_chunksize=label.batch_size(t, cfg.label)):
             batch = pa.Table.from_batches([batch])
             with autocast:
-                if task == "recommendation":
-                    cols = label.label_recommendation(model, items, batch, max_history=spec.max_history,
-                                                      top_k=cfg.label.top_k, device=device)
-                elif task == "ctr":
-                    cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
-                else:
-                    cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device=device)
+                cols = t.label(model, batch, ctx)
             parts.append(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
-                                   "fingerprint": label.fingerprints(task, batch)}, schema=label.LABEL_SCHEMAS[task]))
+                                   "fingerprint": t.fingerprints(batch)}, schema=t.label_schema))
         pq.write_table(pa.concat_tables(parts), out_dir / f"{task}.parquet")
         seconds[task] = time.perf_counter() - t0
     return seconds

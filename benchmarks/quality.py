@@ -45,7 +45,7 @@ import office  # noqa: E402  (benchmarks/office.py)
 from distillery import runner, storage  # noqa: E402
 from distillery.config import RunConfig, stable_hash  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
-from distillery.metrics import SCORE_METRIC  # noqa: E402
+from distillery.tasks import SCORE_METRIC  # noqa: E402
 
 MODELS = ("teacher", "student", "student_no_kd")
 SASREC_PUBLISHED = 0.0635  # NDCG@10 of a widely used library's SASRec on this protocol (the floor)

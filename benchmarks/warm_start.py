@@ -33,7 +33,7 @@ from distillery import runner, storage  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.data import synthetic  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
-from distillery.metrics import SCORE_METRIC  # noqa: E402
+from distillery.tasks import SCORE_METRIC  # noqa: E402
 from distillery.stages.prepare import write_tables  # noqa: E402
 
 STAGES = ["prepare", "teacher", "label", "distill", "compress", "report"]

@@ -253,30 +253,24 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
     teacher_model.save_model(model, tok, spec, str(new / "teacher" / "model"))
     valid = teacher.evaluate(model, tok, str(new / "prepare"), "valid", spec.tasks, cfg.teacher.max_length)
     test = teacher.evaluate(model, tok, str(new / "prepare"), "test", spec.tasks, cfg.teacher.max_length)
-    from distillery import baselines
-    base = baselines.evaluate(str(new / "prepare"), spec.tasks, "test")
+    from distillery.tasks import TASKS, LabelContext, baselines
+    base = baselines(str(new / "prepare"), spec.tasks, "test")
     for task in ("recommendation", "ctr"):  # stands in for the teacher stage's SASRec baseline
         base[task]["sasrec"] = {k: v * 0.9 for k, v in test[task].items()}
     storage.write_json(str(new / "teacher" / "metrics.json"), {"valid": valid, "test": test, "baselines": base})
     storage.write_json(str(new / "teacher" / "manifest.json"), {"stage": "teacher", "status": "complete"})
     # the label stage's output, computed in-process (the label tests run the stage itself)
     import pyarrow.parquet as pq
-    from distillery.stages import label
-    items = model.item_vectors()
-    for task in spec.tasks:
-        for split in ("train", "transfer") if task == "intent" else ("train",):
-            batch = pq.read_table(new / "prepare" / "examples" / task / split)
-            if task == "recommendation":
-                cols = label.label_recommendation(model, items, batch, max_history=spec.max_history, top_k=8,
-                                                  device="cpu")
-            elif task == "ctr":
-                cols = label.label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device="cpu")
-            else:
-                cols = label.label_intent(model, tok, batch, max_length=cfg.teacher.max_length, device="cpu")
-            (new / "label" / task / split).mkdir(parents=True)
-            pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
-                                     "fingerprint": label.fingerprints(task, batch)},
-                                    schema=label.LABEL_SCHEMAS[task]), new / "label" / task / split / "part-0.parquet")
+    ctx = LabelContext(cfg=cfg.model_copy(update={"label": cfg.label.model_copy(update={"top_k": 8})}), tokenizer=tok,
+                       spec=spec, items=model.item_vectors(), device="cpu")
+    for name in spec.tasks:
+        task = TASKS[name]
+        for split in task.train_splits:
+            batch = pq.read_table(new / "prepare" / "examples" / name / split)
+            (new / "label" / name / split).mkdir(parents=True)
+            pq.write_table(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"),
+                                     **task.label(model, batch, ctx), "fingerprint": task.fingerprints(batch)},
+                                    schema=task.label_schema), new / "label" / name / split / "part-0.parquet")
     storage.write_json(str(new / "label" / "manifest.json"), {"stage": "label", "status": "complete"})
     return cfg, new
 

@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from distillery import baselines
+from distillery import baselines, tasks
 from distillery.data.examples import EXAMPLE_SCHEMA
 
 
@@ -20,12 +20,12 @@ def _write_rec(tmp_path, histories, targets):
     pq.write_table(table, tmp_path / "examples" / "recommendation" / "test" / "part.parquet")
 
 
-def test_popularity_recommendation_hand_computed(tmp_path):
+def test_popularity_ranking_hand_computed(tmp_path):
     # counts from the histories: item 2 twice, item 3 once.
     # user 0: target 4, history {2, 3} masked, 4 and 5 tie at 0 -> pessimistic rank 2
     # user 1: target 3, history {2} masked, 3 has the top count -> rank 1
     _write_rec(tmp_path, [[2, 3], [2]], [4, 3])
-    m = baselines.popularity_recommendation(str(tmp_path), "test")
+    m = baselines.popularity_ranking(str(tmp_path), "recommendation", "test")
     assert m["hr@10"] == 1.0
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
     assert m["mrr"] == pytest.approx((0.5 + 1) / 2)
@@ -34,7 +34,7 @@ def test_popularity_recommendation_hand_computed(tmp_path):
 
 def test_baselines_on_a_prepared_run(prepared):
     cfg, run_dir, manifest = prepared
-    out = baselines.evaluate(str(run_dir / "prepare"), ("recommendation", "ctr", "intent"))
+    out = tasks.baselines(str(run_dir / "prepare"), ("recommendation", "ctr", "intent"))
     rec = out["recommendation"]["popularity"]
     assert set(rec) == {"hr@10", "ndcg@10", "mrr"}  # 80 items: too few for the sampled-100 protocol
     assert rec["hr@10"] > 10 / manifest["counts"]["items"]  # better than a random ranking

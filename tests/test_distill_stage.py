@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import small_student
-from distillery import metrics, runner
+from distillery import runner, tasks
 from distillery.errors import StageError
-from distillery.metrics import SCORE_METRIC
 from distillery.stages import distill
+from distillery.tasks import SCORE_METRIC, TASKS
 
 
 def test_shares_split_the_batch_by_the_mix_and_refuse_a_task_without_one(prepared):
@@ -37,7 +37,7 @@ def test_select_rebuilds_the_intent_bags_of_the_chosen_rows():
     bag = pa.array([[1, 2], [], [3, 4, 5], [6]], pa.list_(pa.int32()))
     t = pa.table({"bag": bag, "label": pa.array([0, 1, 2, 3], pa.int32()),
                   "logits": pa.array([[0.0, 1.0]] * 4, pa.list_(pa.float32()))})
-    tensors = distill._intent_tensors(t, {})
+    tensors = TASKS["intent"].tensors(t, None)
     out = distill._select(tensors, torch.tensor([2, 1, 0, 2]), "cpu")
     assert out["bag_ids"].tolist() == [3, 4, 5, 1, 2, 3, 4, 5]
     assert out["bag_offsets"].tolist() == [0, 3, 3, 5] and out["label"].tolist() == [2, 1, 0, 2]
@@ -54,10 +54,10 @@ def test_transfer_texts_train_the_kd_student_only(labelled):
     labels = table.column("label").to_numpy()
     transfer = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]["intent"]["transfer"]
     assert (labels == -1).sum() == transfer > 0
-    assert distill.rows_for("student", "intent", table).num_rows == table.num_rows
-    kept = distill.rows_for("student_no_kd", "intent", table)
+    assert TASKS["intent"].training_rows(table, kd=True).num_rows == table.num_rows
+    kept = TASKS["intent"].training_rows(table, kd=False)
     assert kept.num_rows == table.num_rows - transfer and min(kept.column("label").to_pylist()) >= 0
-    assert distill.rows_for("student_no_kd", "ctr", table).num_rows == table.num_rows
+    assert TASKS["ctr"].training_rows(table, kd=False).num_rows == table.num_rows
 
 
 def test_the_class_balanced_soft_term_weighs_by_the_teachers_picks_over_the_training_rows(labelled):
@@ -66,19 +66,20 @@ def test_the_class_balanced_soft_term_weighs_by_the_teachers_picks_over_the_trai
 
     cfg, _ = labelled
     inp = distill.inputs(cfg)
-    table = inp.tables["intent"]
+    table, intent = inp.tables["intent"], TASKS["intent"]
     picks = np.stack(table.column("logits").to_numpy(zero_copy_only=False)).argmax(1)
-    assert inp.intent_counts == np.bincount(picks, minlength=inp.spec.n_intents).tolist()
-    assert distill.loss_module(cfg, "intent", kd=True, intent_counts=inp.intent_counts).class_weight is None  # off
+    counts = inp.loss_context["intent"]
+    assert counts == np.bincount(picks, minlength=inp.spec.n_intents).tolist()
+    assert intent.loss(cfg, kd=True, context=counts).class_weight is None  # off
     raw = cfg.model_dump(mode="json")
     raw["tasks"]["intent"]["kd_class_power"] = 0.5
     on = RunConfig.model_validate(raw)
-    loss = distill.loss_module(on, "intent", kd=True, intent_counts=inp.intent_counts)
-    want = class_balance_weights(torch.tensor(inp.intent_counts), 0.5)
+    loss = intent.loss(on, kd=True, context=counts)
+    want = class_balance_weights(torch.tensor(counts), 0.5)
     assert torch.equal(loss.class_weight, want) and loss.alpha == cfg.tasks.intent.alpha
-    assert distill.loss_module(on, "intent", kd=False, intent_counts=inp.intent_counts).alpha == 0
+    assert intent.loss(on, kd=False, context=counts).alpha == 0
     with pytest.raises(StageError, match="kd_class_power"):
-        distill.loss_module(on, "intent", kd=True)
+        intent.loss(on, kd=True)
 
 
 def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_group(prepared):
@@ -101,7 +102,7 @@ def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_gr
 def test_the_students_score_is_the_mean_ratio_to_the_teacher():
     teacher = {"recommendation": {"ndcg@10": 0.2}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.5}}
     student = {"recommendation": {"ndcg@10": 0.1}, "ctr": {"auc": 0.8}, "intent": {"macro_f1": 0.6}}
-    assert metrics.teacher_relative_score(student, teacher) == pytest.approx((0.5 + 1.0 + 1.2) / 3)
+    assert tasks.teacher_relative_score(student, teacher) == pytest.approx((0.5 + 1.0 + 1.2) / 3)
 
 
 @pytest.mark.integration
@@ -121,10 +122,10 @@ def test_distill_trains_the_student_and_the_no_kd_baseline_and_keeps_finished_va
         assert m[variant]["params"] > 0 and np.isfinite(m[variant]["valid_score"])
     assert not (run_dir / "distill" / "ray_train").exists()
     # the variants differ in what they learn from: the KD losses mix in the teacher at the config's
-    # alpha, the no-KD ones never do (rows_for, tested above, drops its intent transfer texts)
+    # alpha, the no-KD ones never do (training_rows, tested above, drops the intent transfer texts)
     for t in ("recommendation", "ctr", "intent"):
-        assert distill.loss_module(cfg, t, kd=True).alpha == getattr(cfg.tasks, t).alpha > 0
-        assert distill.loss_module(cfg, t, kd=False).alpha == 0
+        assert TASKS[t].loss(cfg, kd=True).alpha == getattr(cfg.tasks, t).alpha > 0
+        assert TASKS[t].loss(cfg, kd=False).alpha == 0
 
     # interrupted after the KD student finished: a re-run keeps it and trains only the baseline
     kept = (run_dir / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns

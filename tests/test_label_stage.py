@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,18 @@ from distillery import runner
 from distillery.errors import StageError
 from distillery.histories import pad_histories
 from distillery.models.teacher import load_backbone, text_inputs
+from distillery.config import RunConfig
 from distillery.stages import label
+from distillery.tasks import TASKS, LabelContext
+from distillery.tasks.intent import label_texts, label_tokens, tokenize_batch
+
+
+def _ctx(model, tok=None, *, top_k=4, max_history=5, max_length=16) -> LabelContext:
+    """A label context for the tiny teacher: histories of `max_history` items, lists of `top_k`."""
+    cfg = RunConfig.model_validate({"label": {"top_k": top_k}, "tasks": {"ctr": {"max_history": max_history}},
+                                    "teacher": {"max_length": max_length}})
+    return LabelContext(cfg=cfg, tokenizer=tok, spec=SimpleNamespace(max_history=max_history),
+                        items=model.item_vectors(), device="cpu")
 
 
 # ------------------------------------------------------------------------------ units
@@ -27,7 +39,7 @@ def test_recommendation_labels_are_the_top_k_outside_the_history(tiny_teacher):
     model, _ = tiny_teacher
     hist = [[2, 3, 4], [], [5]]
     batch = pa.table({"history": pa.array(hist, pa.list_(pa.int32())), "item": pa.array([6, 7, 3], pa.int32())})
-    out = label.label_recommendation(model, model.item_vectors(), batch, max_history=5, top_k=4, device="cpu")
+    out = TASKS["recommendation"].label(model, batch, _ctx(model))
     scores = model.rec_scores(pad_histories(hist, 5))
     top_ids, top_scores = out["top_ids"].to_pylist(), out["top_scores"].to_pylist()
     for i, h in enumerate(hist):
@@ -38,7 +50,7 @@ def test_recommendation_labels_are_the_top_k_outside_the_history(tiny_teacher):
         assert top_ids[i] == best
         assert out["target_score"][i].as_py() == pytest.approx(float(scores[i, batch["item"][i].as_py()].detach()), abs=1e-5)
     # a catalogue smaller than K gives every real item
-    small = label.label_recommendation(model, model.item_vectors(), batch, max_history=5, top_k=50, device="cpu")
+    small = TASKS["recommendation"].label(model, batch, _ctx(model, top_k=50))
     assert len(small["top_ids"][1].as_py()) == 10
 
 
@@ -46,11 +58,11 @@ def test_ctr_and_intent_labels_match_the_model(tiny_teacher):
     model, tok = tiny_teacher
     batch = pa.table({"history": pa.array([[2, 3], None], pa.list_(pa.int32())), "item": pa.array([4, 5], pa.int32()),
                       "slot": pa.array([0, None], pa.int32()), "text": ["red pen", ""]})
-    ctr = label.label_ctr(model, model.item_vectors(), batch, max_history=5, device="cpu")
+    ctr = TASKS["ctr"].label(model, batch, _ctx(model))
     want = model.ctr_logits(pad_histories([[2, 3], []], 5), torch.tensor([4, 5]), torch.tensor([0, -1]))
     assert np.allclose(ctr["logit"].to_numpy(), want.detach().numpy(), atol=1e-5)
     long = pa.table({"text": ["x " * 5000, None]})  # overlong and missing texts are truncated / empty, not fatal
-    intent = label.label_intent(model, tok, long, max_length=16, device="cpu")
+    intent = TASKS["intent"].label(model, long, _ctx(model, tok))
     assert [len(v) for v in intent["logits"].to_pylist()] == [3, 3]
 
 
@@ -60,11 +72,12 @@ def test_texts_tokenized_by_ray_data_label_like_texts_tokenized_in_the_worker(ti
     model = tiny_teacher_model(backbone, lexical_dim=lexical_dim).eval()
     texts = ["red gel pen", None, "x " * 500, "Waetrproof bike helmet with mips"]
     batch = pa.table({"example_id": [f"intent:{i}" for i in range(4)], "split": ["train"] * 4, "text": texts})
-    tokens = label.tokenize_batch(batch, tokenizer=tok, max_length=16, buckets=model.lexical_buckets)
+    tokens = tokenize_batch(batch, tokenizer=tok, max_length=16, buckets=model.lexical_buckets)
     assert tokens.column_names == ["example_id", "split", "input_ids"] + (["bag_ids"] if lexical_dim else [])
     assert max(len(ids) for ids in tokens.column("input_ids").to_pylist()) == 16  # truncated
-    got = label.label_intent_tokens(model, tokens, pad_id=tok.pad_token_id, device="cpu")["logits"].to_pylist()
-    want = label.label_intent(model, tok, batch, max_length=16, device="cpu")["logits"].to_pylist()
+    got = label_tokens(model, tokens, pad_id=tok.pad_token_id, device="cpu")["logits"].to_pylist()
+    want = label_texts(model, tok, batch, max_length=16, device="cpu")["logits"].to_pylist()
+    assert TASKS["intent"].label(model, tokens, _ctx(model, tok))["logits"].to_pylist() == got  # tokenized rows
     assert np.allclose(np.array(got), np.array(want), atol=1e-5)
 
 
@@ -73,7 +86,7 @@ def test_part_writer_groups_splits_and_writes_whole_files(tmp_path):
     for a in range(0, 8, 2):
         w.add(pa.table({"example_id": [f"e{a}", f"e{a + 1}"], "split": ["train", "valid" if a == 4 else "train"],
                         "logit": pa.array([0.0, 1.0], pa.float32()), "fingerprint": pa.array([a, a + 1], pa.int64())},
-                       schema=label.LABEL_SCHEMAS["ctr"]))
+                       schema=TASKS["ctr"].label_schema))
     w.close()
     train = sorted((tmp_path / "ctr" / "train").glob("part-*.parquet"))
     assert len(train) == 2 and [pq.read_metadata(f).num_rows for f in train] == [4, 3]
@@ -162,7 +175,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
     for task in ("recommendation", "ctr", "intent"):
         got = _read(run_dir, task)
-        assert got.schema.remove_metadata() == label.LABEL_SCHEMAS[task]
+        assert got.schema.remove_metadata() == TASKS[task].label_schema
         ids = got.column("example_id").to_pylist()
         want = pq.read_table(run_dir / "prepare" / "examples" / task, columns=["example_id"]).column(0).to_pylist()
         reliability["rows_lost"] = reliability.get("rows_lost", 0) + len(set(want) - set(ids))

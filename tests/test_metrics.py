@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 from distillery import metrics as M
+from distillery.tasks import SCORE_METRIC
 
 
 def test_full_ranking_masks_history_and_reserved_ids():
@@ -87,10 +88,10 @@ def test_logloss_matches_reference_and_clips():
     assert math.isfinite(M.logloss(np.array([1]), np.array([0.0])))
 
 
-def test_intent_metrics_match_reference():
+def test_classification_metrics_match_reference():
     y = np.array([0, 1, 2, 2, 1, 0, 3])
     p = np.array([0, 2, 2, 2, 1, 1, 4])  # class 4 only predicted, class 3 only true
-    m = M.intent_metrics(y, p)
+    m = M.classification_metrics(y, p)
     assert m["accuracy"] == pytest.approx(4 / 7)
     assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
 
@@ -173,7 +174,7 @@ def test_ratio_intervals_of_two_models_outputs_match_their_metrics():
     student, teacher = outputs(0.9), outputs(0.5)
     got = evaluation.ratio_intervals(student, teacher, resamples=200)
     ms, mt = evaluation.metrics_of(student), evaluation.metrics_of(teacher)
-    for t, m in M.SCORE_METRIC.items():
+    for t, m in SCORE_METRIC.items():
         assert got[t]["metric"] == m and got[t]["ratio"] == pytest.approx(ms[t][m] / mt[t][m])
         assert got[t]["low"] < got[t]["ratio"] < got[t]["high"]
     assert got["ctr"]["units"] == 50 and got["intent"]["units"] == 80

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import ROOT, checkpoint_part
 from distillery import runner
-from distillery.metrics import SCORE_METRIC
+from distillery.tasks import SCORE_METRIC
 from distillery.models.teacher import load_model
 from distillery.stages.teacher import choose_dropouts, choose_members, evaluate, member_name
 

@@ -17,6 +17,7 @@ from distillery.config import load_config
 from distillery.data import examples as ex
 from distillery.errors import DataError, StageError
 from distillery.stages import label
+from distillery.tasks import TASKS
 
 
 # ------------------------------------------------------------------------------ units
@@ -184,7 +185,7 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
         assert sorted(got["example_id"]) == sorted(new["example_id"])  # one label per example
         # a reused label is the earlier label of the same content
         before = pq.read_table(tmp / "old" / "label" / task).to_pandas().merge(old[["example_id", "key"]], on="example_id")
-        col = label.LABEL_COLUMNS[task][0]
+        col = TASKS[task].label_columns[0]
         merged = got.merge(new[["example_id", "key"]], on="example_id").merge(before[["key", col]], on="key",
                                                                                suffixes=("", "_before"))
         assert len(merged) >= lm["reused"][task]

@@ -1,10 +1,12 @@
 """Non-neural baselines every model must beat, on the prepare stage's examples.
 
-- recommendation / popularity: rank items by how often they were clicked before the evaluated
-  split (counted from that split's histories, so the targets themselves never leak in).
-- ctr / popularity: smoothed item click-through rate from the train examples,
+- popularity ranking: rank items by how often they were clicked before the evaluated split
+  (counted from that split's histories, so the targets themselves never leak in).
+- popularity CTR: smoothed item click-through rate from the train examples,
   (clicks_i + m * prior) / (shown_i + m), with the global rate as prior; unseen items get the prior.
-- intent / tfidf_logreg: word 1-2-gram TF-IDF + multinomial logistic regression on train.
+- TF-IDF + LR for text classes: word 1-2-gram TF-IDF + multinomial logistic regression on train.
+
+Each takes the task whose examples it reads; the task modules (`tasks/`) say which baselines they have.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ def _histories(df) -> list[np.ndarray]:
     return [np.asarray(h, dtype=np.int64) for h in df["history"]]
 
 
-def popularity_recommendation(prepare_dir: str, split: str = "test", seed: int = 0, batch: int = 1024) -> dict:
-    df = read_split(prepare_dir, "recommendation", split)
+def popularity_ranking(prepare_dir: str, task: str, split: str = "test", seed: int = 0, batch: int = 1024) -> dict:
+    """Ranking metrics of the popularity order on `task`'s next-item examples (history, item)."""
+    df = read_split(prepare_dir, task, split)
     v = vocab_size(prepare_dir)
     hists = _histories(df)
     counts = np.bincount(np.concatenate(hists) if hists else np.zeros(0, np.int64), minlength=v).astype(np.float64)
@@ -29,38 +32,29 @@ def popularity_recommendation(prepare_dir: str, split: str = "test", seed: int =
     return M.evaluate_ranking(lambda a, b: np.broadcast_to(counts, (b - a, v)), targets, hists, v, seed, batch)
 
 
-def popularity_ctr(prepare_dir: str, split: str = "test") -> dict:
-    train = read_split(prepare_dir, "ctr", "train")
+def popularity_ctr(prepare_dir: str, task: str, split: str = "test") -> dict:
+    """CTR metrics of the smoothed item click rate on `task`'s (item, label, user_id) examples."""
+    train = read_split(prepare_dir, task, "train")
     v = vocab_size(prepare_dir)
     shown = np.bincount(train["item"].to_numpy(np.int64), minlength=v).astype(np.float64)
     clicks = np.bincount(train["item"].to_numpy(np.int64), weights=train["label"].to_numpy(np.float64), minlength=v)
     prior = float(train["label"].mean()) if len(train) else 0.5
     rate = (clicks + SMOOTHING * prior) / (shown + SMOOTHING)
-    df = read_split(prepare_dir, "ctr", split)
+    df = read_split(prepare_dir, task, split)
     return M.ctr_metrics(df["label"].to_numpy(), rate[df["item"].to_numpy(np.int64)], df["user_id"].to_numpy())
 
 
-def tfidf_intent(prepare_dir: str, split: str = "test", seed: int = 0) -> dict:
+def tfidf_classifier(prepare_dir: str, task: str, split: str = "test", seed: int = 0) -> dict:
+    """Classification metrics of TF-IDF + logistic regression on `task`'s (text, label) examples."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    train, df = read_split(prepare_dir, "intent", "train"), read_split(prepare_dir, "intent", split)
+    train, df = read_split(prepare_dir, task, "train"), read_split(prepare_dir, task, split)
     if train["label"].nunique() < 2:
         pred = np.full(len(df), train["label"].iloc[0] if len(train) else 0)
-        return M.intent_metrics(df["label"].to_numpy(), pred)
+        return M.classification_metrics(df["label"].to_numpy(), pred)
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed)
     clf.fit(vec.fit_transform(train["text"]), train["label"])
-    return M.intent_metrics(df["label"].to_numpy(), clf.predict(vec.transform(df["text"])))
+    return M.classification_metrics(df["label"].to_numpy(), clf.predict(vec.transform(df["text"])))
 
-
-def evaluate(prepare_dir: str, tasks: tuple[str, ...], split: str = "test", seed: int = 0) -> dict:
-    """{"recommendation": {"popularity": {...}}, "ctr": {"popularity": {...}}, "intent": {"tfidf_logreg": {...}}}"""
-    out = {}
-    if "recommendation" in tasks:
-        out["recommendation"] = {"popularity": popularity_recommendation(prepare_dir, split, seed)}
-    if "ctr" in tasks:
-        out["ctr"] = {"popularity": popularity_ctr(prepare_dir, split)}
-    if "intent" in tasks:
-        out["intent"] = {"tfidf_logreg": tfidf_intent(prepare_dir, split, seed)}
-    return out

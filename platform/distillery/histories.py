@@ -39,3 +39,10 @@ def trim_padding(history: torch.Tensor) -> torch.Tensor:
     least one column kept): the same scores for every model here, less work."""
     used = (history != 0).any(0).nonzero()
     return history[:, int(used[0]) if len(used) else history.shape[1] - 1:]
+
+
+def pad_to_longest(histories, max_history: int) -> torch.Tensor:
+    """Left-padded to the longest history of the batch (at most max_history): every model here
+    counts positions back from the most recent item, so less padding changes no score, only the time."""
+    longest = max((len(h) for h in histories), default=1)
+    return pad_histories(histories, max(1, min(max_history, longest)))

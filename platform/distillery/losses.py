@@ -1,4 +1,4 @@
-"""Distillation losses, one small module per task (DESIGN.md "Student").
+"""Distillation losses, one small module per kind of task (each task module in `tasks/` picks its own).
 
 Each mixes a hard-label loss with a soft one against the teacher at temperature T, weighted by
 `alpha` (a): (1 - a) * hard + a * T^2 * soft. The T^2 keeps the soft term's gradient on the
@@ -133,5 +133,3 @@ class RecommendationKD(_KD):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank_weight={self.rank_weight}, rank_k={self.rank_k}"
 
-
-LOSSES = {"recommendation": RecommendationKD, "ctr": CtrKD, "intent": IntentKD}

@@ -2,7 +2,8 @@
 
 Names are a contract: `hr@10`, `ndcg@10`, `mrr` (recommendation, full catalogue),
 `hr@10_sampled100`, `ndcg@10_sampled100` (100 sampled negatives, the SASRec paper's protocol),
-`auc`, `gauc`, `logloss` (ctr), `accuracy`, `macro_f1` (intent).
+`auc`, `gauc`, `logloss` (ctr), `accuracy`, `macro_f1` (classes: intent).
+Which metric ranks a task's models is the task's own (`tasks/`).
 
 Conventions:
 - Ranking ties count against the target (pessimistic): an item scored equal to the target ranks
@@ -19,27 +20,6 @@ import math
 import numpy as np
 
 RESERVED = 2  # vocabulary ids 0 (pad) and 1 (unknown)
-
-
-# The metric that ranks models on each task (early stopping, the SASRec grid, the report's tables).
-SCORE_METRIC = {"recommendation": "ndcg@10", "ctr": "auc", "intent": "macro_f1"}
-
-
-def mean_metric(valid: dict) -> float:
-    """Mean over tasks of SCORE_METRIC: how the teacher stage summarizes a model it trains (its
-    manifest's `valid_mean_metric`)."""
-    vals = [valid[t][m] for t, m in SCORE_METRIC.items() if t in valid and not math.isnan(valid[t][m])]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def teacher_relative_score(valid: dict, teacher_valid: dict) -> float:
-    """Mean over tasks of student metric / teacher metric: the students' early-stopping and sweep
-    score (`valid_score` in the distill and tune outputs). Tasks the teacher scores 0 or NaN on
-    are left out."""
-    ratios = [valid[t][m] / teacher_valid[t][m] for t, m in SCORE_METRIC.items()
-              if t in valid and t in teacher_valid and teacher_valid[t][m]
-              and not math.isnan(valid[t][m]) and not math.isnan(teacher_valid[t][m])]
-    return float(np.mean(ratios)) if ratios else float("nan")
 
 
 def ranks_full(scores: np.ndarray, targets: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
@@ -223,8 +203,8 @@ def ctr_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dic
     return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, users), "logloss": logloss(labels, probs)}
 
 
-# ------------------------------------------------------------------------------ intent
-def intent_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+# ------------------------------------------------------------------------------ classes
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     """Accuracy and macro-F1 over the classes present in labels or predictions."""
     y, p = np.asarray(labels), np.asarray(predictions)
     if len(y) == 0:

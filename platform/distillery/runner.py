@@ -56,7 +56,7 @@ def _teacher_config(cfg: RunConfig) -> dict:
 
 
 def _teacher_run(cfg: RunConfig, out_dir: str) -> dict:
-    return warmstart.reuse_teacher(cfg, out_dir) if cfg.warm_start else teacher.run(cfg, out_dir)
+    return teacher.reuse(cfg, out_dir) if cfg.warm_start else teacher.run(cfg, out_dir)
 
 
 def _label_config(cfg: RunConfig) -> dict:

@@ -10,7 +10,7 @@ that run's teacher and labels are reused:
             the earlier run's (item ids, categories and texts: the teacher's item vectors and the
             student's item table are indexed by it).
 - teacher   copies the earlier run's fine-tuned teacher instead of training one, and evaluates it
-            on the new window.
+            on the new window (`stages.teacher.reuse`, with what this module says of the source).
 - label     copies the earlier labels of every example whose fingerprint (`label.fingerprints`)
             the earlier teacher labelled with the same settings; the teacher labels the rest.
 - distill   starts the student from the uncompressed student the bundle was made from (the
@@ -32,10 +32,8 @@ import torch
 from . import storage
 from .config import RunConfig, stable_hash
 from .errors import DataError, StageError
-from .layout import RunLayout, TeacherDir
-from .metrics import mean_metric
+from .layout import RunLayout
 from .models.student import StudentSpec
-from .progress import say
 from .serving import bundle
 
 # the student's shape: a bundle's weights fit a new student only where all of these are equal
@@ -151,46 +149,6 @@ def check_catalogue(cfg: RunConfig, items_path: str) -> None:
             f"warm start needs the catalogue of the run it continues ({src.run_dir}): {len(changed)} items changed "
             f"their category or text (e.g. {changed.tolist()[:3]}), and the teacher's item vectors come from them. "
             "Run without --warm-start")
-
-
-# ------------------------------------------------------------------------------ teacher
-def reuse_teacher(cfg: RunConfig, out_dir: str) -> dict:
-    """The teacher stage of a warm-started run: the earlier teacher, copied, evaluated on this window."""
-    from . import baselines
-    from .models.teacher import load_model
-    from .stages import teacher
-
-    src = source(cfg)
-    out, layout = TeacherDir(out_dir), RunLayout(cfg.run_dir)
-    model_dir = out.model
-    say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
-    storage.copy_dir(src.teacher_dir, model_dir)
-    model, tokenizer, spec = load_model(model_dir)
-    prepare_dir = layout.prepare.root
-    tasks = [t for t in cfg.tasks.enabled() if t in spec.tasks]
-    new_labels = storage.read_json(layout.prepare.vocab("intent_labels"))
-    if "intent" in tasks and new_labels != list(spec.intent_labels):
-        raise StageError(f"the teacher of {src.run_dir} has intent classes {list(spec.intent_labels)}, the new window "
-                         f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
-    valid = teacher.evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
-    test = teacher.evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
-    report = {"valid": valid, "test": test, "baselines": baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed),
-              "reused_from": src.run_dir}
-    # the earlier run's SASRec baseline, like its teacher, measured on this window
-    earlier_dir = src.layout.teacher
-    earlier = storage.read_json(earlier_dir.metrics)
-    if earlier.get("sasrec_chosen"):
-        # copied with its teacher, so that a run warm-started from this one finds it too
-        chosen = earlier["sasrec_chosen"]
-        storage.copy_dir(earlier_dir.sasrec(chosen).root, out.sasrec(chosen).root)
-        for t, m in teacher.sasrec_test(out_dir, earlier, prepare_dir, tasks, spec, cfg.seed).items():
-            report["baselines"].setdefault(t, {})["sasrec"] = m
-        report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
-    storage.write_json(out.metrics, report)
-    teacher.print_metrics(report)
-    return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,
-            "valid_mean_metric": mean_metric(valid), "test": test,
-            "model_sha256": storage.sha256(storage.join(model_dir, "model.safetensors"))}
 
 
 # ------------------------------------------------------------------------------ student

@@ -1,4 +1,4 @@
-"""Task examples from validated rows (DESIGN.md "Tasks").
+"""Task examples from validated rows (docs/data.md, "Task examples").
 
 recommendation  one example per next click: history = the user's earlier clicks (most recent
                 `max_history`), target = the click. Leave-one-out: the last click is `test`, the

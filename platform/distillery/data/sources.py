@@ -1,7 +1,7 @@
 """Readers and adapters: any supported input -> Ray Datasets in the native contract.
 
 `load_sources(data_cfg)` returns {"items", "interactions", "reviews"?} as lazy Ray Datasets whose
-rows follow DESIGN.md's input contract plus `_source` (the file a row came from, for error
+rows follow the input contract (docs/data.md) plus `_source` (the file a row came from, for error
 messages). Adapters only rename and reshape fields; they never drop an input row (the MIND adapter
 keeps a user's history once, though every impression line of hers repeats it). A line that cannot be
 parsed becomes a row with `_parse_error` set, which validation turns into a reject.

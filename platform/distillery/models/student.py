@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import evaluation, storage
+from .. import storage
 from ..data.examples import read_items
 from ..lexical import text_features
+from .heads import item_head_predictors
 from .spec import spec_from_json
 from .teacher import MAX_SLOTS
 
@@ -318,5 +319,5 @@ def predictors(model: Student, tokenizer, spec: StudentSpec, tasks, device="cpu"
         ids, offsets = text_bag(tokenizer, texts, max_length=spec.max_length, buckets=spec.ngram_buckets)
         return model.intent_logits(ids.to(device), offsets.to(device)).argmax(-1).cpu().numpy()
 
-    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+    return {t: f for t, f in {**item_head_predictors(model, items, device), "intent": intent}.items()
             if t in tasks}

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import evaluation, storage
+from .. import storage
 from ..errors import DistilleryError
+from .heads import item_head_predictors
 from .seqrec import SeqSpec, SequenceModel
 from .spec import spec_from_json
 
@@ -322,7 +323,7 @@ def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") 
         inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
         return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
 
-    return {t: f for t, f in {**evaluation.item_head_predictors(model, items, device), "intent": intent}.items()
+    return {t: f for t, f in {**item_head_predictors(model, items, device), "intent": intent}.items()
             if t in tasks}
 
 

@@ -30,20 +30,20 @@ import torch
 from .. import evaluation, latency, loop, quant, shrink, storage, trainstate
 from ..config import RunConfig, with_trial
 from ..layout import CompressDir, RunLayout
-from ..metrics import SCORE_METRIC
 from ..models import student as S
 from ..models.student import StudentSpec
 from ..progress import say
+from ..tasks import SCORE_METRIC, TASKS
 from ..serving import bundle
 from . import distill
 
 
 def finetune(model, loss_cfg: RunConfig, tasks: list[str], data: dict, shares: dict, steps: int, seed: int,
-             intent_counts: list[int] | None = None) -> float:
+             loss_context: dict | None = None) -> float:
     """`steps` steps of the distillation loss through the shared loop (`loop.fit`, one epoch, no
     early stopping: the variant is measured afterwards); returns the mean loss over the steps.
-    intent_counts: as `distill.loss_module`'s."""
-    loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True, intent_counts=intent_counts)
+    loss_context: as `distill.DistillLoss`'s."""
+    loss_fn = distill.DistillLoss(model, loss_cfg, tasks, kd=True, loss_context=loss_context)
     optim = torch.optim.AdamW(model.parameters(), lr=loss_cfg.distill.lr * 0.3, weight_decay=0.0)
     sched = trainstate.warmup_linear(optim, max(steps, 1), 0.0)
     batches = distill.mixed_batches({t: data[t] for t in tasks}, shares, steps, "cpu")
@@ -74,11 +74,12 @@ def choose(variants: list[dict]) -> dict:
 def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, spec: StudentSpec) -> list[dict]:
     """[{name, parent, model, spec, state}]: every variant with the state dict it is stored as."""
     cc = cfg.compress
-    data = {t: distill.TASKS[t].tensors(tb, spec) for t, tb in inp.tables.items()}
+    data = {t: TASKS[t].tensors(tb, spec) for t, tb in inp.tables.items()}
     out = [{"name": "student", "parent": None, "model": base, "spec": spec, "state": base.state_dict()}]
     model, m = base, spec
     if cc.vocab_min_count:
-        bags = [base.item_bag_ids] + ([data["intent"]["bag_values"]] if "intent" in data else [])
+        # the catalogue's text and every text task's training texts
+        bags = [base.item_bag_ids] + [d["bag_values"] for d in data.values() if "bag_values" in d]
         model, m = shrink.prune_vocabulary(model, m, shrink.token_counts(spec, bags), min_count=cc.vocab_min_count,
                                            reserve=cc.vocab_reserve)
         say(f"[compress] vocabulary: {m.text_rows_kept:,} of {spec.vocab_size + spec.ngram_buckets:,} "
@@ -88,7 +89,7 @@ def _variants(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, base, sp
                 "state": quant.narrow_ints(model.state_dict())})
     for keep in cc.unit_keep:
         pruned, pm = shrink.prune_units(model, m, keep)
-        loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed, inp.intent_counts)
+        loss = finetune(pruned, loss_cfg, inp.tasks, data, inp.shares, cc.finetune_steps, cfg.seed, inp.loss_context)
         say(f"[compress] kept {keep:.0%} of the hidden units and text columns ({shrink.params(pruned):,} parameters), "
             f"fine-tuned {cc.finetune_steps} steps (mean loss {loss:.4f})")
         out.append({"name": f"student_units{round(keep * 100)}", "parent": "student_compact", "model": pruned,

@@ -2,9 +2,9 @@
 labels, as a Ray Train job, and the no-distillation baseline (every alpha = 0, same budget) trained
 the same way. Outputs RUN_DIR/distill/{student,student_no_kd}/{model/, history.json, metrics.json}.
 
-Tasks are data: `TASKS` says, per task, which columns a training example needs and how the student
-turns a batch into the arguments of that task's loss module (`losses.py`); the training loop is
-one loop over whichever tasks are enabled.
+Each task (`tasks/`) says which columns a training example needs, which rows each variant trains
+on, and how the student turns a batch into the arguments of that task's loss module; the training
+loop is one loop over whichever tasks are enabled.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -20,81 +19,22 @@ from torch import nn
 
 from .. import evaluation, loop, storage, trainstate, warmstart
 from ..config import RunConfig
-from ..data.examples import TRANSFER, vocab_size
+from ..data.examples import vocab_size
 from ..errors import StageError
-from ..histories import pad_list_array
 from ..layout import DistillDir, RunLayout, StudentDir
-from ..losses import LOSSES, class_balance_weights
-from ..metrics import SCORE_METRIC, teacher_relative_score
 from ..models import student as S
 from ..models.student import StudentSpec
 from ..models.teacher import TeacherSpec, set_threads, teacher_vectors
 from ..progress import say
+from ..tasks import SCORE_METRIC, TASKS, teacher_relative_score
 
 VARIANTS = ("student", "student_no_kd")
 
 
-# ------------------------------------------------------------------------------ tasks as data
-def _rec_tensors(t: pa.Table, spec: StudentSpec) -> dict:
-    return {"history": pad_list_array(t.column("history"), spec.max_history),
-            "target": _np(t, "item", np.int64), "top_ids": _stack(t, "top_ids", np.int64),
-            # a list longer than the unseen catalogue ends in masked (-inf) scores: weight ~0, not NaN
-            "top_scores": _stack(t, "top_scores", np.float32).clamp(min=-1e4)}
-
-
-def _ctr_tensors(t: pa.Table, spec: StudentSpec) -> dict:
-    return {"history": pad_list_array(t.column("history"), spec.ctr_history), "item": _np(t, "item", np.int64),
-            "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
-            "label": _np(t, "label", np.float32), "teacher": _np(t, "logit", np.float32)}
-
-
-def _intent_tensors(t: pa.Table, spec: StudentSpec) -> dict:
-    bag = t.column("bag").combine_chunks()
-    return {"bag_values": torch.from_numpy(pc.list_flatten(bag).to_numpy().astype(np.int64)),
-            "bag_offsets": torch.from_numpy(bag.offsets.to_numpy().astype(np.int64)),
-            "label": _np(t, "label", np.int64), "teacher": _stack(t, "logits", np.float32)}
-
-
-def _rec_forward(model, b: dict, items: torch.Tensor) -> tuple:
-    return model.rec_scores(b["history"], items), b["target"], b["top_ids"], b["top_scores"]
-
-
-def _ctr_forward(model, b: dict, items: torch.Tensor) -> tuple:
-    return model.ctr_logits(b["history"], b["item"], b["slot"], items), b["teacher"], b["label"]
-
-
-def _intent_forward(model, b: dict, items: torch.Tensor) -> tuple:
-    return model.intent_logits(b["bag_ids"], b["bag_offsets"]), b["teacher"], b["label"]
-
-
-@dataclass(frozen=True)
-class Task:
-    example_columns: tuple[str, ...]
-    label_columns: tuple[str, ...]
-    tensors: Callable[[pa.Table, dict], dict]  # a worker's whole shard -> tensors indexed by example
-    forward: Callable  # (student, batch, item vectors) -> the task loss module's arguments
-
-
-TASKS = {
-    "recommendation": Task(("example_id", "history", "item"), ("top_ids", "top_scores"), _rec_tensors, _rec_forward),
-    "ctr": Task(("example_id", "history", "item", "slot", "label"), ("logit",), _ctr_tensors, _ctr_forward),
-    "intent": Task(("example_id", "text", "label"), ("logits",), _intent_tensors, _intent_forward),
-}
-
-
-def _np(t: pa.Table, col: str, dtype) -> torch.Tensor:
-    return torch.from_numpy(t.column(col).to_numpy().astype(dtype))
-
-
-def _stack(t: pa.Table, col: str, dtype) -> torch.Tensor:
-    """list column of equal-length lists -> [N, K]."""
-    arr = t.column(col).combine_chunks()
-    flat = pc.list_flatten(arr).to_numpy().astype(dtype)
-    return torch.from_numpy(flat.reshape(len(arr), -1) if len(arr) else flat.reshape(0, 0))
-
-
+# ------------------------------------------------------------------------------ batches
 def _select(tensors: dict, idx: torch.Tensor, device) -> dict:
-    """Rows `idx` of a task's tensors; the intent bag is rebuilt as flat ids + offsets."""
+    """Rows `idx` of a task's tensors; a ragged bag (`bag_values` + `bag_offsets`, a text task's) is
+    rebuilt as flat ids + offsets."""
     out = {k: v[idx].to(device) for k, v in tensors.items() if k not in ("bag_values", "bag_offsets")}
     if "bag_values" in tensors:
         starts, ends = tensors["bag_offsets"][idx], tensors["bag_offsets"][idx + 1]
@@ -131,42 +71,18 @@ class DistillLoss(nn.Module):
     One module, so DDP synchronizes one forward."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, tasks: list[str], kd: bool,
-                 intent_counts: list[int] | None = None):
+                 loss_context: dict | None = None):
+        """loss_context: {task: `Task.loss_context`} of the run's train tables (`Inputs.loss_context`)."""
         super().__init__()
         self.model, self.tasks = model, tasks
-        self.weights = {t: getattr(cfg.tasks, t).weight for t in tasks}
-        self.losses = nn.ModuleDict({t: loss_module(cfg, t, kd, intent_counts) for t in tasks})
+        self.weights = {t: TASKS[t].settings(cfg).weight for t in tasks}
+        self.losses = nn.ModuleDict({t: TASKS[t].loss(cfg, kd, (loss_context or {}).get(t)) for t in tasks})
 
     def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
         items = self.model.item_vectors()
         out = {t: self.losses[t](*TASKS[t].forward(self.model, b, items)) for t, b in batches.items()}
         out["total"] = sum(self.weights[t] * v for t, v in out.items())
         return out
-
-
-def rows_for(variant: str, task: str, table: pa.Table) -> pa.Table:
-    """The training rows of a variant: the no-KD baseline drops the transfer texts (label -1), which
-    carry only the teacher's label."""
-    if task == "intent" and variant != "student":
-        return table.filter(pc.greater_equal(table.column("label"), 0))
-    return table
-
-
-def loss_module(cfg: RunConfig, task: str, kd: bool, intent_counts: list[int] | None = None) -> nn.Module:
-    """Task `task`'s loss with the run's settings; kd=False is the no-KD baseline (every alpha 0).
-    intent_counts: training rows per intent class by the teacher's choice (`Inputs.intent_counts`),
-    which `tasks.intent.kd_class_power` > 0 needs."""
-    tc = getattr(cfg.tasks, task)
-    if task == "recommendation":
-        return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0, rank_weight=tc.rank_weight,
-                            rank_k=min(tc.rank_k, cfg.label.top_k), rank_lambda=tc.rank_lambda)
-    if task == "intent" and tc.kd_class_power > 0:
-        if intent_counts is None:
-            raise StageError("tasks.intent.kd_class_power > 0 needs the teacher's class counts of the intent "
-                             "training rows (distill.Inputs.intent_counts)")
-        weights = class_balance_weights(torch.tensor(intent_counts), tc.kd_class_power)
-        return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0, class_weight=weights)
-    return LOSSES[task](tc.temperature, tc.alpha if kd else 0.0)
 
 
 def _shares(cfg: RunConfig, tasks: list[str]) -> dict[str, int]:
@@ -209,14 +125,14 @@ def _initial_student(config: dict, cfg: RunConfig, run: StudentRun, announce: bo
 
 
 def _shard_tensors(tasks: list[str], variant: str, spec: StudentSpec) -> dict:
-    """This worker's shard of each task's train rows (`rows_for` the variant) as tensors; None for a
-    task whose shard is empty."""
+    """This worker's shard of each task's train rows (`Task.training_rows` of the variant) as tensors;
+    None for a task whose shard is empty."""
     import ray.train
 
     data = {}
     for t in tasks:
         parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
-        table = rows_for(variant, t, pa.concat_tables(parts)) if parts else None
+        table = TASKS[t].training_rows(pa.concat_tables(parts), kd=variant == "student") if parts else None
         data[t] = TASKS[t].tensors(table, spec) if table is not None and table.num_rows else None
     return data
 
@@ -265,7 +181,7 @@ def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
     state = trainstate.restore(student, optim, sched, part=name)
     if state and rank == 0:
         say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
-    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student", intent_counts=config["intent_counts"])
+    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student", loss_context=config["loss_context"])
     model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_fn
     data = _shard_tensors(tasks, variant, spec)
@@ -307,7 +223,7 @@ def training_table(cfg: RunConfig, task: str, tokenizer, student: StudentSpec) -
     """Train examples of `task` joined with their teacher labels by example id (every example must
     have exactly one: the label stage checked it, and a count mismatch here fails loudly)."""
     spec = TASKS[task]
-    splits = ["train"] + ([TRANSFER] if task == "intent" else [])  # transfer: teacher-labelled texts only
+    splits = list(spec.train_splits)
     layout = RunLayout(cfg.run_dir)
     ex_dir, lab_dir = layout.prepare.examples(task), layout.label.task(task)
     examples = _read_splits(ex_dir, splits, list(spec.example_columns), "prepare")
@@ -321,12 +237,7 @@ def training_table(cfg: RunConfig, task: str, tokenizer, student: StudentSpec) -
     table = examples
     for col in spec.label_columns:
         table = table.append_column(col, labels.column(col).take(pos))
-    if task == "intent":  # the text bag is built once here, not every step
-        texts = table.column("text").to_pylist()
-        ids, offsets = S.text_bag(tokenizer, texts, max_length=student.max_length, buckets=student.ngram_buckets)
-        bounds = np.append(offsets.numpy(), len(ids)).astype(np.int32)
-        table = table.drop(["text"]).append_column("bag", pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.numpy(), pa.int32())))
-    return table
+    return spec.training_table(table, tokenizer, student)
 
 
 def _read_splits(folder: str, splits: list[str], columns: list[str], stage: str) -> pa.Table:
@@ -358,14 +269,9 @@ class Inputs:
     teacher_metrics: dict
 
     @property
-    def intent_counts(self) -> list[int] | None:
-        """Intent training rows (gold and transfer texts) per class by the teacher's argmax: what the
-        class-balanced soft term (`tasks.intent.kd_class_power`) weights by. None without intent."""
-        table = self.tables.get("intent")
-        if table is None:
-            return None
-        picks = _stack(table, "logits", np.float32).argmax(1) if table.num_rows else torch.zeros(0, dtype=torch.long)
-        return torch.bincount(picks, minlength=self.spec.n_intents).tolist()
+    def loss_context(self) -> dict:
+        """{task: what its loss needs from the whole train table (`Task.loss_context`)}."""
+        return {t: TASKS[t].loss_context(tb, self.spec) for t, tb in self.tables.items()}
 
     @property
     def prepare_dir(self) -> str:
@@ -425,7 +331,7 @@ def trainer(inp: Inputs, cfg: RunConfig, runs: list[StudentRun], datasets: dict,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "runs": list(runs), "prepare_dir": inp.prepare_dir,
                            "tokenizer_dir": inp.teacher_dir, "spec": spec or inp.spec, "tasks": inp.tasks,
                            "shares": inp.shares, "steps": inp.steps, "teacher_valid": inp.teacher_metrics["valid"],
-                           "intent_counts": inp.intent_counts},
+                           "loss_context": inp.loss_context},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
                                      resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),

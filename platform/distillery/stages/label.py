@@ -4,9 +4,11 @@ Ray Data holds the prepared examples; each Train worker reads its shard (`get_da
 runs the teacher in inference mode (bf16 on GPU; the encoder FSDP-sharded across the workers' GPUs
 with `teacher.shard=fsdp`). Output, one row per example, joined to the examples by `example_id`:
 
-    RUN_DIR/label/recommendation/<split>/part-*.parquet  example_id, split, top_ids [K], top_scores [K], target_score
-    RUN_DIR/label/ctr/<split>/part-*.parquet             example_id, split, logit
-    RUN_DIR/label/intent/<split>/part-*.parquet          example_id, split, logits [n_intents]
+    RUN_DIR/label/<task>/<split>/part-*.parquet   example_id, split, the task's label columns, fingerprint
+
+with each task's label columns (`Task.label_fields`) and how the teacher makes them (`Task.label`)
+in its module (`tasks/`), e.g. recommendation: top_ids [K], top_scores [K], target_score; ctr:
+logit; intent: logits [n_intents].
 
 Recommendation scores are over the whole catalogue with the user's history masked, as the ranking
 metrics do; `target_score` is the true next item's score before masking.
@@ -24,11 +26,9 @@ task and split are exactly the prepared ones.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,55 +36,19 @@ import torch
 
 from .. import storage
 from ..config import RunConfig, stable_hash
-from ..data.examples import ALL_SPLITS, SPLITS
+from ..data.examples import ALL_SPLITS
 from ..data.sources import read_parquet
 from ..errors import StageError
-from ..histories import pad_list_array, trim_padding
 from ..layout import LabelDir, RunLayout
-from ..lexical import text_features
-from ..models.teacher import Teacher, TeacherSpec, read_spec, set_threads, text_inputs
+from ..models.teacher import Teacher, read_spec, set_threads
 from ..progress import say
-
-LABEL_SCHEMAS = {
-    "recommendation": pa.schema([("example_id", pa.string()), ("split", pa.string()),
-                                 ("top_ids", pa.list_(pa.int32())), ("top_scores", pa.list_(pa.float32())),
-                                 ("target_score", pa.float32()), ("fingerprint", pa.int64())]),
-    "ctr": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logit", pa.float32()),
-                      ("fingerprint", pa.int64())]),
-    "intent": pa.schema([("example_id", pa.string()), ("split", pa.string()), ("logits", pa.list_(pa.float32())),
-                         ("fingerprint", pa.int64())]),
-}
-LABEL_COLUMNS = {t: [f.name for f in s if f.name not in ("example_id", "split", "fingerprint")]
-                 for t, s in LABEL_SCHEMAS.items()}
-COLUMNS = {"recommendation": ["example_id", "split", "history", "item"],
-           "ctr": ["example_id", "split", "history", "item", "slot"],
-           "intent": ["example_id", "split", "text"]}
-
+from ..tasks import TASKS, LabelContext
+from ..tasks.intent import tokenize_batch
 
 # ------------------------------------------------------------------------------ fingerprints
-def _hash64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
 def fingerprints(task: str, batch: pa.Table) -> pa.Array:
-    """[B] int64: a hash of the teacher's inputs of each example (recommendation: history and next
-    item; ctr: history, candidate and slot; intent: the normalized text). Ids, users and splits are
-    left out, so an example that a new window of data repeats keeps its fingerprint."""
-    n = batch.num_rows
-    if task == "intent":
-        return pa.array([_hash64(b"intent\0" + (t or "").encode("utf-8", "surrogatepass"))
-                         for t in batch.column("text").to_pylist()], pa.int64())
-    hist = batch.column("history")
-    hist = hist.combine_chunks() if isinstance(hist, pa.ChunkedArray) else hist
-    offsets = hist.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]  # a sliced list array keeps its parent's offsets
-    values = pc.list_flatten(hist).to_numpy(zero_copy_only=False).astype("<i4").tobytes()
-    item = batch.column("item").to_numpy(zero_copy_only=False).astype("<i4")
-    slot = (pc.fill_null(batch.column("slot"), -1).to_numpy(zero_copy_only=False).astype("<i4") if task == "ctr"
-            else np.full(n, -1, "<i4"))
-    tag = task.encode() + b"\0"
-    return pa.array([_hash64(tag + item[i].tobytes() + slot[i].tobytes() + values[4 * offsets[i]:4 * offsets[i + 1]])
-                     for i in range(n)], pa.int64())
+    """[B] int64: `task`'s hash of what the teacher sees of each example (`Task.fingerprints`)."""
+    return TASKS[task].fingerprints(batch)
 
 
 def with_fingerprints(batch: pa.Table, task: str) -> pa.Table:
@@ -101,94 +65,6 @@ def settings(cfg: RunConfig) -> dict:
 def cache_key(cfg: RunConfig, teacher_sha256: str) -> str:
     """Labels of two runs with the same key are interchangeable, fingerprint for fingerprint."""
     return stable_hash({"teacher_sha256": teacher_sha256, **settings(cfg)})
-
-
-# ------------------------------------------------------------------------------ per-task labelers
-def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
-    """[B, K] array -> list<dtype> column of length-K lists."""
-    b, k = values.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, b * k + 1, k, dtype=np.int32)),
-                                    pa.array(values.reshape(-1), dtype))
-
-
-@torch.no_grad()
-def label_recommendation(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, top_k: int,
-                         device) -> dict:
-    """Teacher's top-K over the catalogue (history masked) and its score of the true next item."""
-    hist = trim_padding(pad_list_array(batch.column("history"), max_history)).to(device)
-    target = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
-    scores = model.rec_scores(hist, items).float()
-    target_score = scores.gather(1, target[:, None]).squeeze(1)
-    scores.scatter_(1, hist, float("-inf"))  # pads (id 0) are -inf already
-    k = min(top_k, scores.shape[1] - 2)
-    top = scores.topk(k, dim=1)
-    return {"top_ids": _fixed_list(top.indices.cpu().numpy().astype(np.int32), pa.int32()),
-            "top_scores": _fixed_list(top.values.cpu().numpy().astype(np.float32), pa.float32()),
-            "target_score": pa.array(target_score.cpu().numpy().astype(np.float32))}
-
-
-@torch.no_grad()
-def label_ctr(model: Teacher, items: torch.Tensor, batch: pa.Table, *, max_history: int, device) -> dict:
-    hist = trim_padding(pad_list_array(batch.column("history"), max_history)).to(device)
-    item = torch.as_tensor(batch.column("item").to_numpy(zero_copy_only=False).astype(np.int64), device=device)
-    slot = torch.as_tensor(pc.fill_null(batch.column("slot"), -1).to_numpy().astype(np.int64), device=device)
-    return {"logit": pa.array(model.ctr_logits(hist, item, slot, items).float().cpu().numpy())}
-
-
-def tokenize_batch(batch: pa.Table, *, tokenizer, max_length: int, buckets: int) -> pa.Table:
-    """Ray Data map over intent examples: texts -> unpadded word-piece ids (and hashed n-gram ids when
-    the teacher has a lexical bag). In Ray Data tasks, tokenization runs on the cluster's spare CPUs
-    while the workers run the teacher, instead of stalling each forward pass: on a GPU it was the
-    bottleneck (see benchmarks/README.md)."""
-    texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
-    cols = {name: batch.column(name) for name in ("example_id", "split", "fingerprint") if name in batch.column_names}
-    cols |= {"input_ids": pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"],
-                                  pa.list_(pa.int32()))}
-    if buckets:
-        cols["bag_ids"] = pa.array([text_features(t, buckets) for t in texts], pa.list_(pa.int32()))
-    return pa.table(cols)
-
-
-def _pad_right(column, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """list<int> column -> ([B, longest] ids padded on the right with pad_id, [B, longest] mask)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.list_value_length(arr).to_numpy().astype(np.int64)
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    ids = np.full((len(lengths), max(int(lengths.max(initial=0)), 1)), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    ids[rows, cols], mask[rows, cols] = flat, 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-@torch.no_grad()
-def label_intent_tokens(model: Teacher, batch: pa.Table, *, pad_id: int, device) -> dict:
-    """`label_intent` over rows that `tokenize_batch` has tokenized."""
-    input_ids, mask = _pad_right(batch.column("input_ids"), pad_id)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-    if model.lexical is not None:
-        bag = batch.column("bag_ids").combine_chunks()
-        inputs["bag_ids"] = torch.from_numpy(pc.list_flatten(bag).to_numpy(zero_copy_only=False).astype(np.int64)).to(device)
-        inputs["bag_offsets"] = torch.from_numpy(bag.offsets.to_numpy()[:-1].astype(np.int64)).to(device)
-    return {"logits": _fixed_list(model.intent_logits(**inputs).float().cpu().numpy(), pa.float32())}
-
-
-@torch.no_grad()
-def label_intent(model: Teacher, tokenizer, batch: pa.Table, *, max_length: int, device, chunk: int = 32) -> dict:
-    """Texts in chunks of similar length (each chunk pads to its longest text, not the batch's),
-    logits returned in the batch's order."""
-    texts = [t or "" for t in batch.column("text").to_pylist()]  # truncation handles overlong ones
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    logits = []
-    for a in range(0, len(texts), chunk):
-        part = [texts[i] for i in order[a:a + chunk]]
-        inputs = text_inputs(tokenizer, part, max_length=max_length, buckets=model.lexical_buckets, device=device)
-        logits.append(model.intent_logits(**inputs).float().cpu())
-    out = torch.cat(logits).numpy() if logits else np.zeros((0, 1), np.float32)
-    restored = np.empty_like(out)
-    restored[order] = out
-    return {"logits": _fixed_list(restored, pa.float32())}
 
 
 # ------------------------------------------------------------------------------ output parts
@@ -267,19 +143,6 @@ def _lockstep(batches, sharded: bool, device):
         yield batch
 
 
-def _label_columns(task: str, model: Teacher, tokenizer, items: torch.Tensor, batch: pa.Table, cfg: RunConfig,
-                   spec: TeacherSpec, device) -> dict:
-    """The teacher's label columns of one batch of `task`."""
-    if task == "recommendation":
-        return label_recommendation(model, items, batch, max_history=spec.max_history, top_k=cfg.label.top_k,
-                                    device=device)
-    if task == "ctr":
-        return label_ctr(model, items, batch, max_history=cfg.tasks.ctr.max_history, device=device)
-    if "input_ids" in batch.column_names:  # tokenized by Ray Data
-        return label_intent_tokens(model, batch, pad_id=tokenizer.pad_token_id or 0, device=device)
-    return label_intent(model, tokenizer, batch, max_length=cfg.teacher.max_length, device=device)
-
-
 def label_loop(config: dict) -> None:
     """Ray Train worker function: label this worker's shard of every task."""
     import ray.train
@@ -304,18 +167,19 @@ def label_loop(config: dict) -> None:
         items = model.item_vectors()  # from the item text embeddings saved with the teacher: computed once
     attempt = uuid.uuid4().hex[:8]  # a restarted worker never overwrites a finished part
     timings = {}
+    ctx = LabelContext(cfg=cfg, tokenizer=tokenizer, spec=spec, items=items, device=device)
 
     for task in config["tasks"]:
+        t = TASKS[task]
         skip = done_ids(out_dir, task)
         writer = PartWriter(out_dir, task, f"{attempt}-{rank:03d}", lc.rows_per_file)
-        size = lc.text_batch_size if task == "intent" else lc.batch_size
-        batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=size, batch_format="pyarrow",
+        batches = ray.train.get_dataset_shard(task).iter_batches(batch_size=batch_size(t, lc), batch_format="pyarrow",
                                                                   prefetch_batches=4)
         start, last, seen = time.perf_counter(), time.perf_counter(), 0
-        for batch in _lockstep(batches, sharded and task == "intent", device):
+        for batch in _lockstep(batches, sharded and t.reads_text, device):
             if batch is None:  # this worker is done; join the others' sharded forward with a dummy one
                 with autocast:
-                    label_intent(model, tokenizer, pa.table({"text": ["."]}), max_length=8, device=device)
+                    t.label(model, pa.table({"text": ["."]}), ctx)
                 continue
             seen += batch.num_rows
             if len(skip):
@@ -323,9 +187,9 @@ def label_loop(config: dict) -> None:
             if batch.num_rows == 0:
                 continue
             with autocast:
-                cols = _label_columns(task, model, tokenizer, items, batch, cfg, spec, device)
+                cols = t.label(model, batch, ctx)
             writer.add(pa.table({"example_id": batch.column("example_id"), "split": batch.column("split"), **cols,
-                                 "fingerprint": batch.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
+                                 "fingerprint": batch.column("fingerprint")}, schema=t.label_schema))
             if time.perf_counter() - last > 15:
                 last = time.perf_counter()
                 say(f"[label] worker {rank} {task}: {seen:,} rows read, {writer.rows:,} written "
@@ -340,6 +204,11 @@ def label_loop(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ the stage
+def batch_size(task, lc) -> int:
+    """Examples per teacher forward: a text task's are longer than a history (`label.text_batch_size`)."""
+    return lc.text_batch_size if task.reads_text else lc.batch_size
+
+
 def tokenize_in(lc) -> str:
     """'data' or 'worker'. On a GPU the worker's CPU time is the GPU's idle time, so Ray Data
     tokenizes on the node's other CPUs; on CPU the hand-off only adds work: in one benchmark run on
@@ -378,7 +247,7 @@ def verify(cfg: RunConfig, out_dir: str, tasks) -> dict[str, dict[str, int]]:
     counts = {}
     for task in tasks:
         counts[task] = {}
-        for split in ALL_SPLITS if task == "intent" else SPLITS:
+        for split in TASKS[task].label_splits:
             want_dir, got_dir = prep.examples(task, split), LabelDir(out_dir).task(task, split)
             want, got = _ids(want_dir), _ids(got_dir)
             unique = pc.unique(got)
@@ -428,7 +297,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     key = cache_key(cfg, teacher_sha256)
     # Materialized before the workers start: a worker holding most CPUs of a small machine would
     # otherwise starve the read tasks of its own input.
-    examples = {t: read_parquet(layout.prepare.examples(t), columns=COLUMNS[t])
+    examples = {t: read_parquet(layout.prepare.examples(t), columns=["example_id", "split", *TASKS[t].teacher_inputs])
                 .map_batches(with_fingerprints, fn_kwargs={"task": t}, batch_format="pyarrow").materialize()
                 for t in tasks}
     totals = {t: ds.count() for t, ds in examples.items()}
@@ -440,8 +309,9 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     todo = {t: ds.count() for t, ds in datasets.items()}  # for the teacher in this attempt
     say(f"[label] to the teacher: {sum(todo.values()):,} of {total:,} examples "
         + ", ".join(f"{t}={todo[t]:,}/{totals[t]:,}" for t in tasks))
-    if "intent" in datasets and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
-        datasets["intent"] = _tokenized(datasets["intent"], model_dir, cfg)
+    for t in datasets:
+        if TASKS[t].reads_text and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
+            datasets[t] = _tokenized(datasets[t], model_dir, cfg)
     trainer = TorchTrainer(
         label_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
@@ -483,15 +353,14 @@ def _still_to_label(examples: dict, out_dir: str, reused: dict[str, int], lc) ->
         done = done_ids(out_dir, t)
         if len(done):
             ds = ds.map_batches(_without, fn_kwargs={"ids": done}, batch_format="pyarrow")
-        datasets[t] = ds.repartition(
-            target_num_rows_per_block=4 * (lc.text_batch_size if t == "intent" else lc.batch_size)).materialize()
+        datasets[t] = ds.repartition(target_num_rows_per_block=4 * batch_size(TASKS[t], lc)).materialize()
         if len(done) > reused.get(t, 0):
             say(f"[label] {t}: {len(done) - reused.get(t, 0):,} examples were labelled by an interrupted attempt; kept")
     return datasets
 
 
 def _tokenized(ds, model_dir: str, cfg: RunConfig):
-    """The intent examples with the teacher's inputs added by Ray Data tasks (`tokenize_batch`)."""
+    """A text task's examples with the teacher's inputs added by Ray Data tasks (`tokenize_batch`)."""
     from transformers import AutoTokenizer
 
     with storage.local_copy(model_dir) as local:
@@ -536,15 +405,15 @@ def reuse_labels(examples: dict, out_dir: str, source: str | None, key: str, row
             if not need.num_rows:
                 break
             fs, p = storage.resolve(path)
-            part = pq.read_table(p, filesystem=fs, columns=["fingerprint", *LABEL_COLUMNS[task]])
+            part = pq.read_table(p, filesystem=fs, columns=["fingerprint", *TASKS[task].label_columns])
             at = pc.index_in(need.column("fingerprint"), value_set=part.column("fingerprint"))
             hit = pc.is_valid(at)
             if not pc.any(hit).as_py():
                 continue
             rows, labels = need.filter(hit), part.take(at.filter(hit))
             writer.add(pa.table({"example_id": rows.column("example_id"), "split": rows.column("split"),
-                                 **{c: labels.column(c) for c in LABEL_COLUMNS[task]},
-                                 "fingerprint": rows.column("fingerprint")}, schema=LABEL_SCHEMAS[task]))
+                                 **{c: labels.column(c) for c in TASKS[task].label_columns},
+                                 "fingerprint": rows.column("fingerprint")}, schema=TASKS[task].label_schema))
             need = need.filter(pc.invert(hit))
         writer.close()
         reused[task] = sum(pq.read_metadata(storage.resolve(f)[1], filesystem=storage.resolve(f)[0]).num_rows

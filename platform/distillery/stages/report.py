@@ -27,15 +27,11 @@ from ..config import RunConfig
 from ..data.examples import vocab_size
 from ..errors import StageError
 from ..layout import RunLayout, TeacherDir
-from ..metrics import SCORE_METRIC
 from ..models import student as S
 from ..models.teacher import load_model
 from ..models.teacher import predictors as teacher_predictors
 from ..progress import say
-
-METRICS = {"recommendation": ["hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100"],
-           "ctr": ["auc", "gauc", "logloss"], "intent": ["accuracy", "macro_f1"]}
-
+from ..tasks import SCORE_METRIC, TASKS
 
 def _size(model_dir: str) -> int:
     fs, path = storage.resolve(storage.join(model_dir, "model.safetensors"))
@@ -194,7 +190,7 @@ def markdown(report: dict, plots: list[str]) -> str:
     for t, row in report["tasks"].items():
         cols = names + [f"{b} (baseline)" for b in row["baselines"]]
         out += [f"### {t}", "", "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for m in METRICS[t]:
+        for m in TASKS[t].metrics:
             vals = [row[n].get(m) for n in names] + [b.get(m) for b in row["baselines"].values()]
             if all(v is None for v in vals):
                 continue

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import baselines, evaluation, loop, storage, trainstate
+from .. import evaluation, loop, storage, trainstate, warmstart
 from ..config import RunConfig
 from ..data.examples import read_items, read_split, vocab_size
 from ..data.sources import read_parquet
+from ..errors import StageError
 from ..histories import pad_list_array
 from ..layout import PartDir, PrepareDir, RunLayout, TeacherDir
-from ..metrics import SCORE_METRIC, mean_metric
+from ..models.heads import item_head_predictors
 from ..models.seqrec import NextItemLoss, SeqSpec
 from ..models.teacher import (
     IntentTeacher,
@@ -50,6 +51,7 @@ from ..models.teacher import (
     build,
     build_member,
     load_backbone,
+    load_model,
     load_weights,
     predictors,
     save_model,
@@ -58,6 +60,7 @@ from ..models.teacher import (
     text_inputs,
 )
 from ..progress import say
+from ..tasks import SCORE_METRIC, baselines, mean_metric
 
 SEQ_TASKS = ("recommendation", "ctr")
 
@@ -113,7 +116,7 @@ def evaluate_member(member: SeqMember, prepare_dir: str, split: str, tasks, n_it
     member.eval()
     with torch.no_grad():
         items = member.item_vectors()
-    preds = {t: f for t, f in evaluation.item_head_predictors(member, items, device).items() if t in tasks}
+    preds = {t: f for t, f in item_head_predictors(member, items, device).items() if t in tasks}
     return evaluation.evaluate(preds, prepare_dir, split, n_items=n_items, max_history=max_history, seed=seed)
 
 
@@ -673,7 +676,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
-    base = baselines.evaluate(prepare_dir, tuple(tasks), "test", cfg.seed)
+    base = baselines(prepare_dir, tasks, "test", cfg.seed)
     keys = ("name", "spec", "valid", "best_epoch", "epochs_run")
     report = {"valid": valid, "test": test, "baselines": base, "sasrec_grid": [],
               "teacher_grid": [{k: r[k] for k in keys} for r in trained["teacher"]],
@@ -696,6 +699,41 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     return {"counts": {"params": sum(p.numel() for p in model.parameters()),
                        "sequence_params": sum(p.numel() for p in model.members.parameters())},
             "sasrec": report.get("sasrec_chosen"), "valid_mean_metric": mean_metric(valid), "test": test}
+
+
+def reuse(cfg: RunConfig, out_dir: str) -> dict:
+    """The teacher stage of a warm-started run: the earlier teacher, copied, evaluated on this window."""
+    src = warmstart.source(cfg)
+    out, layout = TeacherDir(out_dir), RunLayout(cfg.run_dir)
+    model_dir = out.model
+    say(f"[teacher] warm start: reusing the fine-tuned teacher of {src.run_dir} (no training)")
+    storage.copy_dir(src.teacher_dir, model_dir)
+    model, tokenizer, spec = load_model(model_dir)
+    prepare_dir = layout.prepare.root
+    tasks = [t for t in cfg.tasks.enabled() if t in spec.tasks]
+    new_labels = storage.read_json(layout.prepare.vocab("intent_labels"))
+    if "intent" in tasks and new_labels != list(spec.intent_labels):
+        raise StageError(f"the teacher of {src.run_dir} has intent classes {list(spec.intent_labels)}, the new window "
+                         f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
+    valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
+    test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
+    report = {"valid": valid, "test": test, "baselines": baselines(prepare_dir, tasks, "test", cfg.seed),
+              "reused_from": src.run_dir}
+    # the earlier run's SASRec baseline, like its teacher, measured on this window
+    earlier_dir = src.layout.teacher
+    earlier = storage.read_json(earlier_dir.metrics)
+    if earlier.get("sasrec_chosen"):
+        # copied with its teacher, so that a run warm-started from this one finds it too
+        chosen = earlier["sasrec_chosen"]
+        storage.copy_dir(earlier_dir.sasrec(chosen).root, out.sasrec(chosen).root)
+        for t, m in sasrec_test(out_dir, earlier, prepare_dir, tasks, spec, cfg.seed).items():
+            report["baselines"].setdefault(t, {})["sasrec"] = m
+        report.update(sasrec_chosen=earlier["sasrec_chosen"], sasrec_grid=earlier["sasrec_grid"])
+    storage.write_json(out.metrics, report)
+    print_metrics(report)
+    return {"counts": {"params": sum(p.numel() for p in model.parameters())}, "reused_from": src.run_dir,
+            "valid_mean_metric": mean_metric(valid), "test": test,
+            "model_sha256": storage.sha256(storage.join(model_dir, "model.safetensors"))}
 
 
 def print_metrics(report: dict) -> None:

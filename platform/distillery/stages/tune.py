@@ -37,8 +37,8 @@ from .. import storage
 from ..config import TUNED_PER_TASK, RunConfig, TuneSpace, with_trial
 from ..errors import StageError
 from ..layout import RunLayout, TuneDir
-from ..metrics import SCORE_METRIC
 from ..progress import say
+from ..tasks import SCORE_METRIC, TASKS
 from . import distill
 
 EXPERIMENT = "sweep"
@@ -58,10 +58,10 @@ def param_space(space: TuneSpace, tasks: list[str]) -> dict:
             out[name] = {t: domain(r) for t in tasks}
     if space.lr is not None:
         out["lr"] = domain(space.lr)
-    if space.rank_weight is not None and "recommendation" in tasks:
-        out["rank_weight"] = domain(space.rank_weight)
-    if space.kd_class_power is not None and "intent" in tasks:
-        out["kd_class_power"] = domain(space.kd_class_power)
+    for t in tasks:  # the knobs of one task (`Task.tuned`), searched while it is in the run
+        for name in TASKS[t].tuned:
+            if (r := getattr(space, name)) is not None:
+                out[name] = domain(r)
     if space.dim is not None:
         out["dim"] = tune.choice(list(space.dim))
     if not out:
@@ -80,13 +80,13 @@ def defaults_point(cfg: RunConfig, space: TuneSpace, tasks: list[str]) -> dict:
     for name in TUNED_PER_TASK:
         r = getattr(space, name)
         if r is not None:
-            point[name] = {t: clamp(r, getattr(getattr(cfg.tasks, t), name)) for t in tasks}
+            point[name] = {t: clamp(r, getattr(TASKS[t].settings(cfg), name)) for t in tasks}
     if space.lr is not None:
         point["lr"] = clamp(space.lr, cfg.distill.lr)
-    if space.rank_weight is not None and "recommendation" in tasks:
-        point["rank_weight"] = clamp(space.rank_weight, cfg.tasks.recommendation.rank_weight)
-    if space.kd_class_power is not None and "intent" in tasks:
-        point["kd_class_power"] = clamp(space.kd_class_power, cfg.tasks.intent.kd_class_power)
+    for t in tasks:
+        for name in TASKS[t].tuned:
+            if (r := getattr(space, name)) is not None:
+                point[name] = clamp(r, getattr(TASKS[t].settings(cfg), name))
     if space.dim is not None:
         point["dim"] = cfg.student.dim if cfg.student.dim in space.dim else space.dim[0]
     return point
