@@ -69,10 +69,10 @@ class TeacherRuntime:
         self.rec_history = self.model.max_history
         self.ctr_history = ctr_history
 
-    def histories(self, lists, task="recommendation"):
+    def histories(self, lists, length: int):
         from distillery.serving.runtime import pad
 
-        return pad(lists, self.rec_history if task == "recommendation" else self.ctr_history)
+        return pad(lists, length)
 
     def users(self, history):
         """history [B, L] -> (users [B, sum of the members' widths], no explanation weights)."""
@@ -111,13 +111,13 @@ class TeacherRuntime:
                 logits.append(m.ctr(user, cand, candidate, slot) if m.ctr is not None else (user * cand).sum(-1))
             return torch.stack(logits).mean(0)
 
-    def intent_texts(self, texts):
+    def text_logits(self, task, texts):
         import torch
         from distillery.models.teacher import text_inputs
 
         with torch.inference_mode():
             inputs = text_inputs(self.tokenizer, texts, max_length=self.max_length, buckets=self.model.lexical_buckets)
-            return self.model.intent_logits(**inputs)
+            return self.model.class_logits(task, **inputs)
 
 
 def teacher_service(teacher_dir: str, bundle_path: str):
@@ -127,7 +127,7 @@ def teacher_service(teacher_dir: str, bundle_path: str):
 
     b = bundle.load(bundle_path)
     rt = TeacherRuntime(teacher_dir, b.spec.ctr_history)
-    return Service(rt, b.items, labels=list(b.spec.intent_labels),
+    return Service(rt, b.items, labels=dict(b.spec.classes),
                    card={"version": "teacher", "created": None, "metrics": {}, "catalogue_size": len(b.items)})
 
 

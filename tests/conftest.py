@@ -198,13 +198,13 @@ def tiny_teacher_model(backbone, lexical_dim: int = 0, members: int = 1, widths:
     and an MLP text adaptor."""
     import torch
     from distillery.models.seqrec import SeqSpec, SequenceModel
-    from distillery.models.teacher import CtrHead, IntentTeacher, SeqMember, Teacher
+    from distillery.models.teacher import CtrHead, SeqMember, Teacher, TextTeacher
 
     torch.manual_seed(0)
     specs = [SeqSpec(n_items=12, dim=widths[i % len(widths)], layers=1, heads=2, dropout=0.1, max_history=5,
                      text_dim=8, adaptor_hidden=12) for i in range(members)]
     seq = [SeqMember(SequenceModel(s, torch.randn(12, 8)), CtrHead(s.dim, 4, torch.arange(12) % 4)) for s in specs]
-    return Teacher(IntentTeacher(backbone, 3, lexical_dim, 4096), seq, max_history=5)
+    return Teacher({"intent": TextTeacher(backbone, 3, lexical_dim, 4096)}, seq, max_history=5)
 
 
 @pytest.fixture
@@ -300,7 +300,7 @@ def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
     from distillery.serving import bundle
 
     tok = load_backbone(tiny_bert)[1]
-    spec = student.StudentSpec(n_items=len(TITLES) + 2, n_categories=3, intent_labels=tuple(LABELS),
+    spec = student.StudentSpec(n_items=len(TITLES) + 2, n_categories=3, classes={"intent": tuple(LABELS)},
                                vocab_size=tok.vocab_size, dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=0,
                                dropout=0.0, max_history=5, ctr_history=4, max_length=16,
                                tasks=("recommendation", "ctr", "intent"))

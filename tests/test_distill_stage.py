@@ -69,7 +69,7 @@ def test_the_class_balanced_soft_term_weighs_by_the_teachers_picks_over_the_trai
     table, intent = inp.tables["intent"], TASKS["intent"]
     picks = np.stack(table.column("logits").to_numpy(zero_copy_only=False)).argmax(1)
     counts = inp.loss_context["intent"]
-    assert counts == np.bincount(picks, minlength=inp.spec.n_intents).tolist()
+    assert counts == np.bincount(picks, minlength=len(inp.spec.classes["intent"])).tolist()
     assert intent.loss(cfg, kd=True, context=counts).class_weight is None  # off
     raw = cfg.model_dump(mode="json")
     raw["tasks"]["intent"]["kd_class_power"] = 0.5
@@ -86,7 +86,7 @@ def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_gr
     from distillery.models.student import Student
 
     dc = prepared[0].distill.model_copy(update={"lr": 2e-3, "text_lr_scale": 5.0, "weight_decay": 0.1})
-    model = Student(vocab_size=50, n_items=10, n_categories=3, n_intents=4, item_category=torch.zeros(10),
+    model = Student(vocab_size=50, n_items=10, n_categories=3, classes={"intent": 4}, item_category=torch.zeros(10),
                     item_bag_ids=torch.tensor([3, 4]), item_bag_offsets=torch.zeros(10), dim=8, text_dim=4,
                     ngram_buckets=16)
     groups = distill.optimizer(model, dc).param_groups
@@ -95,7 +95,7 @@ def test_the_text_table_has_its_own_rate_and_no_decay_and_every_parameter_one_gr
     [text] = [g for g in groups if any(p is model.text.weight for p in g["params"])]
     assert len(text["params"]) == 1 and text["lr"] == pytest.approx(1e-2) and text["weight_decay"] == 0.0
     [decayed] = [g for g in groups if g["weight_decay"] > 0]
-    assert decayed["lr"] == 2e-3 and any(p is model.intent_mlp[0].weight for p in decayed["params"])
+    assert decayed["lr"] == 2e-3 and any(p is model.classifiers["intent"][0].weight for p in decayed["params"])
     assert all(p.ndim > 1 for p in decayed["params"])
 
 

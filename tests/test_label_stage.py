@@ -23,7 +23,7 @@ from distillery.models.teacher import load_backbone, text_inputs
 from distillery.config import RunConfig
 from distillery.stages import label
 from distillery.tasks import TASKS, LabelContext
-from distillery.tasks.intent import label_texts, label_tokens, tokenize_batch
+from distillery.tasks.text import label_texts, label_tokens, tokenize_batch
 
 
 def _ctx(model, tok=None, *, top_k=4, max_history=5, max_length=16) -> LabelContext:
@@ -75,8 +75,8 @@ def test_texts_tokenized_by_ray_data_label_like_texts_tokenized_in_the_worker(ti
     tokens = tokenize_batch(batch, tokenizer=tok, max_length=16, buckets=model.lexical_buckets)
     assert tokens.column_names == ["example_id", "split", "input_ids"] + (["bag_ids"] if lexical_dim else [])
     assert max(len(ids) for ids in tokens.column("input_ids").to_pylist()) == 16  # truncated
-    got = label_tokens(model, tokens, pad_id=tok.pad_token_id, device="cpu")["logits"].to_pylist()
-    want = label_texts(model, tok, batch, max_length=16, device="cpu")["logits"].to_pylist()
+    got = label_tokens(model, "intent", tokens, pad_id=tok.pad_token_id, device="cpu")["logits"].to_pylist()
+    want = label_texts(model, "intent", tok, batch, max_length=16, device="cpu")["logits"].to_pylist()
     assert TASKS["intent"].label(model, tokens, _ctx(model, tok))["logits"].to_pylist() == got  # tokenized rows
     assert np.allclose(np.array(got), np.array(want), atol=1e-5)
 
@@ -184,7 +184,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     assert {p.name.split("-")[2] for p in (run_dir / "label").rglob("part-*.parquet")} == {"000", "001"}
     rec = _read(run_dir, "recommendation")
     assert set(map(len, rec.column("top_ids").to_pylist())) == {5}
-    assert set(map(len, _read(run_dir, "intent").column("logits").to_pylist())) == {spec.n_intents}
+    assert set(map(len, _read(run_dir, "intent").column("logits").to_pylist())) == {len(spec.classes["intent"])}
     # labels are the teacher's own outputs, joined by example id
     ex = pq.read_table(run_dir / "prepare" / "examples" / "ctr" / "valid").slice(0, 64).to_pandas()
     logits = model.ctr_logits(pad_histories(ex["history"], cfg.tasks.ctr.max_history), torch.tensor(ex["item"].to_numpy()),
@@ -192,7 +192,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     lab = _read(run_dir, "ctr").to_pandas().set_index("example_id").loc[ex["example_id"], "logit"].to_numpy()
     assert np.allclose(lab, logits.detach().numpy(), atol=1e-4)
     ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 64).to_pandas()
-    want = model.intent_logits(**text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
+    want = model.class_logits("intent", **text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
                                              buckets=model.lexical_buckets)).detach().numpy()
     got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
     assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)
@@ -230,7 +230,7 @@ def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
     assert m["examples"] == {"intent": prepared["intent"]}
     model, tok, _ = load_model(str(run_dir / "teacher" / "model"))
     ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 32).to_pandas()
-    want = model.intent_logits(**text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
+    want = model.class_logits("intent", **text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
                                              buckets=model.lexical_buckets)).detach().numpy()
     got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
     assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distillery.losses import CtrKD, IntentKD, RecommendationKD, class_balance_weights
+from distillery.losses import CtrKD, ClassificationKD, RecommendationKD, class_balance_weights
 
 
 def _softmax(xs):
@@ -28,7 +28,7 @@ def test_intent_loss_is_the_formula():
         p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
         kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
         want += ((1 - a) * ce + a * T * T * kl) / 2
-    assert IntentKD(T, a)(s, t, y).item() == pytest.approx(want, rel=1e-5)
+    assert ClassificationKD(T, a)(s, t, y).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_ctr_loss_is_the_formula():
@@ -71,8 +71,8 @@ def test_intent_transfer_rows_add_only_the_soft_term():
     for i in range(4):
         p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
         want += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 4
-    assert IntentKD(T, a)(s, t, y).item() == pytest.approx((1 - a) * ce + a * T * T * want, rel=1e-5)
-    only_transfer = IntentKD(T, a)(s[1::2], t[1::2], y[1::2])  # no gold row at all: the soft term alone
+    assert ClassificationKD(T, a)(s, t, y).item() == pytest.approx((1 - a) * ce + a * T * T * want, rel=1e-5)
+    only_transfer = ClassificationKD(T, a)(s[1::2], t[1::2], y[1::2])  # no gold row at all: the soft term alone
     assert torch.isfinite(only_transfer)
 
 
@@ -89,11 +89,11 @@ def test_class_weighted_intent_soft_term_is_the_formula():
     for i in range(5):
         p, q = _softmax((t[i] / T).tolist()), _softmax((s[i] / T).tolist())
         soft += w[int(t[i].argmax())].item() * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 5
-    got = IntentKD(T, a, class_weight=w)(s, t, y).item()
+    got = ClassificationKD(T, a, class_weight=w)(s, t, y).item()
     assert got == pytest.approx((1 - a) * ce + a * T * T * soft, rel=1e-5)
-    assert len(set(t.argmax(1).tolist())) == 3 and got != pytest.approx(IntentKD(T, a)(s, t, y).item(), rel=1e-3)
+    assert len(set(t.argmax(1).tolist())) == 3 and got != pytest.approx(ClassificationKD(T, a)(s, t, y).item(), rel=1e-3)
     # all-ones weights are the unweighted loss
-    assert IntentKD(T, a, class_weight=torch.ones(3))(s, t, y).item() == pytest.approx(IntentKD(T, a)(s, t, y).item(),
+    assert ClassificationKD(T, a, class_weight=torch.ones(3))(s, t, y).item() == pytest.approx(ClassificationKD(T, a)(s, t, y).item(),
                                                                                         rel=1e-6)
 
 
@@ -137,8 +137,8 @@ def test_ranking_distillation_term_is_the_formula():
 
 def test_alpha_zero_is_the_hard_loss_alone_and_alpha_one_the_soft_loss_alone():
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    assert IntentKD(5.0, 0.0)(s, t, y).item() == pytest.approx(torch.nn.functional.cross_entropy(s, y).item())
-    assert IntentKD(1.0, 1.0)(s, s, y).item() == pytest.approx(0.0, abs=1e-6)  # same logits: no KL
+    assert ClassificationKD(5.0, 0.0)(s, t, y).item() == pytest.approx(torch.nn.functional.cross_entropy(s, y).item())
+    assert ClassificationKD(1.0, 1.0)(s, s, y).item() == pytest.approx(0.0, abs=1e-6)  # same logits: no KL
 
 
 def test_t_squared_keeps_the_soft_gradient_on_scale():
@@ -150,7 +150,7 @@ def test_t_squared_keeps_the_soft_gradient_on_scale():
     norms = []
     for T in (10.0, 100.0):
         s = s0.clone().requires_grad_(True)
-        IntentKD(T, 1.0)(s, t, y).backward()
+        ClassificationKD(T, 1.0)(s, t, y).backward()
         norms.append(s.grad.norm().item())
     s = s0.clone().requires_grad_(True)
     limit = ((s0 - s0.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))) / 6 / 8  # batchmean over 8
@@ -164,11 +164,11 @@ def test_gradients_match_finite_differences(loss):
     dt = torch.float64
     if loss == "intent":
         t, y = torch.randn(3, 4, dtype=dt), torch.tensor([0, 3, 1])
-        fn = lambda s: IntentKD(2.5, 0.6)(s, t, y)  # noqa: E731
+        fn = lambda s: ClassificationKD(2.5, 0.6)(s, t, y)  # noqa: E731
         s = torch.randn(3, 4, dtype=dt, requires_grad=True)
     elif loss == "intent_balanced":
         t, y = torch.randn(4, 4, dtype=dt), torch.tensor([0, -1, 1, -1])
-        fn = lambda s: IntentKD(2.5, 0.6, class_weight=torch.tensor([0.3, 1.7, 1.0, 2.2]))(s, t, y)  # noqa: E731
+        fn = lambda s: ClassificationKD(2.5, 0.6, class_weight=torch.tensor([0.3, 1.7, 1.0, 2.2]))(s, t, y)  # noqa: E731
         s = torch.randn(4, 4, dtype=dt, requires_grad=True)
     elif loss == "ctr":
         t, y = torch.randn(5, dtype=dt), torch.tensor([1.0, 0, 0, 1, 0], dtype=dt)
@@ -188,10 +188,10 @@ def test_gradients_match_finite_differences(loss):
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="temperature"):
-        IntentKD(0.0, 0.5)
+        ClassificationKD(0.0, 0.5)
     with pytest.raises(ValueError, match="alpha"):
         CtrKD(2.0, 1.5)
     with pytest.raises(ValueError, match="rank_weight"):
         RecommendationKD(2.0, 0.5, rank_weight=-1.0)
     with pytest.raises(ValueError, match="class_weight"):
-        IntentKD(2.0, 0.5, class_weight=torch.tensor([1.0, -0.5]))
+        ClassificationKD(2.0, 0.5, class_weight=torch.tensor([1.0, -0.5]))

@@ -1,6 +1,7 @@
 """Serving: the service logic, the HTTP contract in-process, then Ray Serve over real HTTP."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -11,7 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IDS, LABELS, free_port  # IDS, LABELS: the catalogue of conftest.tiny_bundle
+from conftest import (  # IDS, LABELS: the catalogue of conftest.tiny_bundle
+    IDS,
+    LABELS,
+    free_port,
+)
 from distillery.serving import api, bundle
 from distillery.serving.service import Service
 
@@ -53,7 +58,8 @@ def test_a_batch_answers_exactly_as_one_request_at_a_time(service):
     ctrs = [{"history": IDS[2:9], "candidates": IDS[:5] + ["x"], "slots": None, "explain": True},
             {"history": [], "candidates": IDS[5:], "slots": [0, 1, 2, 3, 400], "explain": False}]
     intents = [{"texts": ["red pen", "", "coffee grinder burr"], "explain": True}, {"texts": ["tent"], "explain": False}]
-    for method, requests in ((service.recommend, recs), (service.ctr, ctrs), (service.intent, intents)):
+    classify = functools.partial(service.classify, "intent")
+    for method, requests in ((service.recommend, recs), (service.ctr, ctrs), (classify, intents)):
         together = method(requests)
         for request, answer in zip(requests, together):
             assert method([request]) == [answer] or _close(method([request])[0], answer)
@@ -81,7 +87,7 @@ def test_ctr_scores_known_candidates_in_request_order(service):
 
 
 def test_intent_returns_the_top_three_and_word_explanations(service):
-    [out] = service.intent([{"texts": ["red gel pen for the office", "x" * 1000], "explain": True}])
+    [out] = service.classify("intent", [{"texts": ["red gel pen for the office", "x" * 1000], "explain": True}])
     for pred in out["predictions"]:
         assert len(pred["top"]) == 3 and pred["top"][0]["label"] == pred["label"] in LABELS
         probs = [t["probability"] for t in pred["top"]]
@@ -243,10 +249,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
     def ask(i):
         return requests.post(f"{served}/v1/ctr", json={"history": [IDS[i % 10]], "candidates": [IDS[(i + 1) % 10]]}).json()
 
-    before = requests.get(f"{served}/v1/model").json()["batches"]["ctr"]
+    before = requests.get(f"{served}/v1/model").json()["batches"]["/v1/ctr"]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(48)))
-    after = requests.get(f"{served}/v1/model").json()["batches"]["ctr"]
+    after = requests.get(f"{served}/v1/model").json()["batches"]["/v1/ctr"]
     # one replica answered all 48, in fewer model calls than requests: they were batched
     assert after["requests"] - before["requests"] == 48 and after["calls"] - before["calls"] < 48
     for i, a in enumerate(answers):

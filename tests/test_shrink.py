@@ -21,7 +21,7 @@ def tok(tiny_bert):
 
 
 def _student(tok, seed=0):
-    spec = S.StudentSpec(n_items=len(ITEM_TEXTS) + 2, n_categories=3, intent_labels=tuple("abcd"),
+    spec = S.StudentSpec(n_items=len(ITEM_TEXTS) + 2, n_categories=3, classes={"intent": tuple("abcd"), "sentiment": tuple("xyz")},
                          vocab_size=tok.vocab_size, dim=16, text_dim=8, ngram_buckets=BUCKETS, heads=2, layers=0,
                          dropout=0.1, max_history=5, ctr_history=4, max_length=16,
                          tasks=("recommendation", "ctr", "intent"))
@@ -38,7 +38,7 @@ def _outputs(model, tok, spec, texts=QUERIES):
     with torch.no_grad():
         return {"rec": model.rec_scores(history), "ctr": model.ctr_logits(history, torch.tensor([2, 5, 6]),
                                                                           torch.tensor([-1, 0, 3])),
-                "intent": model.intent_logits(ids, offsets)}
+                **{t: model.class_logits(t, ids, offsets) for t in spec.classes}}
 
 
 def _assert_close(a, b):
@@ -84,13 +84,13 @@ def test_the_reserve_keeps_more_word_pieces_and_min_count_fewer(tok):
 def test_units_pruned_where_their_outgoing_weights_are_zero_change_nothing(tok):
     model, spec = _student(tok)
     with torch.no_grad():  # half of every prunable unit made dead, and small on the way in
-        for mlp in (model.ctr_mlp, model.intent_mlp):
+        for mlp in (model.ctr_mlp, *model.classifiers.values()):
             mlp[3].weight[:, ::2] = 0
             mlp[0].weight[::2] *= 1e-3
         model.text_proj.weight[:, ::2] = 0
         model.text.weight[:, ::2] *= 1e-3
     pruned, pspec = shrink.prune_units(model, spec, 0.5)
-    assert (pspec.ctr_hidden, pspec.intent_hidden, pspec.text_dim) == (8, 8, 4)
+    assert (pspec.ctr_hidden, pspec.class_hidden, pspec.text_dim) == (8, 8, 4)
     assert shrink.params(pruned) < shrink.params(model)
     _assert_close(_outputs(model, tok, spec), _outputs(pruned, tok, pspec))
 
@@ -111,9 +111,10 @@ def test_every_compressed_shape_saves_loads_and_serves_as_it_scores(tok, tmp_pat
     if not int8:
         _assert_close(_outputs(model, tok, spec), _outputs(back, tok, spec))
     rt = StudentRuntime(back, tok, spec)
-    expected = _outputs(back, tok, spec)["intent"]
-    torch.testing.assert_close(rt.intent_texts(QUERIES), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rt.intent_texts(QUERIES[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+    for task in spec.classes:
+        expected = _outputs(back, tok, spec)[task]
+        torch.testing.assert_close(rt.text_logits(task, QUERIES), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rt.text_logits(task, QUERIES[:1]), expected[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_pruning_a_pruned_vocabulary_again_is_refused(tok):

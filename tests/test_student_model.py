@@ -14,7 +14,7 @@ def _student(tok, **kw):
     texts = ["", "", "red gel pen", "bike helmet mips", "espresso beans dark roast", "stapler"]
     ids, offsets = text_bag(tok, texts, max_length=16, buckets=kw.get("ngram_buckets", 256))
     torch.manual_seed(0)
-    return Student(vocab_size=tok.vocab_size, n_items=6, n_categories=3, n_intents=4,
+    return Student(vocab_size=tok.vocab_size, n_items=6, n_categories=3, classes={"intent": 4, "sentiment": 3},
                    item_category=torch.tensor([0, 1, 2, 2, 0, 1]), item_bag_ids=ids, item_bag_offsets=offsets,
                    dim=16, text_dim=8, ngram_buckets=kw.get("ngram_buckets", 256), max_history=5,
                    heads=2, history_layers=kw.get("layers", 1)).eval()
@@ -41,7 +41,8 @@ def test_heads_have_the_documented_shapes_and_empty_histories_are_finite(tok, la
     assert (weights[1] == 0).all() and torch.isfinite(users).all()
     assert m.ctr_logits(hist, torch.tensor([5, 2]), torch.tensor([0, -1])).shape == (2,)
     ids, offsets = text_bag(tok, ["red pen", "helmet", ""], max_length=16, buckets=256)
-    assert m.intent_logits(ids, offsets).shape == (3, 4)
+    assert m.class_logits("intent", ids, offsets).shape == (3, 4)
+    assert m.class_logits("sentiment", ids, offsets).shape == (3, 3)
 
 
 def test_padding_does_not_change_a_users_scores(tok):
@@ -52,10 +53,12 @@ def test_padding_does_not_change_a_users_scores(tok):
 
 
 def test_save_and_load_give_the_same_outputs(tok, tmp_path):
+    from distillery import evaluation
     from distillery.models import student as S
 
     m = _student(tok)
-    spec = S.StudentSpec(n_items=6, n_categories=3, intent_labels=tuple("abcd"), vocab_size=tok.vocab_size,
+    spec = S.StudentSpec(n_items=6, n_categories=3, classes={"intent": tuple("abcd"), "sentiment": tuple("xyz")},
+                         vocab_size=tok.vocab_size,
                          dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=1, dropout=0.1,
                          max_history=5, ctr_history=5, max_length=16, tasks=("recommendation", "ctr", "intent"))
     S.save(m, tok, spec, str(tmp_path / "s"))
@@ -64,7 +67,7 @@ def test_save_and_load_give_the_same_outputs(tok, tmp_path):
     loaded, tok2, spec2 = S.load(str(tmp_path / "s"))
     hist = torch.tensor([[0, 2, 3, 4, 5]])
     assert torch.allclose(loaded.rec_scores(hist), m.rec_scores(hist))
-    p = S.predictors(loaded, tok2, spec2, ["intent"])
+    p = evaluation.student_predictors(loaded, tok2, spec2, ["intent"])
     assert list(p) == ["intent"] and p["intent"](["red pen", "stapler"]).shape == (2,)
     assert spec2 == spec and not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "s").iterdir())
 

@@ -24,7 +24,7 @@ def test_pad_histories_keeps_the_most_recent_left_padded():
 def test_heads_shapes_and_masking(teacher):
     model, tok = teacher
     enc = tok(["red pen", "wireless earbuds for running"], padding=True, return_tensors="pt")
-    assert model.intent_logits(enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
+    assert model.class_logits("intent", enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
     hist = pad_histories([[2, 3], []], 5)  # an empty history must still give a user vector
     scores = model.rec_scores(hist)
     assert scores.shape == (2, 12) and torch.isinf(scores[:, :2]).all() and torch.isfinite(scores[:, 2:]).all()
@@ -116,23 +116,23 @@ def test_text_augmentations_are_seeded_and_bounded():
         assert all(w in it for w in kept)  # a subsequence: words keep their order
 
 
-def test_lexical_bag_widens_the_intent_head_and_ignores_padding(tiny_bert):
+def test_lexical_bag_widens_the_classifier_head_and_ignores_padding(tiny_bert):
     from conftest import tiny_teacher_model
     from distillery.models.teacher import text_inputs
 
     backbone, tok = load_backbone(tiny_bert)
     model = tiny_teacher_model(backbone, lexical_dim=8).eval()
-    assert model.intent.intent_head[1].in_features == 32 + 8 and model.lexical_buckets == 4096
+    assert model.classifiers["intent"].head[1].in_features == 32 + 8 and model.lexical_buckets == 4096
     one = text_inputs(tok, ["mips helmet"], max_length=16, buckets=model.lexical_buckets)
     both = text_inputs(tok, ["mips helmet", "a much longer query about wireless earbuds"], max_length=16,
                        buckets=model.lexical_buckets)
-    a = model.intent_logits(**one)
-    b = model.intent_logits(**both)[:1]
+    a = model.class_logits("intent", **one)
+    b = model.class_logits("intent", **both)[:1]
     assert torch.allclose(a, b, atol=1e-5)  # neither padding nor a neighbour's bag changes a text's logits
     with pytest.raises(ValueError, match="bag_ids"):
-        model.intent_logits(one["input_ids"], one["attention_mask"])
-    model.intent_logits(**one).sum().backward()
-    assert model.lexical.weight.grad.abs().sum() > 0
+        model.class_logits("intent", one["input_ids"], one["attention_mask"])
+    model.class_logits("intent", **one).sum().backward()
+    assert model.classifiers["intent"].lexical.weight.grad.abs().sum() > 0
 
 
 def test_trimming_shared_padding_keeps_every_score(teacher):

@@ -26,6 +26,29 @@ def _known(tasks) -> list[str]:
 
 
 @torch.no_grad()
+def predictors(model, tasks, text_logits: Callable | None = None, device="cpu") -> dict[str, Callable]:
+    """{task: predictor} of any model (teacher, a teacher member, student) with `item_vectors()`,
+    `rec_scores(history, items)` and `ctr_logits(history, item, slot, items)` as its tasks need, and
+    `text_logits(task, texts)` -> [B, C] logits for the text classification tasks (`text_scorer` of
+    `models.teacher` and `models.student`). Item vectors are computed once, here."""
+    model.eval()
+    items = model.item_vectors() if hasattr(model, "item_vectors") else None
+    return {t: TASKS[t].predictor(model, items, text_logits, device) for t in _known(tasks)}
+
+
+def teacher_predictors(model, tokenizer, tasks, max_length: int, device="cpu") -> dict[str, Callable]:
+    from .models.teacher import text_scorer
+
+    return predictors(model, tasks, text_scorer(model, tokenizer, max_length, device), device)
+
+
+def student_predictors(model, tokenizer, spec, tasks, device="cpu") -> dict[str, Callable]:
+    from .models.student import text_scorer
+
+    return predictors(model, tasks, text_scorer(model, tokenizer, spec, device), device)
+
+
+@torch.no_grad()
 def outputs(predictors: dict[str, Callable], prepare_dir: str, split: str, *, n_items: int, max_history: int,
             seed: int = 0, batch: int = 512) -> dict[str, Output]:
     """{task: its per-example outputs on one split} for the tasks in `predictors` (`metrics_of`

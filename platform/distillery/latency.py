@@ -13,50 +13,37 @@ from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from .data.examples import read_split
-from .models.student import StudentSpec, longs
+from .models.student import StudentSpec
 from .models.teacher import text_inputs
 from .serving.runtime import StudentRuntime, pad
+from .tasks import TASKS
 
 
 def requests(prepare_dir: str, tasks, n: int, seed: int) -> list[dict]:
-    """n requests drawn from the test split, each with one example of every task."""
+    """n requests drawn from the test split, each {task: its payload (`Task.probe_request`)} with one
+    example of every task."""
     rng = np.random.default_rng(seed)
     frames = {t: read_split(prepare_dir, t, "test") for t in tasks}
     rows = {t: df.iloc[rng.integers(0, len(df), n)] for t, df in frames.items() if len(df)}
-    out = []
-    for i in range(n):
-        r = {}
-        if "recommendation" in rows:
-            r["rec_history"] = list(rows["recommendation"]["history"].iloc[i])
-        if "ctr" in rows:
-            row = rows["ctr"].iloc[i]
-            r["ctr"] = (list(row["history"]), int(row["item"]), -1 if row["slot"] != row["slot"] else int(row["slot"]))
-        if "intent" in rows:
-            r["text"] = rows["intent"]["text"].iloc[i]
-        out.append(r)
-    return out
+    return [{t: TASKS[t].probe_request(r.iloc[i]) for t, r in rows.items()} for i in range(n)]
 
 
-def _server(rec, ctr, intent, histories):
+def _server(model):
     """serve(requests) -> seconds per task; inputs are built inside the timed part, as a server
-    would. histories(id lists, task) -> the padded history tensor the model's rec/ctr take."""
+    would. `model`: what the tasks' probes call (`Task.probe`): `histories(id lists, length)`,
+    `rec_history`, `ctr_history`, `rec_scores`, `ctr_logits` and `text_logits(task, texts)`."""
     def serve(reqs: list[dict]) -> dict[str, float]:
-        took, t0 = {}, time.perf_counter()
-        if "rec_history" in reqs[0]:
-            rec(histories([r["rec_history"] for r in reqs], "recommendation")).topk(10, dim=1)
-            took["recommendation"], t0 = time.perf_counter() - t0, time.perf_counter()
-        if "ctr" in reqs[0]:
-            torch.sigmoid(ctr(histories([r["ctr"][0] for r in reqs], "ctr"),
-                              longs([r["ctr"][1] for r in reqs]), longs([r["ctr"][2] for r in reqs])))
-            took["ctr"], t0 = time.perf_counter() - t0, time.perf_counter()
-        if "text" in reqs[0]:
-            intent([r["text"] for r in reqs]).softmax(-1)
-            took["intent"] = time.perf_counter() - t0
+        took = {}
+        for t in reqs[0]:
+            t0 = time.perf_counter()
+            TASKS[t].probe(model, [r[t] for r in reqs])
+            took[t] = time.perf_counter() - t0
         return took
     return serve
 
@@ -97,21 +84,21 @@ def teacher_server(model, tokenizer, max_length: int, ctr_history: int):
     model.eval().requires_grad_(False)  # a trace keeps the weights as constants
     items = model.item_vectors()
     rec_history = model.max_history
-    rec, ctr = _heads(model, items, rec_history, ctr_history)
+    rec, ctr = _heads(model, items, rec_history, ctr_history) if len(model.members) else (None, None)
 
     def inputs(texts):
         return tuple(text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets).values())
 
-    intent = _traced(model, lambda m, *x: m.intent_logits(*x), *inputs(["red gel pen", "a longer query about chairs"]))
-    return _server(rec, ctr, lambda texts: intent(*inputs(texts)),
-                   lambda h, task: pad(h, rec_history if task == "recommendation" else ctr_history))
+    example = inputs(["red gel pen", "a longer query about chairs"])
+    classify = {task: _traced(model, lambda m, *x, task=task: m.class_logits(task, *x), *example)
+                for task in model.classifiers}
+    return _server(SimpleNamespace(rec_scores=rec, ctr_logits=ctr, rec_history=rec_history, ctr_history=ctr_history,
+                                   histories=pad, text_logits=lambda task, texts: classify[task](*inputs(texts))))
 
 
 def student_server(model, tokenizer, spec: StudentSpec):
     """The student as served: `runtime.StudentRuntime` (item and text products folded at load)."""
-    rt = StudentRuntime(model, tokenizer, spec)
-    return _server(rt.rec_scores, rt.ctr_logits, lambda texts: rt.intent_logits(*rt.text_inputs(texts)),
-                   rt.histories)
+    return _server(StudentRuntime(model, tokenizer, spec))
 
 
 @torch.inference_mode()

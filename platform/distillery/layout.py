@@ -131,9 +131,9 @@ class TeacherDir:
     def sasrec(self, name: str) -> PartDir:
         return PartDir(_join(self.root, "sasrec", name))
 
-    @property
-    def intent(self) -> PartDir:
-        return PartDir(_join(self.root, "intent"))
+    def classifier(self, task: str) -> PartDir:
+        """The fine-tuned text classifier of a text classification task."""
+        return PartDir(_join(self.root, task))
 
     def trained(self, kind: str) -> dict[str, PartDir]:
         """kind "members" or "sasrec" -> {name: part} of every such part with a history, by name."""

@@ -28,7 +28,7 @@ class _KD(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}"
 
 
-class IntentKD(_KD):
+class ClassificationKD(_KD):
     """(1-a) CE(y, s) + a T^2 sum_i v_i KL_i / B, KL_i = KL(softmax(t_i/T) || softmax(s_i/T)).
 
     student, teacher: [B, C] logits; labels: [B] class ids, -1 for a transfer text (no gold label,

@@ -9,8 +9,8 @@ the arithmetic.
   least `min_count` times, plus `reserve` more word pieces (lowest ids first: WordPiece and BPE
   vocabularies list frequent pieces first); every other id reads one shared row, the mean of the
   dropped ones. Exact on every text whose ids are all kept.
-- `prune_units`: keep a fraction of the CTR MLP's and of the intent MLP's hidden units and of the
-  text table's columns, ranked by the magnitude of what goes in and what comes out of each unit
+- `prune_units`: keep a fraction of the hidden units of the CTR MLP and of each text classifier and
+  of the text table's columns, ranked by the magnitude of what goes in and what comes out of each unit
   (||in|| * ||out||); exact where the removed units' outgoing weights are zero. The caller
   fine-tunes the result.
 
@@ -80,19 +80,20 @@ def _top(score: torch.Tensor, keep: float) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_units(model: Student, spec: StudentSpec, keep: float) -> tuple[Student, StudentSpec]:
-    """The student keeping the `keep` fraction (0 < keep <= 1) of the CTR and intent MLPs' hidden
-    units and of the text table's columns, each ranked by ||incoming weights|| * ||outgoing weights||."""
+    """The student keeping the `keep` fraction (0 < keep <= 1) of the CTR MLP's and the text classifiers'
+    hidden units and of the text table's columns, each ranked by ||incoming weights|| * ||outgoing weights||."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must lie in (0, 1], got {keep}")
     s = _state(model)
-    for mlp in ("ctr_mlp", "intent_mlp"):
+    for mlp in ("ctr_mlp", *(f"classifiers.{t}" for t in spec.classes)):
         w_in, w_out = s[f"{mlp}.0.weight"], s[f"{mlp}.3.weight"]  # [H, in], [out, H]
         units = _top(w_in.norm(dim=1) * w_out.norm(dim=0), keep)
         s[f"{mlp}.0.weight"], s[f"{mlp}.0.bias"] = w_in[units], s[f"{mlp}.0.bias"][units]
         s[f"{mlp}.3.weight"] = w_out[:, units]
     cols = _top(s["text.weight"].norm(dim=0) * s["text_proj.weight"].norm(dim=0), keep)
     s["text.weight"], s["text_proj.weight"] = s["text.weight"][:, cols], s["text_proj.weight"][:, cols]
-    spec = dataclasses.replace(spec, ctr_hidden=len(s["ctr_mlp.0.bias"]), intent_hidden=len(s["intent_mlp.0.bias"]),
+    hidden = {len(s[f"classifiers.{t}.0.bias"]) for t in spec.classes}  # one width: each keeps the same share
+    spec = dataclasses.replace(spec, ctr_hidden=len(s["ctr_mlp.0.bias"]), class_hidden=hidden.pop() if hidden else None,
                                text_dim=len(cols))
     return S.from_state(spec, s).eval(), spec
 

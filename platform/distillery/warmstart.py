@@ -5,8 +5,8 @@
 sets `warm_start=BUNDLE`. The bundle's config names the run that built it (its `run_dir`), and
 that run's teacher and labels are reused:
 
-- prepare   builds the new window's examples as usual, but keeps the earlier run's intent classes
-            (the teacher's intent head has those outputs) and refuses a catalogue that differs from
+- prepare   builds the new window's examples as usual, but keeps the earlier run's text classes
+            (the teacher's classifiers have those outputs) and refuses a catalogue that differs from
             the earlier run's (item ids, categories and texts: the teacher's item vectors and the
             student's item table are indexed by it).
 - teacher   copies the earlier run's fine-tuned teacher instead of training one, and evaluates it
@@ -37,7 +37,7 @@ from .models.student import StudentSpec
 from .serving import bundle
 
 # the student's shape: a bundle's weights fit a new student only where all of these are equal
-SHAPE_KEYS = ("n_items", "n_categories", "intent_labels", "vocab_size", "dim", "text_dim",
+SHAPE_KEYS = ("n_items", "n_categories", "classes", "vocab_size", "dim", "text_dim",
               "ngram_buckets", "heads", "layers", "max_history", "ctr_history", "max_length", "tasks")
 
 
@@ -115,10 +115,11 @@ def label_source(cfg: RunConfig) -> str | None:
     return src.label_dir if src else None
 
 
-def intent_labels(cfg: RunConfig) -> list[str] | None:
-    """The intent classes a warm-started run must keep (the bundle's), or None."""
+def classes(cfg: RunConfig, task: str) -> list[str] | None:
+    """The classes of a text classification task that a warm-started run must keep (the bundle's:
+    the teacher's classifier has those outputs), or None."""
     src = source(cfg)
-    return list(src.spec.intent_labels) if src and "intent" in src.spec.tasks else None
+    return list(src.spec.classes[task]) if src and task in src.spec.classes else None
 
 
 def check_catalogue(cfg: RunConfig, items_path: str) -> None:
@@ -190,13 +191,12 @@ def initial_state(path: str) -> dict[str, torch.Tensor]:
 def previous_metrics(cfg: RunConfig, tasks: list[str]) -> dict:
     """The bundle's student on this run's window: {"valid": ..., "test": ...}."""
     from . import evaluation
-    from .models import student as S
 
     loaded = bundle.load(source(cfg).bundle)
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
     out = {}
     for split in ("valid", "test"):
-        out[split] = evaluation.evaluate(S.predictors(loaded.model, loaded.tokenizer, loaded.spec, tasks), prepare_dir,
+        out[split] = evaluation.evaluate(evaluation.student_predictors(loaded.model, loaded.tokenizer, loaded.spec, tasks), prepare_dir,
                                          split, n_items=loaded.spec.n_items, max_history=loaded.spec.history_window,
                                          seed=cfg.seed)
     return out

@@ -25,6 +25,10 @@ def _check(value, hint, where: str):
         return _check(value, next(a for a in args if a is not type(None)), where)
     if dataclasses.is_dataclass(hint):
         return spec_from_json(hint, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
+        return {_check(k, args[0], f"{where} key"): _check(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SpecError(f"{where}: expected a list, got {type(value).__name__}")
@@ -34,6 +38,13 @@ def _check(value, hint, where: str):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise SpecError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def spec_hash(spec) -> int:
+    """A spec's hash, from its JSON (a frozen dataclass holding a dict field has no hash of its own)."""
+    import json
+
+    return hash(json.dumps(spec.to_json(), sort_keys=True))
 
 
 def spec_from_json(cls, d, source: str):

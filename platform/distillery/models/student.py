@@ -12,8 +12,8 @@ which the text bag indexes).
           over the history's item vectors, then attention pooling with a learned query. The pooling weights say which history items
           weighed most (serving returns them as explanations).
 - heads:  recommendation = user . item + item bias over the whole catalogue; CTR = MLP over
-          (user, candidate, product, |difference|, candidate category, slot); intent = MLP over
-          the text vector.
+          (user, candidate, product, |difference|, candidate category, slot); one classifier MLP
+          over the text vector per text classification task (`classifiers`, by task).
 
 Compressed shapes (`shrink.py`) are the same class: MLP hidden widths other than `dim`, a text
 table of only the kept rows (`text_rows`: the original ids kept, in order; every other id reads
@@ -34,8 +34,7 @@ from torch import nn
 from .. import storage
 from ..data.examples import read_items
 from ..lexical import text_features
-from .heads import item_head_predictors
-from .spec import spec_from_json
+from .spec import spec_from_json, spec_hash
 from .teacher import MAX_SLOTS
 
 PAD, UNKNOWN = 0, 1
@@ -49,7 +48,7 @@ class StudentSpec:
 
     n_items: int              # vocabulary size, the two reserved ids included
     n_categories: int
-    intent_labels: tuple[str, ...]
+    classes: dict[str, tuple[str, ...]]  # each text classification task's class names, by class id
     vocab_size: int           # the teacher tokenizer's word pieces
     dim: int
     text_dim: int
@@ -62,21 +61,20 @@ class StudentSpec:
     max_length: int           # word pieces per text
     tasks: tuple[str, ...]
     ctr_hidden: int | None = None      # None: dim
-    intent_hidden: int | None = None   # None: dim
+    class_hidden: int | None = None    # the classifiers' hidden width; None: dim
     text_rows_kept: int | None = None  # None: the whole text table
     item_text: bool = True             # False: item text folded into the ID rows
-
-    @property
-    def n_intents(self) -> int:
-        return len(self.intent_labels)
 
     @property
     def history_window(self) -> int:
         """The longest history any of its tasks reads (its position table's length)."""
         return max(self.max_history, self.ctr_history)
 
+    def __hash__(self) -> int:
+        return spec_hash(self)
+
     def to_json(self) -> dict:
-        return {**asdict(self), "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
+        return {**asdict(self), "classes": {t: list(v) for t, v in self.classes.items()}, "tasks": list(self.tasks)}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "student spec") -> "StudentSpec":
@@ -90,7 +88,7 @@ def text_bag(tokenizer, texts: list[str], *, max_length: int, buckets: int) -> t
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # the Rust tokenizer directly: ~15 us a text against ~45 us through the Python wrapper,
-        # a third of a served intent request's time. The wrapper re-sets these on each of its calls.
+        # a third of a served text request's time. The wrapper re-sets these on each of its calls.
         if backend.truncation is not None:
             backend.no_truncation()
         if backend.padding is not None:
@@ -118,12 +116,13 @@ def longs(values) -> torch.Tensor:
 
 
 class Student(nn.Module):
-    def __init__(self, *, vocab_size: int, n_items: int, n_categories: int, n_intents: int,
+    def __init__(self, *, vocab_size: int, n_items: int, n_categories: int, classes: dict[str, int],
                  item_category: torch.Tensor, item_bag_ids: torch.Tensor, item_bag_offsets: torch.Tensor,
                  dim: int = 64, text_dim: int = 32, ngram_buckets: int = 16384, max_history: int = 50,
                  heads: int = 2, history_layers: int = 1, dropout: float = 0.1, ctr_hidden: int | None = None,
-                 intent_hidden: int | None = None, text_rows: torch.Tensor | None = None, item_text: bool = True):
-        """`text_rows` [K] sorted ids of the kept text-table rows (None: all vocab_size + ngram_buckets);
+                 class_hidden: int | None = None, text_rows: torch.Tensor | None = None, item_text: bool = True):
+        """`classes`: {text classification task: its number of classes}, one classifier head each;
+        `text_rows` [K] sorted ids of the kept text-table rows (None: all vocab_size + ngram_buckets);
         `item_text` False: items carry no text bags (their text was folded into their ID rows)."""
         super().__init__()
         self.vocab_size, self.ngram_buckets, self.max_history = vocab_size, ngram_buckets, max_history
@@ -151,11 +150,12 @@ class Student(nn.Module):
             history_layers, enable_nested_tensor=False) if history_layers else None
         self.pool_query = nn.Parameter(torch.randn(dim) * 0.02)
         self.slot = nn.Embedding(MAX_SLOTS + 1, 8)  # index 0 = unknown slot
-        ctr_hidden, intent_hidden = ctr_hidden or dim, intent_hidden or dim
+        ctr_hidden, class_hidden = ctr_hidden or dim, class_hidden or dim
         self.ctr_mlp = nn.Sequential(nn.Linear(5 * dim + 8, ctr_hidden), nn.GELU(), nn.Dropout(dropout),
                                      nn.Linear(ctr_hidden, 1))
-        self.intent_mlp = nn.Sequential(nn.Linear(dim, intent_hidden), nn.GELU(), nn.Dropout(dropout),
-                                        nn.Linear(intent_hidden, max(n_intents, 1)))
+        self.classifiers = nn.ModuleDict({
+            task: nn.Sequential(nn.Linear(dim, class_hidden), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(class_hidden, max(n, 1))) for task, n in classes.items()})
         self.register_buffer("item_category", item_category.long(), persistent=True)
         if item_text:
             self.register_buffer("item_bag_ids", item_bag_ids.long(), persistent=True)
@@ -216,9 +216,9 @@ class Student(nn.Module):
                        self.slot((slot + 1).clamp(0, MAX_SLOTS))], dim=-1)
         return self.ctr_mlp(x).squeeze(-1)
 
-    def intent_logits(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Flat bag ids [N], offsets [B] -> [B, n_intents]."""
-        return self.intent_mlp(self.text_vectors(ids, offsets))
+    def class_logits(self, task: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flat bag ids [N], offsets [B] -> [B, classes of `task`]."""
+        return self.classifiers[task](self.text_vectors(ids, offsets))
 
 
 def build(spec: StudentSpec, item_category: torch.Tensor | None = None, item_texts: list[str] | None = None,
@@ -232,12 +232,13 @@ def build(spec: StudentSpec, item_category: torch.Tensor | None = None, item_tex
     else:
         ids, offsets = torch.zeros(0, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     kept = spec.text_rows_kept
-    return Student(vocab_size=spec.vocab_size, n_items=n, n_categories=spec.n_categories, n_intents=spec.n_intents,
+    return Student(vocab_size=spec.vocab_size, n_items=n, n_categories=spec.n_categories,
+                   classes={t: len(labels) for t, labels in spec.classes.items()},
                    item_category=item_category if item_category is not None else torch.zeros(n, dtype=torch.long),
                    item_bag_ids=ids, item_bag_offsets=offsets, dim=spec.dim, text_dim=spec.text_dim,
                    ngram_buckets=spec.ngram_buckets, heads=spec.heads,
                    max_history=spec.history_window, history_layers=spec.layers,
-                   dropout=spec.dropout, ctr_hidden=spec.ctr_hidden, intent_hidden=spec.intent_hidden,
+                   dropout=spec.dropout, ctr_hidden=spec.ctr_hidden, class_hidden=spec.class_hidden,
                    text_rows=None if kept is None else torch.arange(kept), item_text=spec.item_text)
 
 
@@ -309,15 +310,9 @@ def load(path: str) -> tuple[Student, object, StudentSpec]:
     return from_state(spec, state).eval(), tokenizer, spec
 
 
-def predictors(model: Student, tokenizer, spec: StudentSpec, tasks, device="cpu") -> dict:
-    """The student as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
-    model.eval()
-    with torch.no_grad():
-        items = model.item_vectors()
-
-    def intent(texts):
+def text_scorer(model: Student, tokenizer, spec: StudentSpec, device="cpu"):
+    """-> f(task, texts) = the student's [B, C] logits for those texts (`evaluation.predictors`)."""
+    def text_logits(task: str, texts: list[str]) -> torch.Tensor:
         ids, offsets = text_bag(tokenizer, texts, max_length=spec.max_length, buckets=spec.ngram_buckets)
-        return model.intent_logits(ids.to(device), offsets.to(device)).argmax(-1).cpu().numpy()
-
-    return {t: f for t, f in {**item_head_predictors(model, items, device), "intent": intent}.items()
-            if t in tasks}
+        return model.class_logits(task, ids.to(device), offsets.to(device))
+    return text_logits

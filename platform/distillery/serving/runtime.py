@@ -8,8 +8,8 @@ not the arithmetic, sets a small model's latency. What is folded, exactly (tests
   padding/unknown entries are -inf, so scoring is one addmm;
 - CTR: the first MLP layer is linear in cat(user, item, user*item, |user-item|, category, slot);
   its item, category, slot and bias terms become per-item and per-slot tables;
-- intent: EmbeddingBag(mean) -> Linear -> Linear is linear up to the GELU: the two matrices are
-  one.
+- text classes: EmbeddingBag(mean) -> Linear -> Linear is linear up to the GELU: the two matrices
+  are one, per text classification task.
 
 The history encoder's optional transformer layers (`history_layers` > 0) are run as they are.
 """
@@ -35,7 +35,7 @@ def pad(histories, length: int, *, to_longest: bool = False) -> torch.Tensor:
 
 
 class StudentRuntime:
-    """Inference for the three tasks from a trained `Student`."""
+    """Inference for every task from a trained `Student`."""
 
     @torch.inference_mode()
     def __init__(self, model: Student, tokenizer, spec: StudentSpec):
@@ -63,19 +63,22 @@ class StudentRuntime:
         self.ctr_slot = torch.cat([slots[1:], slots[-1:], slots[:1]]).contiguous()
         self.ctr_out = second
 
-        proj, hidden = _linear(model.text_proj), _linear(model.intent_mlp[0])
+        proj = _linear(model.text_proj)
         # The bag stays text_dim wide: a request gathers ~50 random rows, and on a CPU cache misses
         # on a wider table cost more than the one small matmul that folding it would save.
         self.text_table = model.text.weight.detach()
         self.text_index = model.text_index  # original id -> kept row of a vocabulary-pruned table, or None
-        self.text_hidden = (hidden[0] @ proj[0], hidden[0] @ proj[1] + hidden[1])
-        self.intent_out = _linear(model.intent_mlp[3])
+        self.classifiers = {}  # task -> (first layer folded with the text projection, output layer)
+        for task, mlp in model.classifiers.items():
+            hidden = _linear(mlp[0])
+            self.classifiers[task] = ((hidden[0] @ proj[0], hidden[0] @ proj[1] + hidden[1]), _linear(mlp[3]))
 
     # ---- inputs
-    def histories(self, histories, task: str = "recommendation") -> torch.Tensor:
-        """Ragged item-id lists -> the [B, H] input of `rec_scores` (task "recommendation") or
-        `ctr_logits` ("ctr"), padded only as far as the batch needs."""
-        return pad(histories, self.rec_history if task == "recommendation" else self.ctr_history, to_longest=True)
+    def histories(self, histories, length: int) -> torch.Tensor:
+        """Ragged item-id lists -> the [B, H] input of `rec_scores` (length `rec_history`) or
+        `ctr_logits` (`ctr_history`): the most recent `length` items, padded only as far as the
+        batch needs."""
+        return pad(histories, length, to_longest=True)
 
     def text_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (rows of `text_table` [N], offsets [B])."""
@@ -123,18 +126,19 @@ class StudentRuntime:
                         torch.cat([u, u * c, (u - c).abs_()], 1), self.ctr_user)
         return F.linear(F.gelu(z), *self.ctr_out).squeeze(-1)
 
-    def intent_texts(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> [B, n_intents] logits."""
-        return self.intent_logits(*self.text_inputs(texts))
+    def text_logits(self, task: str, texts: list[str]) -> torch.Tensor:
+        """Texts -> [B, classes of `task`] logits."""
+        return self.class_logits(task, *self.text_inputs(texts))
 
     @torch.inference_mode()
-    def intent_logits(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Flat bag ids [N], offsets [B] (`text_inputs`) -> [B, n_intents]."""
+    def class_logits(self, task: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flat bag ids [N], offsets [B] (`text_inputs`) -> [B, classes of `task`]."""
         if offsets.shape[0] == 1 and ids.shape[0]:  # one text: a gather is cheaper than embedding_bag
             bag = self.text_table[ids].mean(0, keepdim=True)
         else:
             bag = F.embedding_bag(ids, self.text_table, offsets, mode="mean")
-        return F.linear(F.gelu(F.linear(bag, *self.text_hidden)), *self.intent_out)
+        hidden, out = self.classifiers[task]
+        return F.linear(F.gelu(F.linear(bag, *hidden)), *out)
 
 
 def _linear(layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ cold starts, explanations, and every call batched (a list of requests in, a list
 as `@serve.batch` hands them over.
 
 The model side is any `runtime` with the methods `StudentRuntime` has (`histories`, `users`,
-`rec_from_users`, `ctr_from_users`, `intent_texts`), so the serve benchmark can put the teacher
+`rec_from_users`, `ctr_from_users`, `text_logits`), so the serve benchmark can put the teacher
 behind the very same code.
 """
 from __future__ import annotations
@@ -23,9 +23,10 @@ MAX_OCCLUDED_WORDS = 64
 
 
 class Service:
-    def __init__(self, runtime, items, *, labels: list[str], card: dict):
-        """`items`: the bundle's catalogue (idx, item_id, title, category, clicks)."""
-        self.rt, self.labels, self.card = runtime, list(labels), card
+    def __init__(self, runtime, items, *, labels: dict[str, list[str]], card: dict):
+        """`items`: the bundle's catalogue (idx, item_id, title, category, clicks); `labels`: each
+        text classification task's class names."""
+        self.rt, self.labels, self.card = runtime, {t: list(v) for t, v in labels.items()}, card
         items = items.sort_values("idx")
         size = int(items["idx"].max()) + 1
         self.index = dict(zip(items["item_id"].astype(str), items["idx"].astype(int)))
@@ -46,7 +47,7 @@ class Service:
         from .runtime import StudentRuntime
 
         b = bundle.load(path)
-        return cls(StudentRuntime(b.model, b.tokenizer, b.spec), b.items, labels=list(b.spec.intent_labels),
+        return cls(StudentRuntime(b.model, b.tokenizer, b.spec), b.items, labels=dict(b.spec.classes),
                    card=model_card(b.spec, b.config, b.manifest, b.metrics, len(b.items)))
 
     # ---- ids
@@ -69,11 +70,11 @@ class Service:
         top = sorted(per_item.items(), key=lambda kv: -kv[1])[:EXPLAIN_TOP]
         return [{"item_id": self.item_ids[i], "title": self.titles[i], "weight": round(w, 6)} for i, w in top]
 
-    def _users(self, histories: list[list[int]], task: str):
-        """Known-id histories -> (users, pooling weights, the ids each row used)."""
-        length = self.rt.rec_history if task == "recommendation" else self.rt.ctr_history
+    def _users(self, histories: list[list[int]], length: int):
+        """Known-id histories, the most recent `length` items of each -> (users, pooling weights,
+        the ids each row used)."""
         used = [h[-length:] for h in histories]
-        users, weights = self.rt.users(self.rt.histories(used, task))
+        users, weights = self.rt.users(self.rt.histories(used, length))
         return users, weights, used
 
     # ---- tasks
@@ -83,7 +84,7 @@ class Service:
         out: list[dict | None] = [None] * len(requests)
         warm = [i for i, (known, _) in enumerate(parsed) if known]
         if warm:
-            users, weights, used = self._users([parsed[i][0] for i in warm], "recommendation")
+            users, weights, used = self._users([parsed[i][0] for i in warm], self.rt.rec_history)
             scores = self.rt.rec_from_users(users)
             for row, i in enumerate(warm):
                 r, (known, unknown) = requests[i], parsed[i]
@@ -116,7 +117,7 @@ class Service:
             candidates.append([idx for idx, _ in cand if idx is not None])
             slots.append([s for idx, s in cand if idx is not None])
             unknown.append(list(dict.fromkeys(missing)))
-        users, weights, used = self._users(histories, "ctr")
+        users, weights, used = self._users(histories, self.rt.ctr_history)
         counts = torch.tensor([len(c) for c in candidates])
         flat = [c for cs in candidates for c in cs]
         probs = []
@@ -135,31 +136,34 @@ class Service:
         return out
 
     @torch.inference_mode()
-    def intent(self, requests: list[dict]) -> list[dict]:
+    def classify(self, task: str, requests: list[dict]) -> list[dict]:
+        """A text classification task's answers: per text, the top class, the top 3 and (`explain`)
+        the words that weighed most."""
         texts = [t for r in requests for t in r["texts"]]
-        probs = torch.softmax(self.rt.intent_texts(texts), -1)
+        probs = torch.softmax(self.rt.text_logits(task, texts), -1)
         top_p, top_i = probs.topk(min(3, probs.shape[1]), -1)
+        labels = self.labels[task]
         out, at = [], 0
         for r in requests:
             preds = []
             for row in range(at, at + len(r["texts"])):
-                top = [{"label": self.labels[j], "probability": round(p, 6)}
+                top = [{"label": labels[j], "probability": round(p, 6)}
                        for p, j in zip(top_p[row].tolist(), top_i[row].tolist())]
                 preds.append({**top[0], "top": top,
-                              "explanation": self._words(texts[row], int(top_i[row, 0]), float(top_p[row, 0]))
+                              "explanation": self._words(task, texts[row], int(top_i[row, 0]), float(top_p[row, 0]))
                               if r.get("explain") else None})
             at += len(r["texts"])
             out.append({"predictions": preds})
         return out
 
-    def _words(self, text: str, label: int, p: float) -> list[dict]:
+    def _words(self, task: str, text: str, label: int, p: float) -> list[dict]:
         """Occlusion: how far the label's probability falls when each word is left out. Exact for
         any model, and one batched call per text."""
         words = text.split()[:MAX_OCCLUDED_WORDS]
         if len(words) < 2:
             return [{"token": w, "weight": round(p, 6)} for w in words]
         variants = [" ".join(words[:j] + words[j + 1:]) for j in range(len(words))]
-        drops = p - torch.softmax(self.rt.intent_texts(variants), -1)[:, label]
+        drops = p - torch.softmax(self.rt.text_logits(task, variants), -1)[:, label]
         order = drops.argsort(descending=True)[:EXPLAIN_TOP].tolist()
         return [{"token": words[j], "weight": round(float(drops[j]), 6)} for j in order]
 
@@ -174,6 +178,6 @@ def model_card(spec: StudentSpec, config: dict, manifest: dict, metrics: dict, c
     digest = hashlib.sha256("".join(f"{n}:{f['sha256']}" for n, f in sorted(files.items())).encode()).hexdigest()
     return {"version": digest[:16], "created": manifest["created"], "distillery_version": manifest["distillery_version"],
             "variant": config.get("variant"), "source": config.get("source"), "weights": config.get("weights"),
-            "tasks": list(spec.tasks), "intent_labels": list(spec.intent_labels),
+            "tasks": list(spec.tasks), "classes": {t: list(v) for t, v in spec.classes.items()},
             "catalogue_size": catalogue_size, "metrics": metrics,
             "bundle": {name: {"sha256": f["sha256"], "bytes": f["bytes"]} for name, f in sorted(files.items())}}

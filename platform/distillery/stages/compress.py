@@ -110,7 +110,7 @@ def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: s
     candidates = _variants(cfg, loss_cfg, inp, base, spec)
 
     def evaluate(v, split):
-        return evaluation.evaluate(S.predictors(v["model"], tok, v["spec"], inp.tasks), inp.prepare_dir, split,
+        return evaluation.evaluate(evaluation.student_predictors(v["model"], tok, v["spec"], inp.tasks), inp.prepare_dir, split,
                                    n_items=spec.n_items, max_history=spec.history_window, seed=cfg.seed)
 
     say(f"[compress] timing {len(candidates)} variants on one CPU thread ({cc.latency_requests} requests each, "
@@ -124,7 +124,7 @@ def _work(cfg: RunConfig, loss_cfg: RunConfig, inp: distill.Inputs, model_dir: s
         drops = relative_drops(valid, variants[0]["valid"] if variants else valid)
         row = {"name": v["name"], "parent": v["parent"], "int8": quant.is_quantized(v["state"]),
                "bytes": _bytes(v["state"]), "params": shrink.params(v["model"]),
-               "shape": {k: getattr(v["spec"], k) for k in ("text_dim", "text_rows_kept", "ctr_hidden", "intent_hidden",
+               "shape": {k: getattr(v["spec"], k) for k in ("text_dim", "text_rows_kept", "ctr_hidden", "class_hidden",
                                                        "item_text")},
                "p50_ms": speed[v["name"]]["cpu_latency_ms"]["p50"],
                "throughput_b256": speed[v["name"]]["cpu_throughput"]["batch256"],

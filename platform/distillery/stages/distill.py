@@ -189,7 +189,7 @@ def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
     batches = mixed_batches(data, shares, steps, device)
 
     def validate():
-        valid = evaluation.evaluate(S.predictors(student, tokenizer, spec, tasks, device), prepare_dir, "valid",
+        valid = evaluation.evaluate(evaluation.student_predictors(student, tokenizer, spec, tasks, device), prepare_dir, "valid",
                                     n_items=spec.n_items, max_history=spec.history_window, seed=cfg.seed)
         return teacher_relative_score(valid, config["teacher_valid"]), valid
 
@@ -288,7 +288,7 @@ def student_spec(cfg: RunConfig, prepare_dir: str, tokenizer) -> StudentSpec:
     teacher = TeacherSpec.from_json(storage.read_json(path), path)
     sc = cfg.student
     return StudentSpec(n_items=vocab_size(prepare_dir), n_categories=teacher.n_categories,
-                       intent_labels=teacher.intent_labels, vocab_size=tokenizer.vocab_size, dim=sc.dim,
+                       classes=teacher.classes, vocab_size=tokenizer.vocab_size, dim=sc.dim,
                        text_dim=sc.text_dim, ngram_buckets=sc.ngram_buckets, heads=sc.heads, layers=sc.layers,
                        dropout=sc.dropout, max_history=cfg.tasks.recommendation.max_history,
                        ctr_history=cfg.tasks.ctr.max_history, max_length=cfg.teacher.max_length,
@@ -347,7 +347,7 @@ def finish(inp: Inputs, out_dir: str, spec: StudentSpec | None = None) -> dict:
     model, tok, _ = S.load(StudentDir(out_dir).model)
     history = storage.read_json(StudentDir(out_dir).history)
     best = max(history, key=lambda h: h["score"])
-    test = evaluation.evaluate(S.predictors(model, tok, spec, inp.tasks), inp.prepare_dir, "test",
+    test = evaluation.evaluate(evaluation.student_predictors(model, tok, spec, inp.tasks), inp.prepare_dir, "test",
                                n_items=spec.n_items, max_history=spec.history_window, seed=inp.cfg.seed)
     metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
                "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}

@@ -43,7 +43,7 @@ from ..layout import LabelDir, RunLayout
 from ..models.teacher import Teacher, read_spec, set_threads
 from ..progress import say
 from ..tasks import TASKS, LabelContext
-from ..tasks.intent import tokenize_batch
+from ..tasks.text import tokenize_batch
 
 # ------------------------------------------------------------------------------ fingerprints
 def fingerprints(task: str, batch: pa.Table) -> pa.Array:
@@ -117,12 +117,13 @@ def _fsdp_backbone(model: Teacher, device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # the transformer blocks: the largest ModuleList, whatever the architecture calls it
-    lists = [m for m in model.backbone.modules() if isinstance(m, torch.nn.ModuleList)]
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
-    for layer in blocks:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model.backbone, mesh=mesh)
+    for backbone in model.backbones:  # one encoder per text classification task
+        # the transformer blocks: the largest ModuleList, whatever the architecture calls it
+        lists = [m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList)]
+        blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
+        for layer in blocks:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(backbone, mesh=mesh)
 
 
 def _lockstep(batches, sharded: bool, device):

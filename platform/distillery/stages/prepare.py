@@ -362,7 +362,7 @@ def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, 
     pair_counts = all_pairs[all_pairs["label"].notna()]
     # a text some other row labels (say, a query for an item with a category) is still an example
     unlabelled = set(all_pairs.loc[all_pairs["label"].isna(), "text"]) - set(pair_counts["text"])
-    classes = warmstart.intent_labels(cfg)
+    classes = warmstart.classes(cfg, "intent")
     df, names = ex.intent_examples(pair_counts, min_class_count=task.min_class_count,
                                    fractions=task.split_fractions, classes=classes)
     texts = pair_counts["text"].nunique() if len(pair_counts) else 0

@@ -29,7 +29,6 @@ from ..errors import StageError
 from ..layout import RunLayout, TeacherDir
 from ..models import student as S
 from ..models.teacher import load_model
-from ..models.teacher import predictors as teacher_predictors
 from ..progress import say
 from ..tasks import SCORE_METRIC, TASKS
 
@@ -112,11 +111,11 @@ def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str
     """{student name: {task: ratio interval}} of each student (model, tokenizer, spec) over the
     teacher, from both models' per-example outputs on the test split."""
     n_items = vocab_size(prepare_dir)
-    ref = evaluation.outputs(teacher_predictors(teacher, t_tok, tasks, t_spec.max_length), prepare_dir, "test",
+    ref = evaluation.outputs(evaluation.teacher_predictors(teacher, t_tok, tasks, t_spec.max_length), prepare_dir, "test",
                              n_items=n_items, max_history=teacher.max_history, seed=seed)
     out = {}
     for name, (model, tok, spec) in students.items():
-        own = evaluation.outputs(S.predictors(model, tok, spec, tasks), prepare_dir, "test", n_items=spec.n_items,
+        own = evaluation.outputs(evaluation.student_predictors(model, tok, spec, tasks), prepare_dir, "test", n_items=spec.n_items,
                                  max_history=spec.history_window, seed=seed)
         out[name] = evaluation.ratio_intervals(own, ref, resamples=resamples, seed=seed)
     return out
@@ -282,7 +281,8 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
 
 def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     """teacher.png: validation NDCG@10 against epochs of every sequence model of the teacher's grid
-    and of the SASRec baseline's (the chosen ones solid), and the encoder's intent macro-F1 per epoch."""
+    and of the SASRec baseline's (the chosen ones solid), and each text classifier's validation
+    score per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,8 +295,8 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     metrics = storage.read_json(teacher.metrics)
     seq = {**runs("members"), **runs("sasrec")}
     chosen = {*metrics.get("teacher_members", []), metrics.get("sasrec_chosen")}
-    intent = _read_history(teacher.intent.history)
-    if not seq and not intent:
+    text = {t: _read_history(teacher.classifier(t).history) for t in metrics.get("text_epochs", {})}
+    if not seq and not any(text.values()):
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, hist) in enumerate(seq.items()):
@@ -305,8 +305,12 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
             style = "-" if name in chosen else ":"
             axes[0].plot(*zip(*vals), style, marker=".", color=f"C{i}", label=name)
     axes[0].set_title("sequence models: validation NDCG@10")
-    axes[1].plot([h["epoch"] + 1 for h in intent], [h["valid"]["intent"]["macro_f1"] for h in intent], marker="o")
-    axes[1].set_title("intent encoder: validation macro-F1")
+    for task, hist in text.items():
+        metric = TASKS[task].score_metric
+        axes[1].plot([h["epoch"] + 1 for h in hist], [h["valid"][task][metric] for h in hist], marker="o",
+                     label=f"{task} {metric}")
+    axes[1].set_title("text classifiers: validation score")
+    axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -9,8 +9,8 @@ Steps, each kept when finished and the stage is re-run:
    of `teacher.sequence`, the same loop (`loop.fit`) -> RUN_DIR/teacher/members/<name>/. Per
    width, the dropout with the best validation score is kept, and `members` - 1 more seeds of it
    are trained; the kept models are the teacher's ensemble.
-4. intent: the encoder and its lexical bag fine-tuned on the intent texts until validation
-   macro-F1 stops improving -> RUN_DIR/teacher/intent/.
+4. text classification (intent, sentiment): per task, an encoder and its lexical bag fine-tuned
+   on the task's texts until its validation score stops improving -> RUN_DIR/teacher/<task>/.
    Steps 2-4 are one Ray Train run that trains the models one after another (a Train run costs
    ~10 s to start on a small machine); the extra seeds of step 3 are a second one.
 Then the parts are assembled into one `Teacher` (RUN_DIR/teacher/model/) and every model is
@@ -41,10 +41,9 @@ from ..data.sources import read_parquet
 from ..errors import StageError
 from ..histories import pad_list_array
 from ..layout import PartDir, PrepareDir, RunLayout, TeacherDir
-from ..models.heads import item_head_predictors
 from ..models.seqrec import NextItemLoss, SeqSpec
 from ..models.teacher import (
-    IntentTeacher,
+    TextTeacher,
     SeqMember,
     Teacher,
     TeacherSpec,
@@ -53,14 +52,13 @@ from ..models.teacher import (
     load_backbone,
     load_model,
     load_weights,
-    predictors,
     save_model,
     save_weights,
     set_threads,
     text_inputs,
 )
 from ..progress import say
-from ..tasks import SCORE_METRIC, baselines, mean_metric
+from ..tasks import SCORE_METRIC, TASKS, baselines, mean_metric
 
 SEQ_TASKS = ("recommendation", "ctr")
 
@@ -88,14 +86,14 @@ def teacher_spec(cfg: RunConfig, prepare_dir: str, text_dim: int,
     once the grid has trained and chosen; by default one per width and seed at the first dropout."""
     items = read_items(prepare_dir)
     prep = PrepareDir(prepare_dir)
-    labels = storage.read_json(prep.vocab("intent_labels")) if storage.exists(prep.vocab("intent_labels")) else []
     cats = storage.read_json(prep.vocab("categories"))
     tasks = list(cfg.tasks.enabled())
     sc, n_items = cfg.teacher.sequence, vocab_size(prepare_dir)
     if sequences is None:
         sequences = [seq_spec(cfg, n_items, text_dim, dim=d, dropout=sc.dropouts[0]) for d in sc.dims
                      for _ in range(sc.members)]
-    return TeacherSpec(n_items=n_items, intent_labels=tuple(labels), n_categories=len(cats),
+    classes = {t: TASKS[t].labels(prepare_dir) for t in tasks if TASKS[t].classifies}
+    return TeacherSpec(n_items=n_items, classes=classes, n_categories=len(cats),
                        max_history=max(cfg.tasks.recommendation.max_history, cfg.tasks.ctr.max_history),
                        max_length=cfg.teacher.max_length, lexical_dim=cfg.teacher.lexical_dim,
                        lexical_buckets=cfg.teacher.lexical_buckets,
@@ -107,17 +105,14 @@ def teacher_spec(cfg: RunConfig, prepare_dir: str, text_dim: int,
 def evaluate(model: Teacher, tokenizer, prepare_dir: str, split: str, tasks, max_length: int,
              device="cpu", batch: int = 512, seed: int = 0) -> dict:
     """Metrics of `model` on one split of every task (the metric module's names)."""
-    return evaluation.evaluate(predictors(model, tokenizer, tasks, max_length, device), prepare_dir, split,
+    return evaluation.evaluate(evaluation.teacher_predictors(model, tokenizer, tasks, max_length, device), prepare_dir, split,
                                n_items=vocab_size(prepare_dir), max_history=model.max_history, seed=seed, batch=batch)
 
 
 def evaluate_member(member: SeqMember, prepare_dir: str, split: str, tasks, n_items: int, max_history: int,
                     seed: int = 0, device="cpu") -> dict:
-    member.eval()
-    with torch.no_grad():
-        items = member.item_vectors()
-    preds = {t: f for t, f in item_head_predictors(member, items, device).items() if t in tasks}
-    return evaluation.evaluate(preds, prepare_dir, split, n_items=n_items, max_history=max_history, seed=seed)
+    return evaluation.evaluate(evaluation.predictors(member, tasks, device=device), prepare_dir, split, n_items=n_items,
+                               max_history=max_history, seed=seed)
 
 
 # ------------------------------------------------------------------------------ 1. item text
@@ -282,7 +277,7 @@ def _keep_best(model: nn.Module, optim, sched, out_dir: str, rank: int, part: st
 
 def teacher_loop(config: dict) -> None:
     """Ray Train worker function: the sequence models of `config["parts"]` (the SASRec baselines and
-    the teacher's members), then the intent encoder when `config["intent"]` is set, one after
+    the teacher's members), then the text classifier of each task in `config["text"]`, one after
     another. A model whose history is written is skipped, so a restarted run goes on with the one it
     was training, from that model's last checkpoint."""
     cfg = RunConfig.model_validate(config["cfg"])
@@ -296,8 +291,9 @@ def teacher_loop(config: dict) -> None:
             # (each epoch ends with a `ray.train.report` from every rank), so they skip alike
             if not storage.exists(PartDir(part["out_dir"]).history):
                 _train_part(cfg, config, part, seqs, ctr)
-    if config["intent"] and not storage.exists(PartDir(config["intent"]["out_dir"]).history):
-        _train_intent(cfg, config)
+    for task, part in config["text"].items():
+        if not storage.exists(PartDir(part["out_dir"]).history):
+            _train_text(cfg, config, task)
 
 
 def _train_part(cfg: RunConfig, config: dict, part: dict, all_seqs: torch.Tensor | None, ctr: dict | None) -> None:
@@ -357,7 +353,7 @@ def _train_part(cfg: RunConfig, config: dict, part: dict, all_seqs: torch.Tensor
         storage.write_json(PartDir(out_dir).history, state["history"])
 
 
-# ------------------------------------------------------------------------------ 4. intent
+# ------------------------------------------------------------------------------ 4. text classes
 def add_typos(texts: list[str], rate: float, rng: np.random.Generator) -> list[str]:
     """One random edit (swap two neighbours, drop or double a character) in a `rate` share of the
     texts. Shoppers misspell queries, and an encoder fine-tuned on clean text alone is brittle to it."""
@@ -386,27 +382,29 @@ def drop_words(texts: list[str], rate: float, rng: np.random.Generator) -> list[
     return out
 
 
-class IntentLoss(nn.Module):
-    def __init__(self, model: IntentTeacher):
+class ClassifierLoss(nn.Module):
+    """Cross entropy of a text classifier: forward(batch) -> {task: loss, "total": loss}."""
+
+    def __init__(self, model: TextTeacher, task: str):
         super().__init__()
-        self.model = model
+        self.model, self.task = model, task
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "bag_ids", "bag_offsets") if k in batch}
         loss = F.cross_entropy(self.model(**inputs), batch["label"])
-        return {"intent": loss, "total": loss}
+        return {self.task: loss, "total": loss}
 
 
-def _intent_optimizer(model: IntentTeacher, tc) -> torch.optim.AdamW:
+def _text_optimizer(model: TextTeacher, tc) -> torch.optim.AdamW:
     """AdamW with the encoder, the head and the lexical bag each at its own rate."""
     groups = [{"params": list(model.backbone.parameters()), "lr": tc.lr},
-              {"params": list(model.intent_head.parameters()), "lr": tc.head_lr}]
+              {"params": list(model.head.parameters()), "lr": tc.head_lr}]
     if model.lexical is not None:  # its rare n-gram rows see few updates: a rate of their own, no decay
         groups.append({"params": list(model.lexical.parameters()), "lr": tc.lexical_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=True)  # one kernel, not a loop over tensors
 
 
-def _intent_batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Callable:
+def _text_batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Callable:
     """An epoch for `loop.fit`: `steps` batches of `tc.intent_batch_size` texts bucketed by length
     (sorted with jitter, cut, taken in random order): each pads to its longest text, and titles range
     from a few tokens to max_length. A shard shorter than the others repeats texts."""
@@ -427,50 +425,53 @@ def _intent_batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Call
     return batches
 
 
-def _train_intent(cfg: RunConfig, config: dict) -> None:
-    """Fine-tune the encoder and its lexical bag on the intent texts (`loop.fit`); rank 0 writes its
-    best weights and its history into `config["intent"]["out_dir"]`."""
+def _train_text(cfg: RunConfig, config: dict, task: str) -> None:
+    """Fine-tune an encoder and its lexical bag on `task`'s texts (`loop.fit`); rank 0 writes its
+    best weights and its history into `config["text"][task]["out_dir"]`."""
     import ray.train
     import ray.train.torch
 
-    tc, out_dir, prepare_dir = cfg.teacher, config["intent"]["out_dir"], config["prepare_dir"]
+    tc, out_dir, prepare_dir = cfg.teacher, config["text"][task]["out_dir"], config["prepare_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(loop.epoch_seed(cfg.seed, 0, 0, stream=1))
     backbone, tokenizer = load_backbone(tc.model)
-    model = IntentTeacher(backbone, config["teacher_spec"].n_intents, tc.lexical_dim, tc.lexical_buckets).to(device)
-    optim = _intent_optimizer(model, tc)
-    steps = config["intent"]["steps"]
+    n_classes = len(config["teacher_spec"].classes[task])
+    model = TextTeacher(backbone, n_classes, tc.lexical_dim, tc.lexical_buckets).to(device)
+    optim = _text_optimizer(model, tc)
+    steps = config["text"][task]["steps"]
     sched = trainstate.warmup_linear(optim, steps * tc.epochs, tc.warmup_ratio)
-    state = trainstate.restore(model, optim, sched, part="intent")
+    state = trainstate.restore(model, optim, sched, part=task)
     if state and rank == 0:
-        say(f"[teacher] intent: resuming after epoch {state['epoch']} from the last checkpoint")
-    loss_mod = IntentLoss(model)
+        say(f"[teacher] {task}: resuming after epoch {state['epoch']} from the last checkpoint")
+    loss_mod = ClassifierLoss(model, task)
     ddp = ray.train.torch.prepare_model(loss_mod, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else loss_mod
-    parts = list(ray.train.get_dataset_shard("intent").iter_batches(batch_size=None, batch_format="pandas"))
+    parts = list(ray.train.get_dataset_shard(task).iter_batches(batch_size=None, batch_format="pandas"))
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"text": [], "label": []})
     buckets = tc.lexical_buckets if tc.lexical_dim else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    batches = _intent_batches(df, tokenizer, tc, steps, device)
+    batches = _text_batches(df, tokenizer, tc, steps, device)
+    metric = TASKS[task].score_metric
 
     def validate():
-        texts_pred = {"intent": lambda texts: model(**text_inputs(tokenizer, texts, max_length=tc.max_length,
-                                                                  buckets=buckets, device=device)).argmax(-1).cpu().numpy()}
-        valid = evaluation.evaluate(texts_pred, prepare_dir, "valid", n_items=0, max_history=1, seed=cfg.seed)
-        return valid["intent"]["macro_f1"], valid
+        def text_logits(_, texts):
+            return model(**text_inputs(tokenizer, texts, max_length=tc.max_length, buckets=buckets, device=device))
+        valid = evaluation.evaluate(evaluation.predictors(model, [task], text_logits, device), prepare_dir, "valid",
+                                    n_items=0, max_history=1, seed=cfg.seed)
+        return valid[task][metric], valid
 
     def log(epoch: int, entry: dict, improved: bool) -> None:
         if rank == 0:
-            v = entry["valid"]["intent"]
-            say(f"[teacher] intent epoch {epoch + 1}/{tc.epochs}  loss={entry['loss'].get('total', 0):.4f}  "
-                f"macro_f1={v['macro_f1']:.4f}  accuracy={v['accuracy']:.4f}{'  *best' if improved else ''}  "
-                f"({entry['seconds']}s)")
+            v = entry["valid"][task]
+            say(f"[teacher] {task} epoch {epoch + 1}/{tc.epochs}  loss={entry['loss'].get('total', 0):.4f}  "
+                + "  ".join(f"{m}={v[m]:.4f}" for m in TASKS[task].metrics)
+                + f"{'  *best' if improved else ''}  ({entry['seconds']}s)")
 
     plan = loop.Plan(epochs=tc.epochs, patience=tc.patience, eval_every=1, clip=1.0, seed=cfg.seed, rank=rank)
     state = loop.fit(ddp, optim, sched, plan, batches=batches, loss=ddp, validate=validate,
-                     on_validated=_keep_best(model, optim, sched, out_dir, rank, "intent"), state=state,
+                     on_validated=_keep_best(model, optim, sched, out_dir, rank, task), state=state,
                      autocast=autocast, log=log)
     if rank == 0:
         storage.write_json(PartDir(out_dir).history, state["history"])
@@ -517,7 +518,7 @@ def _popularity(prepare_dir: str, n_items: int) -> list[float]:
 
 def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec: TeacherSpec) -> dict:
     """Steps 2-4: the SASRec baseline grid, the teacher's grid (one seed per width and dropout) and
-    the intent encoder in one Ray Train run; then, with `members` > 1, the other seeds of each width
+    the text classifiers in one Ray Train run; then, with `members` > 1, the other seeds of each width
     at the dropout its grid chose, in a second. Every model is kept when it finished before.
     Returns {"teacher": [...], "sasrec": [...]}, one {name, dir, spec, seed_index, valid, score,
     best_epoch, epochs_run} per trained sequence model."""
@@ -525,11 +526,11 @@ def train_models(cfg: RunConfig, out_dir: str, text: torch.Tensor | None, tspec:
     tasks = [t for t in cfg.tasks.enabled() if t in SEQ_TASKS]
     text_dim = 0 if text is None else text.shape[1]
     sasrec, grid, parts = _sequence_parts(cfg, out_dir, tasks, tspec, text_dim)
-    _train(cfg, out_dir, tasks, tspec, parts, intent=True, name="teacher")
+    _train(cfg, out_dir, tasks, tspec, parts, text=True, name="teacher")
     done = {"teacher": _trained(grid), "sasrec": _trained(sasrec)}
     if cfg.teacher.sequence.members > 1 and grid:
         seeds, parts = _seed_parts(cfg, out_dir, tasks, tspec.n_items, text_dim, choose_dropouts(done["teacher"]))
-        _train(cfg, out_dir, tasks, tspec, parts, intent=False, name="teacher-seeds")
+        _train(cfg, out_dir, tasks, tspec, parts, text=False, name="teacher-seeds")
         done["teacher"] += _trained(seeds)
     return done
 
@@ -540,9 +541,9 @@ def _trained(rows: list[dict]) -> list[dict]:
 
 
 def _train(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: TeacherSpec, parts: list[dict], *,
-           intent: bool, name: str) -> None:
-    """One Ray Train run (`name`) of the `parts` not finished yet, and of the intent encoder when
-    `intent` and it is not finished either."""
+           text: bool, name: str) -> None:
+    """One Ray Train run (`name`) of the `parts` not finished yet, and, with `text`, of the text
+    classifiers not finished either."""
     import ray
 
     prepare_dir = RunLayout(cfg.run_dir).prepare.root
@@ -557,16 +558,17 @@ def _train(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], tspec: Teacher
         if "recommendation" not in tasks:
             steps = max(1, math.ceil(datasets["ctr"].count() / cfg.teacher.num_workers
                                      / cfg.teacher.sequence.ctr_batch_size))
-    intent_part = None
-    if intent and "intent" in cfg.tasks.enabled() and not _finished("intent", out_dir.intent.root):
-        datasets["intent"] = read_parquet(PrepareDir(prepare_dir).examples("intent", "train")).materialize()
-        intent_part = {"out_dir": out_dir.intent.root,
-                       "steps": max(1, math.ceil(datasets["intent"].count() / cfg.teacher.num_workers
-                                                 / cfg.teacher.intent_batch_size))}
-    if todo or intent_part:
+    text_parts = {}
+    for task in (tspec.classes if text else ()):
+        if not _finished(task, out_dir.classifier(task).root):
+            datasets[task] = read_parquet(PrepareDir(prepare_dir).examples(task, "train")).materialize()
+            text_parts[task] = {"out_dir": out_dir.classifier(task).root,
+                                "steps": max(1, math.ceil(datasets[task].count() / cfg.teacher.num_workers
+                                                          / cfg.teacher.intent_batch_size))}
+    if todo or text_parts:
         _fit(cfg, datasets,
              {"teacher_spec": tspec, "steps": steps, "popularity": _popularity(prepare_dir, tspec.n_items),
-              "item_text": out_dir.item_text, "parts": todo, "intent": intent_part}, name)
+              "item_text": out_dir.item_text, "parts": todo, "text": text_parts}, name)
 
 
 def _member(cfg: RunConfig, out_dir: TeacherDir, tasks: list[str], n_items: int, text_dim: int, dim: int,
@@ -661,13 +663,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     trained = train_models(cfg, out_dir, text, tspec)
     members = choose_members(trained["teacher"])
     tspec = dataclasses.replace(tspec, sequences=tuple(SeqSpec.from_json(r["spec"]) for r in members))
-    intent_dir = out.intent
 
     # assemble the teacher from its trained parts
-    model = build(backbone, tspec, text)
+    model = build(backbone, tspec, text, ctr_head="ctr" in tasks)
     state = model.state_dict()
-    if "intent" in tasks:
-        state.update({f"intent.{k}": v for k, v in load_weights(intent_dir.weights).items()})
+    for task in tspec.classes:
+        state.update({f"classifiers.{task}.{k}": v for k, v in load_weights(out.classifier(task).weights).items()})
     for i, r in enumerate(members):
         state.update({f"members.{i}.{k}": v for k, v in load_weights(PartDir(r["dir"]).weights).items()})
     model.load_state_dict(state)
@@ -687,8 +688,8 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         report["sasrec_chosen"] = chosen["name"]
         for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, tspec, cfg.seed).items():
             base.setdefault(t, {})["sasrec"] = m
-    if "intent" in tasks:
-        report["intent_epochs"] = _best(storage.read_json(intent_dir.history))
+    if tspec.classes:
+        report["text_epochs"] = {t: _best(storage.read_json(out.classifier(t).history)) for t in tspec.classes}
     if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
         report["members_test"] = [evaluate_member(m, prepare_dir, "test", [t for t in SEQ_TASKS if t in tasks],
                                                   tspec.n_items, tspec.max_history, cfg.seed)
@@ -711,10 +712,11 @@ def reuse(cfg: RunConfig, out_dir: str) -> dict:
     model, tokenizer, spec = load_model(model_dir)
     prepare_dir = layout.prepare.root
     tasks = [t for t in cfg.tasks.enabled() if t in spec.tasks]
-    new_labels = storage.read_json(layout.prepare.vocab("intent_labels"))
-    if "intent" in tasks and new_labels != list(spec.intent_labels):
-        raise StageError(f"the teacher of {src.run_dir} has intent classes {list(spec.intent_labels)}, the new window "
-                         f"{new_labels}: prepare keeps the earlier classes under warm start; re-run it (--force)")
+    for task, labels in spec.classes.items():
+        new_labels = TASKS[task].labels(prepare_dir)
+        if task in tasks and new_labels != labels:
+            raise StageError(f"the teacher of {src.run_dir} has {task} classes {list(labels)}, the new window "
+                             f"{list(new_labels)}: prepare keeps the earlier classes under warm start; re-run it (--force)")
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
     test = evaluate(model, tokenizer, prepare_dir, "test", tasks, cfg.teacher.max_length, seed=cfg.seed)
     report = {"valid": valid, "test": test, "baselines": baselines(prepare_dir, tasks, "test", cfg.seed),

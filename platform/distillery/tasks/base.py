@@ -61,6 +61,7 @@ class Task:
     train_splits: ClassVar[tuple[str, ...]] = ("train",)  # the splits a student trains on
     reads_text: ClassVar[bool] = False           # inputs are texts: labelled in text-sized batches
     tuned: ClassVar[tuple[str, ...]] = ()        # `tune.space` fields that are this task's own knobs
+    classifies: ClassVar[bool] = False           # answers with one of its classes (`labels`)
 
     # ---------------------------------------------------------------- config and labels
     def settings(self, cfg: "RunConfig"):
@@ -113,7 +114,16 @@ class Task:
         (alpha 0). `context`: `loss_context`'s value."""
         raise NotImplementedError
 
+    def labels(self, prepare_dir: str) -> tuple[str, ...]:
+        """A classifying task's class names in class-id order (others: none)."""
+        return ()
+
     # ---------------------------------------------------------------- evaluation
+    def predictor(self, model, items, text_logits, device) -> Predictor:
+        """The model's predictor of this task (what `outputs` calls; `evaluation.predictors`): `items`
+        are the model's item vectors, computed once; text_logits(task, texts) -> [B, C] its logits."""
+        raise NotImplementedError
+
     def outputs(self, predict: Predictor, prepare_dir: str, split: str, *, n_items: int, max_history: int,
                 seed: int, batch: int) -> Output:
         """Per-example outputs of a model (its predictor of this task) on one split."""
@@ -128,6 +138,17 @@ class Task:
 
     def baselines(self, prepare_dir: str, split: str, seed: int) -> dict[str, dict[str, float]]:
         """{baseline name: metrics} of the simple models every model of this task must beat."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- latency (`latency.py`)
+    def probe_request(self, row) -> Any:
+        """One request's payload for this task from a row of its test examples (a pandas row)."""
+        raise NotImplementedError
+
+    def probe(self, model, payloads: list) -> None:
+        """Answer a batch of payloads as a server would, inputs built inside (what is timed). `model`
+        has `histories(id lists, length)`, `rec_history`, `ctr_history`, `rec_scores(history)`,
+        `ctr_logits(history, item, slot)` and `text_logits(task, texts)`."""
         raise NotImplementedError
 
 

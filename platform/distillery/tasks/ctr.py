@@ -12,6 +12,7 @@ from .. import metrics as M
 from ..data.examples import read_split
 from ..histories import pad_list_array, pad_to_longest, trim_padding
 from ..losses import CtrKD
+from ..models.student import longs
 from . import fingerprint
 from .base import LabelContext, Output, Task, column_tensor
 
@@ -50,6 +51,10 @@ class Ctr(Task):
         return CtrKD(tc.temperature, tc.alpha if kd else 0.0)
 
     # ---------------------------------------------------------------- evaluation
+    def predictor(self, model, items, text_logits, device):
+        return lambda hist, item, slot: torch.sigmoid(
+            model.ctr_logits(hist.to(device), item.to(device), slot.to(device), items).float()).cpu().numpy()
+
     def outputs(self, predict, prepare_dir: str, split: str, *, n_items: int, max_history: int, seed: int,
                 batch: int) -> Output:
         """{"label" [N], "prob" [N], "unit" [N] (the user: her candidates go together)};
@@ -67,6 +72,14 @@ class Ctr(Task):
 
     def row_scorer(self, output: Output):
         return M.auc_of_rows(output["label"], output["prob"])
+
+    # ---------------------------------------------------------------- latency
+    def probe_request(self, row) -> tuple[list[int], int, int]:
+        return list(row["history"]), int(row["item"]), -1 if row["slot"] != row["slot"] else int(row["slot"])
+
+    def probe(self, model, payloads: list) -> None:
+        torch.sigmoid(model.ctr_logits(model.histories([p[0] for p in payloads], model.ctr_history),
+                                       longs([p[1] for p in payloads]), longs([p[2] for p in payloads])))
 
     def baselines(self, prepare_dir: str, split: str, seed: int) -> dict[str, dict[str, float]]:
         return {"popularity": baselines.popularity_ctr(prepare_dir, self.name, split)}

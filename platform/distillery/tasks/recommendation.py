@@ -58,6 +58,9 @@ class Recommendation(Task):
                                 rank_k=min(tc.rank_k, cfg.label.top_k), rank_lambda=tc.rank_lambda)
 
     # ---------------------------------------------------------------- evaluation
+    def predictor(self, model, items, text_logits, device):
+        return lambda hist: model.rec_scores(hist.to(device), items).float().cpu().numpy()
+
     def outputs(self, predict, prepare_dir: str, split: str, *, n_items: int, max_history: int, seed: int,
                 batch: int) -> Output:
         """{"rank" [N], "rank_sampled100" [N] (`metrics.ranking_ranks`: when 100 negatives can be
@@ -74,6 +77,13 @@ class Recommendation(Task):
     def row_scorer(self, output: Output):
         ranks = output["rank"]
         return lambda rows: M.ranking_metrics(ranks[rows])[self.score_metric]
+
+    # ---------------------------------------------------------------- latency
+    def probe_request(self, row) -> list[int]:
+        return list(row["history"])
+
+    def probe(self, model, payloads: list) -> None:
+        model.rec_scores(model.histories(payloads, model.rec_history)).topk(10, dim=1)
 
     def baselines(self, prepare_dir: str, split: str, seed: int) -> dict[str, dict[str, float]]:
         return {"popularity": baselines.popularity_ranking(prepare_dir, self.name, split, seed)}
