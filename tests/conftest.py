@@ -276,6 +276,7 @@ def labelled(prepared, tiny_bert, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ a tiny served bundle
+SENTIMENTS = ("negative", "neutral", "positive")  # the tiny bundle's sentiment classes
 TITLES = ["red gel pen", "blue gel pen", "bike helmet mips", "espresso beans dark roast", "stapler",
           "desk lamp", "laser printer toner", "yoga mat", "camping tent", "coffee grinder"]
 CLICKS = [5, 50, 7, 30, 1, 9, 40, 2, 3, 11]
@@ -300,10 +301,10 @@ def tiny_bundle(tiny_bert, tmp_path_factory) -> str:
     from distillery.serving import bundle
 
     tok = load_backbone(tiny_bert)[1]
-    spec = student.StudentSpec(n_items=len(TITLES) + 2, n_categories=3, classes={"intent": tuple(LABELS)},
+    spec = student.StudentSpec(n_items=len(TITLES) + 2, n_categories=3, classes={"intent": tuple(LABELS), "sentiment": SENTIMENTS},
                                vocab_size=tok.vocab_size, dim=16, text_dim=8, ngram_buckets=256, heads=2, layers=0,
                                dropout=0.0, max_history=5, ctr_history=4, max_length=16,
-                               tasks=("recommendation", "ctr", "intent"))
+                               tasks=("recommendation", "ctr", "intent", "sentiment"))
     torch.manual_seed(0)
     category = torch.tensor([0, 0] + [i % 3 for i in range(len(TITLES))])
     model = student.build(spec, category, TITLES, tok)

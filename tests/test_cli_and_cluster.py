@@ -18,6 +18,18 @@ def test_help_explains_every_option(capsys):
         assert opt in out
 
 
+def test_generate_data_takes_every_generator_setting_with_its_default_and_limits(capsys):
+    from distillery.config import SyntheticConfig
+
+    with pytest.raises(SystemExit):
+        main(["generate-data", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in SyntheticConfig.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in out and f"(default {field.default:g})" in out
+    assert "at least 10 (default 1500)" in out and "items shown per impression, 2-50" in out
+    assert "per user, above 1" in out
+
+
 def test_errors_are_one_line_without_traceback(capsys):
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "data.nope=1"]) == 2
     err = capsys.readouterr().err

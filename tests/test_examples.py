@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 from distillery.data import examples as ex
+from distillery.tasks.user_examples import user_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ def _build(df, real, **kw):
     args = dict(item_ids=ITEMS, tasks=("recommendation", "ctr"), rec_history=3, ctr_history=2,
                 real_impressions=real, negative_ratio=2, neg_cdf=ex.negative_cdf(np.ones(len(ITEMS)), 1.0), seed=0)
     args.update(kw)
-    return ex.user_examples(df, **args).to_pandas()
+    return user_examples(df, **args).to_pandas()
 
 
 def test_leave_one_out_and_history_truncation():
@@ -82,7 +83,7 @@ def test_intent_pairs_and_examples():
 
     counts = pd.DataFrame({"text": ["red pen", "red pen", "blue pen", "ink", "ink", "paper"],
                            "label": ["A", "B", "A", "B", "A", "C"], "count": [3, 1, 1, 2, 2, 1]})
-    out, names = ex.intent_examples(counts, min_class_count=2, fractions=(0.8, 0.1, 0.1))
+    out, names = ex.intent_examples(counts, min_class_count=2, fractions=(0.8, 0.1, 0.1), prefix="intent")
     got = dict(zip(out["text"], out["label_name"]))
     assert got == {"red pen": "A", "blue pen": "A", "ink": "A", "paper": "other"}  # majority; tie -> first label
     assert names == ["A", "other"]

@@ -27,6 +27,7 @@ import pytest
 from conftest import checkpoint_part
 from distillery.stages import distill, label, teacher
 from distillery.stages import tune as dtune
+from distillery.tasks import TASKS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.fault, pytest.mark.usefixtures("ray_local")]
 TOL = 1e-4
@@ -200,7 +201,7 @@ def test_a_labeling_worker_killed_partway_leaves_every_example_labelled_exactly_
     prepared = json.loads((tmp_path / "run" / "prepare" / "manifest.json").read_text())["examples"]
     assert m["examples"] == prepared
     lost = 0
-    for task in ("recommendation", "ctr", "intent"):
+    for task in TASKS:
         ids = pq.read_table(out / task, columns=["example_id"]).column(0).to_pylist()
         want = pq.read_table(tmp_path / "run" / "prepare" / "examples" / task, columns=["example_id"]).column(0).to_pylist()
         assert len(ids) == len(set(ids)), f"{task}: duplicated labels"

@@ -173,7 +173,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
     assert not list((run_dir / "label").rglob(".part-*"))
 
     model, tok, spec = load_model(str(run_dir / "teacher" / "model"))
-    for task in ("recommendation", "ctr", "intent"):
+    for task in TASKS:
         got = _read(run_dir, task)
         assert got.schema.remove_metadata() == TASKS[task].label_schema
         ids = got.column("example_id").to_pylist()

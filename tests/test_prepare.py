@@ -4,12 +4,14 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from distillery import runner, storage
 from distillery.errors import DataError, StageError
 from distillery.stages import prepare
+from distillery.tasks import TASKS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -24,7 +26,7 @@ def test_manifest_contract(prepared):
     assert on_disk["config_hash"] == m["config_hash"] and m["status"] == "complete"
     assert set(m["counts"]) == {"users", "items", "interactions", "rejects"}
     assert m["counts"]["items"] == 80 and m["counts"]["users"] == 150 and m["counts"]["rejects"] == 0
-    assert set(m["examples"]) == {"recommendation", "ctr", "intent"}
+    assert set(m["examples"]) == set(TASKS)
     assert set(m["examples"]["recommendation"]) == set(m["examples"]["ctr"]) == {"train", "valid", "test"}
     assert set(m["examples"]["intent"]) == {"train", "valid", "test", "transfer"}  # transfer: teacher-only texts
     assert m["wall_time_s"] > 0 and m["ctr_source"] == "impressions"
@@ -50,6 +52,25 @@ def test_outputs_and_vocabularies(prepared):
     every = pd.concat([_read(out / "examples" / "intent" / s) for s in ("train", "valid", "test")])
     assert len(transfer) > 0 and (transfer["label"] == -1).all() and not set(transfer["text"]) & set(every["text"])
     assert len(_read(out / "interactions")) == m["counts"]["interactions"]
+
+
+def test_sentiment_examples_are_the_reviews_classes_by_their_rating(prepared):
+    from distillery.data.examples import normalize_text
+
+    _, run_dir, m = prepared
+    out = run_dir / "prepare"
+    assert json.loads((out / "vocab" / "sentiment_labels.json").read_text()) == ["negative", "neutral", "positive"]
+    reviews = _read(out / "reviews")
+    classes = {}  # text -> its reviews' classes (1-2 stars negative, 3 neutral, 4-5 positive)
+    for title, text, rating in zip(reviews["title"], reviews["text"], reviews["rating"]):
+        classes.setdefault(normalize_text(f"{title}. {text}"), []).append(0 if rating <= 2 else 2 if rating >= 4 else 1)
+    ex = pd.concat([_read(out / "examples" / "sentiment" / s) for s in ("train", "valid", "test")])
+    assert ex["text"].is_unique and set(ex["text"]) == set(classes)  # every review is an example's
+    assert int(ex["count"].sum()) == len(reviews) and m["sentiment"]["left_out"] == {"no_rating_or_text": 0}
+    for text, label in zip(ex["text"], ex["label"]):  # the majority class of the text's reviews (ties: lowest)
+        votes = np.bincount(classes[text], minlength=3)
+        assert label == int(np.argmax(votes))
+    assert set(ex["label"]) == {0, 1, 2} and ex["example_id"].str.startswith("sentiment:").all()
 
 
 def test_no_leakage_across_splits(prepared):

@@ -115,9 +115,11 @@ def make_shop(shop: Shop, base: dict[str, pd.DataFrame], out: Path) -> dict[str,
 def shop_config(paths: dict[str, str], run_dir: Path, *overrides: str):
     from distillery.config import load_config
 
+    # review sentiment needs reviews: a shop without them runs the other tasks, as a user would
     return load_config(ROOT / "configs" / "demo.yaml", [
         f"run_dir={run_dir}", "data.format=native", *[f"data.{k}={v}" for k, v in paths.items()],
-        "data.user_buckets=2", "tasks.intent.min_class_count=3", *overrides])
+        "data.user_buckets=2", "tasks.intent.min_class_count=3",
+        *(() if "reviews" in paths else ("tasks.sentiment.enabled=false",)), *overrides])
 
 
 def missing(values) -> int:
@@ -149,7 +151,12 @@ def check_prepare(manifest: dict, shop: Shop, paths: dict[str, str]) -> None:
         assert left["outside_classes"] == 0  # not a warm start
         if not has_uncategorized:
             assert left["no_category"] == 0
-        assert all(v >= 0 for v in manifest["examples"]["intent"].values())
+        written = {s: len(pd.read_parquet(Path(paths["items"]).parents[1] / "run" / "prepare" / "examples" / "intent" / s))
+                   for s in manifest["examples"]["intent"]}
+        assert written == manifest["examples"]["intent"]  # the counts are the rows on disk
+    if "sentiment" in manifest["examples"]:  # every review has a rating here: none is left out
+        assert manifest["sentiment"]["left_out"] == {"no_rating_or_text": 0}
+        assert sum(manifest["examples"]["sentiment"].values()) > 0
 
 
 def expect_clean_error(err) -> None:

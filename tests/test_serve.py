@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (  # IDS, LABELS: the catalogue of conftest.tiny_bundle
-    IDS,
-    LABELS,
-    free_port,
-)
+from conftest import IDS, LABELS, SENTIMENTS, free_port  # the catalogue and classes of conftest.tiny_bundle
 from distillery.serving import api, bundle
 from distillery.serving.service import Service
 
@@ -94,6 +90,14 @@ def test_intent_returns_the_top_three_and_word_explanations(service):
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
     words = [e["token"] for e in out["predictions"][0]["explanation"]]
     assert len(words) == 5 and set(words) <= set("red gel pen for the office".split())
+
+
+def test_each_text_task_answers_with_its_own_classes(service):
+    [intent] = service.classify("intent", [{"texts": ["bad pen, broke fast"], "explain": False}])
+    [sentiment] = service.classify("sentiment", [{"texts": ["bad pen, broke fast"], "explain": True}])
+    assert intent["predictions"][0]["label"] in LABELS and sentiment["predictions"][0]["label"] in SENTIMENTS
+    assert {t["label"] for t in sentiment["predictions"][0]["top"]} == set(SENTIMENTS)  # its 3 classes, not intent's
+    assert sentiment["predictions"][0]["explanation"]
 
 
 def test_items_page_through_the_catalogue_and_the_card_names_the_bundle(service, tiny_bundle):
@@ -194,6 +198,22 @@ def test_the_api_key_is_required_on_v1_when_set(service):
         assert r.headers["www-authenticate"] == "Bearer"
     assert secured.get("/v1/items", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert secured.post("/v1/intent", json={"texts": ["a"]}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_text_task_the_bundle_was_not_trained_for_is_a_404_naming_what_it_serves(service):
+    from fastapi.testclient import TestClient
+
+    class NoSentiment(api.LocalBackend):
+        async def card(self) -> dict:
+            return {**self.service.card, "tasks": ["recommendation", "ctr", "intent"]}
+
+    client = TestClient(api.create_app(NoSentiment(service), api_key=""))
+    r = client.post("/v1/sentiment", json={"texts": ["great"]})
+    assert r.status_code == 404 and r.json()["detail"] == ("this model was not trained for sentiment: it serves "
+                                                           "recommendation, ctr, intent")
+    assert client.post("/v1/intent", json={"texts": ["great"]}).status_code == 200
+    assert TestClient(api.create_app(api.LocalBackend(service), api_key="")).post(
+        "/v1/sentiment", json={"texts": ["great"], "explain": True}).json()["predictions"][0]["label"] in SENTIMENTS
 
 
 # ------------------------------------------------------------------------------ Ray Serve over real HTTP

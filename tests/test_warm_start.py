@@ -42,11 +42,11 @@ def test_fingerprints_hash_the_teacher_inputs_not_ids_users_or_splits():
 
 def test_intent_examples_keep_the_given_classes():
     counts = pd.DataFrame({"text": ["a", "b", "c", "d", "e"], "label": ["X", "Y", "Y", "Z", "X"], "count": [1] * 5})
-    df, names = ex.intent_examples(counts, min_class_count=3, fractions=(0.8, 0.1, 0.1), classes=["X", "Z", "other"])
+    df, names = ex.intent_examples(counts, min_class_count=3, fractions=(0.8, 0.1, 0.1), prefix="intent", classes=["X", "Z", "other"])
     assert names == ["X", "Z", "other"]  # kept, though X and Z are rare here
     assert dict(zip(df["text"], df["label_name"])) == {"a": "X", "b": "other", "c": "other", "d": "Z", "e": "X"}
     assert dict(zip(df["text"], df["label"])) == {"a": 0, "b": 2, "c": 2, "d": 1, "e": 0}
-    df, names = ex.intent_examples(counts, min_class_count=1, fractions=(0.8, 0.1, 0.1), classes=["X", "Y"])
+    df, names = ex.intent_examples(counts, min_class_count=1, fractions=(0.8, 0.1, 0.1), prefix="intent", classes=["X", "Y"])
     assert sorted(df["text"]) == ["a", "b", "c", "e"]  # no 'other' class to put Z's text in
 
 
@@ -176,7 +176,7 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
 
     # labels: the teacher saw exactly the examples whose content the earlier run had not labelled
     lm = ms["label"]
-    for task in ("recommendation", "ctr", "intent"):
+    for task in TASKS:
         old, new = _content(tmp / "old", task), _content(tmp / "new", task)
         fresh = int((~new["key"].isin(set(old["key"]))).sum())
         assert lm["labelled"][task] == fresh and lm["reused"][task] == len(new) - fresh, task
@@ -201,7 +201,7 @@ def test_warm_start_reuses_teacher_and_labels_and_starts_the_student_from_the_bu
     assert torch.allclose(kd["item.weight"], start["item.weight"], atol=1e-5)
     assert not torch.allclose(no_kd["item.weight"], start["item.weight"], atol=1e-3)
     warm = json.loads((tmp / "new" / "distill" / "warm_start.json").read_text())
-    assert warm["bundle"] == str(bundle_dir) and set(warm["previous"]["test"]) == {"recommendation", "ctr", "intent"}
+    assert warm["bundle"] == str(bundle_dir) and set(warm["previous"]["test"]) == set(TASKS)
     assert "previous" in out and "change" in out
     report = json.loads((tmp / "new" / "report" / "report.json").read_text())
     assert "student_previous" in report["models"] and report["warm_start"]["previous_run"] == str(tmp / "old")

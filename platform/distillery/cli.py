@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import __version__, runner
+from .config import SyntheticConfig
 from .errors import DistilleryError
 from .serving.api import API_KEY_ENV
 
@@ -65,13 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write items.parquet, interactions.parquet and reviews.parquet in the "
                                      "native input contract. Deterministic for a given seed.")
     gen.add_argument("out", help="output folder")
-    gen.add_argument("--users", type=int, default=1500, help="number of users, at least 10 (default 1500)")
-    gen.add_argument("--items", type=int, default=600, help="catalogue size, at least 40 (default 600)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--sessions-per-user", type=float, default=12.0, help="mean impressions per user, above 1 (default 12)")
-    gen.add_argument("--slots", type=int, default=8, help="items shown per impression, 2-50 (default 8)")
-    gen.add_argument("--query-rate", type=float, default=0.4, help="share of sessions that are searches, 0-1 (default 0.4)")
-    gen.add_argument("--review-rate", type=float, default=0.3, help="share of clicks that get a review, 0-1 (default 0.3)")
+    for name, field in SyntheticConfig.model_fields.items():  # the options are the config's fields
+        gen.add_argument(f"--{name.replace('_', '-')}", type=field.annotation, default=field.default,
+                         help=f"{field.description}{_limits(field)} (default {field.default:g})")
 
     ver = sub.add_parser("verify", help="check a model bundle against its manifest",
                          description="Recompute the sha256 of every file of BUNDLE and compare it with its "
@@ -92,7 +89,8 @@ def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="serve a model bundle over HTTP on a local Ray (foreground)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Verify BUNDLE, start a local Ray and Serve, and answer the HTTP API\n"
-                                     "(/healthz, /v1/recommend, /v1/ctr, /v1/intent, /v1/items, /v1/model;\n"
+                                     "(/healthz, /v1/recommend, /v1/ctr, one route per text task the bundle was\n"
+                                     "trained for: /v1/intent, /v1/sentiment; /v1/items, /v1/model;\n"
                                      "OpenAPI docs at /docs) until Ctrl-C or SIGTERM.\n"
                                      "On a cluster use `serve deploy serve/config.yaml` instead.",
                          epilog=f"Set ${API_KEY_ENV} to require 'Authorization: Bearer <key>' on every /v1 call.\n"
@@ -195,17 +193,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _limits(field) -> str:
+    """A config field's bounds in words: ", at least 10", ", 2-50", ", above 1" (none: "")."""
+    def bound(kind: str):
+        return next((getattr(m, kind) for m in field.metadata if hasattr(m, kind)), None)
+
+    low, high, above = bound("ge"), bound("le"), bound("gt")
+    if low is not None and high is not None:
+        return f", {low:g}-{high:g}"
+    if low is not None:
+        return f", at least {low:g}"
+    return f", above {above:g}" if above is not None else ""
+
+
 def cmd_generate(args) -> int:
     from pydantic import ValidationError
 
-    from .config import SyntheticConfig
     from .data import synthetic
     from .stages.prepare import write_tables
 
     try:
-        cfg = SyntheticConfig(users=args.users, items=args.items, seed=args.seed, slots=args.slots,
-                              sessions_per_user=args.sessions_per_user, query_rate=args.query_rate,
-                              review_rate=args.review_rate)
+        cfg = SyntheticConfig(**{name: getattr(args, name) for name in SyntheticConfig.model_fields})
     except ValidationError as err:
         raise DistilleryError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
     tables = synthetic.generate(cfg)

@@ -143,16 +143,35 @@ class IntentTask(_TaskBase):
         return self
 
 
+class SentimentTask(_TaskBase):
+    enabled: bool = Field(False, description="review sentiment from each review's title and text (needs reviews with "
+                                             "ratings: data.reviews, or the generated shop's)")
+    negative_max: float = Field(2.0, description="ratings at most this are negative (1-2 of 5 stars)")
+    positive_min: float = Field(4.0, description="ratings at least this are positive (4-5 of 5); neutral between")
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SentimentTask":
+        if self.negative_max >= self.positive_min:
+            raise ValueError(f"negative_max ({self.negative_max}) must be below positive_min ({self.positive_min})")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
+        return self
+
+
 class TasksConfig(_Section):
+    """One section per task, in the order of the task registry (`distillery.tasks.TASKS`)."""
+
     recommendation: RecommendationTask = RecommendationTask()
     ctr: CtrTask = CtrTask()
     intent: IntentTask = IntentTask()
+    sentiment: SentimentTask = SentimentTask()
 
     def enabled(self) -> list[str]:
         return [name for name in TASK_NAMES if getattr(self, name).enabled]
 
 
-TASK_NAMES = ("recommendation", "ctr", "intent")
+TASK_NAMES = tuple(TasksConfig.model_fields)
 TUNED_PER_TASK = ("temperature", "alpha", "weight")  # the per-task knobs a sweep samples (TuneSpace)
 
 
@@ -319,7 +338,7 @@ class DistillConfig(_Section):
     patience: int = Field(3, ge=1, description="epochs without a better validation score before stopping")
     batch_size: int = Field(512, ge=1, description="examples per step, all tasks together")
     mix: dict[str, float] = Field(
-        default_factory=lambda: {"recommendation": 0.3, "ctr": 0.5, "intent": 0.2},
+        default_factory=lambda: {"recommendation": 0.3, "ctr": 0.5, "intent": 0.2, "sentiment": 0.2},
         description="share of each step's batch per task (normalized over the enabled tasks)")
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="default: all train examples / batch_size")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate (linear warmup, then linear decay)")
@@ -415,7 +434,7 @@ class CompressConfig(_Section):
     int8: bool = Field(True, description="also try 8-bit weights of every variant (a 4x smaller file; served as float32)")
     max_relative_drop: float = Field(0.01, ge=0, le=1, description="largest validation drop on a task, relative to the "
                                      "uncompressed student, a kept variant may have")
-    task_budgets: dict[Literal["recommendation", "ctr", "intent"], float] = Field(
+    task_budgets: dict[str, float] = Field(
         default_factory=dict, description="per-task overrides of max_relative_drop, e.g. {intent: 0.02}")
     latency_requests: int = Field(100, ge=10, description="batch-1 requests timed per variant (p50), beside a batch of 256")
     cpus: float = Field(1.0, gt=0, description="CPUs of the Ray task that fine-tunes and evaluates the variants")
@@ -428,6 +447,8 @@ class CompressConfig(_Section):
         bad = {t: b for t, b in self.task_budgets.items() if not 0 <= b <= 1}
         if bad:
             raise ValueError(f"task_budgets must lie in [0, 1] (got {bad})")
+        if unknown := sorted(set(self.task_budgets) - set(TASK_NAMES)):
+            raise ValueError(f"task_budgets names no task {unknown}: the tasks are {', '.join(TASK_NAMES)}")
         return self
 
     def budget(self, task: str) -> float:

@@ -7,8 +7,11 @@ What makes the tasks learnable but not trivial:
   1/(1+slot)^0.9) and the item to be relevant (category match, user taste, item quality);
 - search sessions carry a query written from the wanted leaf's vocabulary, sometimes vague, and
   the intent label is the category of the item actually clicked;
-- reviews rate items by a hidden quality.
-Everything is drawn from one numpy Generator seeded by `seed`.
+- reviews rate items by a hidden quality, and their words say the rating only roughly: a quarter
+  are worded one star off, and most mix praise and complaints (`review_words`), so a review's
+  sentiment has to be read, not looked up.
+Everything but the reviews' wording is drawn from one numpy Generator seeded by `seed`; the wording
+has a stream of its own, so the shop, the log and the ratings are those of that seed whatever it says.
 """
 from __future__ import annotations
 
@@ -150,7 +153,33 @@ REVIEW_TEXT = {
     4: "Solid {a} {n}. Would recommend to friends.",
     5: "Fantastic {n}, the {a} design is perfect. Five stars.",
 }
+# sentences a review adds to its opening line: praise, complaints, and remarks that say neither
+REVIEW_NOTES = {
+    "good": ["The {a} finish feels sturdy.", "Arrived fast and well packed.", "Easy to set up in minutes.",
+             "Great value for the money.", "My kids use it every day.", "Exactly as described."],
+    "bad": ["The {a} part came loose within a month.", "Shipping took over two weeks.", "The instructions were useless.",
+            "Overpriced for what you get.", "Customer service never answered.", "It smells of plastic."],
+    "flat": ["Bought it for the office.", "Looks like the pictures.", "It is what it is.", "Replacing an older {n}."],
+}
+# (praise, complaints) a review of each rating tends to mention; each is kept with p=0.8
+REVIEW_MIX = {1: (0, 2), 2: (1, 2), 3: (1, 1), 4: (2, 1), 5: (2, 0)}
 BASE_TIME = 1_700_000_000  # 2023-11-14, seconds
+
+
+def review_words(rating: int, noun: str, attr: str, title: str, rng: np.random.Generator) -> tuple[str, str]:
+    """(title, text) of a review of `rating` stars: worded as a neighbouring rating one time in four,
+    the rating's opening line, then praise and complaints in proportions that lean with the rating."""
+    said = int(np.clip(rating + rng.choice([-1, 1]), 1, 5)) if rng.random() < 0.25 else rating
+    if said != rating:
+        pool = REVIEW_TITLES[said]
+        title = pool[rng.integers(len(pool))].format(n=noun)
+    good, bad = REVIEW_MIX[said]
+    notes = ([REVIEW_NOTES["good"][i] for i in rng.choice(len(REVIEW_NOTES["good"]), good, replace=False)]
+             + [REVIEW_NOTES["bad"][i] for i in rng.choice(len(REVIEW_NOTES["bad"]), bad, replace=False)])
+    notes = [n for n in notes if rng.random() < 0.8] + ([REVIEW_NOTES["flat"][rng.integers(4)]] if rng.random() < 0.3 else [])
+    rng.shuffle(notes)
+    text = " ".join([REVIEW_TEXT[said]] + notes).format(n=noun, a=attr)
+    return title, text
 
 
 def category_leaves() -> list[tuple[str, str, str]]:
@@ -197,6 +226,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
     inter = {k: [] for k in ("user_id", "item_id", "timestamp", "clicked", "query", "impression_id", "slot")}
     reviews = {k: [] for k in ("user_id", "item_id", "timestamp", "rating", "title", "text")}
     slot_exam = 1.0 / (1.0 + np.arange(cfg.slots)) ** 0.9
+    wording = np.random.default_rng([cfg.seed, 1])  # the reviews' words: a stream of their own
     leaf_index = {name: j for j, name in enumerate(leaf_names)}
     impression = 0
     for u in range(cfg.users):
@@ -261,8 +291,10 @@ def generate(cfg: SyntheticConfig) -> dict[str, pa.Table]:
                         reviews["timestamp"].append(t + int(rng.integers(86400, 20 * 86400)))
                         reviews["rating"].append(float(rating))
                         titles = REVIEW_TITLES[rating]
-                        reviews["title"].append(titles[rng.integers(len(titles))].format(n=noun))
-                        reviews["text"].append(REVIEW_TEXT[rating].format(n=noun, a=attr))
+                        title, text = review_words(rating, noun, attr, titles[rng.integers(len(titles))].format(n=noun),
+                                                   wording)
+                        reviews["title"].append(title)
+                        reviews["text"].append(text)
 
     schema_inter = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
                               ("clicked", pa.int8()), ("query", pa.string()), ("impression_id", pa.string()),

@@ -15,15 +15,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
-from ray.data.expressions import col
 
 from .. import storage, warmstart
 from ..config import DataConfig, RunConfig, stable_hash
 from ..data import examples as ex
 from ..data import synthetic
 from ..data.sources import group_by, load_sources
+from ..data.tables import count_rows, write_dir, write_single
 from ..data.validate import (
     INTERACTION_COLUMNS,
     REJECT_SCHEMA,
@@ -35,14 +34,11 @@ from ..data.validate import (
 )
 from ..errors import DataError, StageError
 from ..layout import PrepareDir, RunLayout
+from ..tasks import TASKS, user_examples
+from ..tasks.base import PrepareInputs
 
 log = logging.getLogger("distillery.prepare")
 
-PAIR_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string())])
-INTENT_LEFT_OUT = {
-    "no_category": "their item has no category (no label to learn)",
-    "outside_classes": "their label is not one of the warm-started run's classes",
-}
 INTERNAL_COLUMNS = {"_source": pa.string(), "_reason": pa.string(), "_column": pa.string(), "_row": pa.string(),
                     "_bucket": pa.int32(), "_order": pa.int64()}
 
@@ -69,16 +65,9 @@ def write_tables(tables: dict[str, pa.Table], out_dir: str) -> dict[str, str]:
     paths = {}
     for name, table in tables.items():
         path = storage.join(out_dir, f"{name}.parquet")
-        _write_single(table, path)
+        write_single(table, path)
         paths[name] = path
     return paths
-
-
-def _write_single(table: pa.Table, path: str) -> None:
-    fs, p = storage.resolve(path)
-    storage.makedirs(storage.parent(path))
-    pq.write_table(table, p + ".tmp", filesystem=fs)
-    fs.move(p + ".tmp", p)
 
 
 def input_paths(cfg: RunConfig) -> list[str]:
@@ -106,14 +95,6 @@ def _drop_internal(t: pa.Table) -> pa.Table:
     return t.drop_columns([c for c in INTERNAL_COLUMNS if c in t.column_names])
 
 
-def _write_dir(ds: ray.data.Dataset | None, path: str, schema: pa.Schema) -> None:
-    """Sharded Parquet; an empty split still gets one empty file so readers find the schema."""
-    if ds is not None:
-        ds.write_parquet(path)
-    if not storage.exists(path) or not storage.list_files(path, (".parquet",)):
-        _write_single(schema.empty_table(), storage.join(path, "part-empty.parquet"))
-
-
 def _typed(spec: dict):
     def fn(df: pd.DataFrame) -> pa.Table:
         extras = [c for c in df.columns if c not in spec and c not in INTERNAL_COLUMNS]
@@ -130,24 +111,8 @@ def _validate_table(src: ray.data.Dataset, table: str, cfg: RunConfig, item_ids:
             .map_groups(lambda g: typed(mark_duplicates(g)), batch_format="pandas").materialize())
 
 
-def _counts(ds: ray.data.Dataset, keys: list[str], where=None) -> pd.DataFrame:
-    """Row counts per key: counted per block in parallel, summed on the driver.
-
-    The results are small (one row per item / user / class), so this beats a hash-shuffle groupby.
-    """
-    def per_block(df: pd.DataFrame) -> pd.DataFrame:
-        if where is not None:
-            df = df[where(df)]
-        return df.groupby(keys, dropna=False).size().reset_index(name="count")
-    parts = ds.select_columns(keys + (["clicked"] if where is not None else [])).map_batches(per_block, batch_format="pandas")
-    df = parts.to_pandas()
-    if df.empty:
-        return pd.DataFrame(columns=keys + ["count"])
-    return df.groupby(keys, dropna=False)["count"].sum().reset_index()
-
-
 def _reject_summary(rejects: ray.data.Dataset) -> pd.DataFrame:
-    s = _counts(rejects, ["table", "reason", "column", "source"]).rename(columns={"count": "rows"})
+    s = count_rows(rejects, ["table", "reason", "column", "source"]).rename(columns={"count": "rows"})
     return s.sort_values("rows", ascending=False, kind="mergesort").reset_index(drop=True)
 
 
@@ -192,11 +157,12 @@ def _coverage(items: pd.DataFrame, item_text: list[str], clicks: pd.Series, user
     }
 
 
-def _print_coverage(cov: dict, n_items: int, n_users: int, intent: dict) -> None:
+def _print_coverage(cov: dict, n_items: int, n_users: int, left_out: list[str]) -> None:
+    """`left_out`: the tasks' own lines on the texts or rows their examples left out."""
     w = cov["items_without"]
     parts = [f"{n} of {n_items:,} items have no {c}" for c, n in w.items() if n and c != "text"]
-    if not parts and not any((cov["items_never_clicked"], cov["users_without_examples"],
-                              cov["users_with_test_example_only"], *intent.get("left_out", {}).values())):
+    if not parts and not left_out and not any((cov["items_never_clicked"], cov["users_without_examples"],
+                                               cov["users_with_test_example_only"])):
         print("left out or defaulted: nothing (every item has every optional field, every user 3+ clicks)")
         return
     print("left out or defaulted (kept rows, docs/data.md \"Missing values\"):")
@@ -212,9 +178,8 @@ def _print_coverage(cov: dict, n_items: int, n_users: int, intent: dict) -> None
         print(f"  {cov['users_without_examples']:,} of {n_users:,} users have under 2 clicks: no recommendation example")
     if cov["users_with_test_example_only"]:
         print(f"  {cov['users_with_test_example_only']:,} of {n_users:,} users have 2 clicks: a test example only")
-    for reason, n in intent.get("left_out", {}).items():
-        if n:
-            print(f"  {n:,} intent texts left out: {INTENT_LEFT_OUT[reason]}")
+    for line in left_out:
+        print(f"  {line}")
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -231,7 +196,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     clean = {n: ds.map_batches(_clean_rows, batch_format="pyarrow").materialize() for n, ds in tables.items()}
     for name, ds in clean.items():
-        _write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), out.table(name),
+        write_dir(ds.map_batches(_drop_internal, batch_format="pyarrow"), out.table(name),
                    pa.schema(list((INTERACTION_COLUMNS if name == "interactions" else REVIEW_COLUMNS).items())))
     kept = {"items": len(items), **{n: ds.count() for n, ds in clean.items()}}
     by_table = _by_table(summary)
@@ -243,11 +208,11 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     if n_inter == 0:
         raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {out.rejects}")
 
-    pop = _counts(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
+    pop = count_rows(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
     real_impressions = n_inter > int(clicks.sum())
     # one pass over the log gives the users and each one's clicks
-    per_user = _counts(inter, ["user_id", "clicked"])
+    per_user = count_rows(inter, ["user_id", "clicked"])
     users = sorted(set(per_user["user_id"]))
     user_clicks = per_user[per_user["clicked"] == 1].set_index("user_id")["count"].reindex(users).fillna(0)
     item_text = _item_text(items)
@@ -255,16 +220,19 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     warmstart.check_catalogue(cfg, out.items)
 
     counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
-    per_user = tuple(t for t in tasks if t in ("recommendation", "ctr"))
+    inputs = PrepareInputs(cfg=cfg, data=data_cfg, out=out, interactions=inter, reviews=clean.get("reviews"),
+                           items=items, item_ids=item_ids, clicks=clicks, real_impressions=real_impressions)
+    per_user = tuple(t for t in tasks if TASKS[t].per_user)
     if per_user:
-        counts.update(_user_examples(inter, per_user, item_ids, clicks, real_impressions, cfg, out))
-    intent_info = {}
-    if "intent" in tasks:
-        counts["intent"], intent_info = _intent_examples(inter, clean.get("reviews"), items, cfg, data_cfg,
-                                                         out)
+        counts.update(user_examples.build(inputs, per_user))
+    infos = {}
+    for t in tasks:
+        if not TASKS[t].per_user:
+            built = TASKS[t].prepare(inputs)
+            counts[t], infos[t] = built.counts, built.info
 
     coverage = _coverage(items, item_text, clicks, user_clicks)
-    _print_coverage(coverage, len(items), len(users), intent_info)
+    _print_coverage(coverage, len(items), len(users), [line for t, info in infos.items() for line in TASKS[t].left_out(info)])
     n_rejects = int(summary["rows"].sum())
     return {
         "counts": {"users": len(users), "items": len(items), "interactions": n_inter, "rejects": n_rejects},
@@ -274,7 +242,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         "rejects_by_reason": {r: int(n) for r, n in summary.groupby("reason")["rows"].sum().items()},
         "ctr_source": "impressions" if real_impressions else f"sampled_negatives(ratio={cfg.tasks.ctr.negative_ratio})",
         "positives": int(clicks.sum()),
-        "intent": intent_info,
+        **infos,
         "coverage": coverage,
         "data": {k: v for k, v in data_cfg.model_dump(mode="json").items() if k in ("format", "items", "interactions", "reviews")},
     }
@@ -298,7 +266,7 @@ def _quarantine(tables: dict, item_rejects: pd.DataFrame, n_items_in: int, cfg: 
     for name, ds in tables.items():
         parts.append(ds.map_batches(lambda t, n=name: _as_rejects(_reject_rows(t), n), batch_format="pyarrow"))
     rejects = parts[0].union(*parts[1:]).materialize()
-    _write_dir(rejects, rejects_dir, REJECT_SCHEMA)
+    write_dir(rejects, rejects_dir, REJECT_SCHEMA)
     summary = _reject_summary(rejects)
     input_rows = {"items": n_items_in, **{n: ds.count() for n, ds in tables.items()}}
     _print_rejects(rejects, summary, cfg.data.show_rejects)
@@ -317,87 +285,9 @@ def _write_vocabularies(items: pd.DataFrame, item_text: list[str], clicks: pd.Se
         "category": items["category"], "category_idx": [cat_index.get(c, ex.UNK) for c in items["category"]],
         "text": item_text, "clicks": clicks.to_numpy(), "price": items["price"],
     })
-    _write_single(pa.Table.from_pandas(catalogue, preserve_index=False), out.items)
+    write_single(pa.Table.from_pandas(catalogue, preserve_index=False), out.items)
     storage.write_json(out.vocab("categories"), categories)
     storage.write_json(out.vocab("users"), ex.RESERVED + users)
-
-
-def _user_examples(inter: ray.data.Dataset, tasks: tuple[str, ...], item_ids: np.ndarray, clicks: pd.Series,
-                   real_impressions: bool, cfg: RunConfig, out: PrepareDir) -> dict:
-    """Recommendation and CTR examples in one pass over the user buckets."""
-    kwargs = dict(item_ids=item_ids, tasks=tasks, rec_history=cfg.tasks.recommendation.max_history,
-                  ctr_history=cfg.tasks.ctr.max_history, real_impressions=real_impressions,
-                  negative_ratio=cfg.tasks.ctr.negative_ratio,
-                  neg_cdf=ex.negative_cdf(clicks.to_numpy(), cfg.tasks.ctr.popularity_alpha), seed=cfg.seed)
-    built = (group_by(inter, "_bucket", cfg.data.shuffle, num_partitions=cfg.data.user_buckets)
-             .map_groups(lambda g: ex.user_examples(g, **kwargs), batch_format="pandas").materialize())
-    for task in tasks:
-        for split in ex.SPLITS:
-            part = built.filter(expr=(col("task") == task) & (col("split") == split))
-            _write_dir(part, out.examples(task, split), ex.EXAMPLE_SCHEMA)
-    counts = {t: {s: 0 for s in ex.SPLITS} for t in tasks}
-    for task, split, n in _counts(built, ["task", "split"]).itertuples(index=False):
-        counts[task][split] = int(n)
-    return counts
-
-
-def _intent_examples(inter: ray.data.Dataset, reviews: ray.data.Dataset | None, items: pd.DataFrame,
-                     cfg: RunConfig, data_cfg: DataConfig, out: PrepareDir) -> tuple[dict, dict]:
-    task = cfg.tasks.intent
-    labels = np.array([ex.category_at(c, task.category_level) for c in items["category"]], dtype=object)
-    kw = dict(item_ids=items["item_id"].to_numpy(dtype=object), item_labels=labels)
-    pairs = []
-    if "queries" in task.sources and "query" in inter.columns():
-        pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())
-                     .map_batches(_pairs, fn_kwargs=dict(text_col="query", **kw), batch_format="pandas"))
-    if "item_titles" in task.sources:
-        pairs.append(ray.data.from_arrow(_pairs(items, text_col="title", **kw)))
-    if "review_titles" in task.sources and reviews is not None:
-        pairs.append(reviews.map_batches(_pairs, fn_kwargs=dict(text_col="title", **kw), batch_format="pandas"))
-    if not pairs:
-        raise DataError(f"tasks.intent.sources={task.sources}, but the data has none of them: "
-                        "add item_titles, or disable the task with tasks.intent.enabled=false")
-    merged = pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0]
-    all_pairs = _counts(merged, ["text", "label"])
-    pair_counts = all_pairs[all_pairs["label"].notna()]
-    # a text some other row labels (say, a query for an item with a category) is still an example
-    unlabelled = set(all_pairs.loc[all_pairs["label"].isna(), "text"]) - set(pair_counts["text"])
-    classes = warmstart.classes(cfg, "intent")
-    df, names = ex.intent_examples(pair_counts, min_class_count=task.min_class_count,
-                                   fractions=task.split_fractions, classes=classes)
-    texts = pair_counts["text"].nunique() if len(pair_counts) else 0
-    if len(names) < 2 and not len(all_pairs):
-        raise DataError(
-            f"tasks.intent has no text to learn from: tasks.intent.sources={task.sources}, but column 'title' of "
-            f"{data_cfg.items or 'the catalogue'}, the log's 'query' and the reviews' 'title' are empty or absent. "
-            "Add item titles, or set tasks.intent.enabled=false")
-    if len(names) < 2:
-        raise DataError(
-            f"tasks.intent needs at least 2 intent classes, but column 'category' of {data_cfg.items or 'the catalogue'} "
-            f"gives {len(names)} ({names}) at tasks.intent.category_level={task.category_level} with "
-            f"min_class_count={task.min_class_count} ({len(unlabelled):,} texts have an item with no category). "
-            "Give items categories, lower tasks.intent.min_class_count or category_level, "
-            "or set tasks.intent.enabled=false")
-    counts = {}
-    for split in ex.SPLITS:
-        part = df[df["split"] == split]
-        ds = ray.data.from_arrow(pa.Table.from_pandas(part, schema=ex.INTENT_SCHEMA, preserve_index=False)) if len(part) else None
-        _write_dir(ds, out.examples("intent", split), ex.INTENT_SCHEMA)
-        counts[split] = int(len(part))
-    if task.transfer_variants:
-        train = df.loc[df["split"] == "train", "text"].tolist()
-        transfer = ex.transfer_examples(ex.transfer_texts(train, set(df["text"]), task.transfer_variants))
-        _write_dir(ray.data.from_arrow(pa.Table.from_pandas(transfer, schema=ex.INTENT_SCHEMA, preserve_index=False))
-                   if len(transfer) else None, out.examples("intent", ex.TRANSFER), ex.INTENT_SCHEMA)
-        counts[ex.TRANSFER] = int(len(transfer))
-    storage.write_json(out.vocab("intent_labels"), names)
-    return counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
-                    "left_out": {"no_category": len(unlabelled), "outside_classes": int(texts - len(df))}}
-
-
-def _pairs(batch: pd.DataFrame, **kw) -> pa.Table:
-    # one schema for every block, even one whose labels are all missing (an all-null column)
-    return pa.Table.from_pandas(ex.intent_pairs(batch, **kw), schema=PAIR_SCHEMA, preserve_index=False)
 
 
 def _by_table(summary: pd.DataFrame) -> dict[str, int]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any
 
 from .. import evaluation, latency, storage
 from ..config import RunConfig
@@ -31,6 +33,17 @@ from ..models import student as S
 from ..models.teacher import load_model
 from ..progress import say
 from ..tasks import SCORE_METRIC, TASKS
+
+@dataclass(frozen=True)
+class Reported:
+    """A student the report measures: the loaded model, its tokenizer and spec, its metrics record
+    (`test` per task) and the folder its weights file is in."""
+    model: Any
+    tokenizer: Any
+    spec: Any
+    metrics: dict
+    folder: str
+
 
 def _size(model_dir: str) -> int:
     fs, path = storage.resolve(storage.join(model_dir, "model.safetensors"))
@@ -49,7 +62,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         d = layout.distill.variant(name)
         if not storage.exists(d.metrics):
             raise StageError(f"{d.metrics} is missing: run the distill stage first (--stages distill,report)")
-        variants[name] = (*S.load(d.model), storage.read_json(d.metrics), d.model)
+        variants[name] = Reported(*S.load(d.model), storage.read_json(d.metrics), d.model)
 
     fresh = {s: layout.current(s) for s in ("tune", "compress")}  # made from this run's distill stage
     variants.update(_later_stages(layout, fresh))
@@ -59,25 +72,25 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         from ..serving import bundle
 
         b = bundle.load(warm_start["bundle"])
-        variants["student_previous"] = (b.model, b.tokenizer, b.spec, warm_start["previous"], warm_start["bundle"])
+        variants["student_previous"] = Reported(b.model, b.tokenizer, b.spec, warm_start["previous"], warm_start["bundle"])
 
     say(f"[report] timing teacher and students on one CPU thread ({cfg.report.latency_requests} requests each, interleaved)")
     requests = latency.requests(prepare_dir, tasks, cfg.report.latency_requests, cfg.seed)
     servers = {"teacher": latency.teacher_server(teacher, t_tok, t_spec.max_length, cfg.tasks.ctr.max_history),
-               **{n: latency.student_server(m, tok, spec) for n, (m, tok, spec, _, _) in variants.items()}}
+               **{n: latency.student_server(v.model, v.tokenizer, v.spec) for n, v in variants.items()}}
     speed = latency.measure_latency(servers, requests)
     models = {"teacher": {"params": sum(p.numel() for p in teacher.parameters()), "bytes": _size(teacher_dir),
                           **speed["teacher"]}}
-    for n, (m, _, _, _, d) in variants.items():
-        models[n] = {"params": sum(p.numel() for p in m.parameters()), "bytes": _size(d), **speed[n]}
+    for n, v in variants.items():
+        models[n] = {"params": sum(p.numel() for p in v.model.parameters()), "bytes": _size(v.folder), **speed[n]}
 
     say(f"[report] each student against the teacher on the test split ({cfg.report.bootstrap} paired bootstrap resamples)")
-    relative = relative_to_teacher(teacher, t_tok, t_spec, {n: v[:3] for n, v in variants.items()}, prepare_dir,
+    relative = relative_to_teacher(teacher, t_tok, t_spec, variants, prepare_dir,
                                    tasks, cfg.report.bootstrap, cfg.seed)
     task_report = {}
     for t in tasks:
         task_report[t] = {"teacher": teacher_metrics["test"][t],
-                          **{n: v[3]["test"][t] for n, v in variants.items()},
+                          **{n: v.metrics["test"][t] for n, v in variants.items()},
                           "baselines": teacher_metrics.get("baselines", {}).get(t, {})}
     prep = storage.read_json(layout.prepare.manifest)
     report = {"dataset": {**prep.get("counts", {}), "examples": prep.get("examples", {})},
@@ -108,21 +121,21 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
 def relative_to_teacher(teacher, t_tok, t_spec, students: dict, prepare_dir: str, tasks: list[str],
                         resamples: int, seed: int) -> dict:
-    """{student name: {task: ratio interval}} of each student (model, tokenizer, spec) over the
-    teacher, from both models' per-example outputs on the test split."""
+    """{student name: {task: ratio interval}} of each student (`Reported`) over the teacher, from
+    both models' per-example outputs on the test split."""
     n_items = vocab_size(prepare_dir)
     ref = evaluation.outputs(evaluation.teacher_predictors(teacher, t_tok, tasks, t_spec.max_length), prepare_dir, "test",
                              n_items=n_items, max_history=teacher.max_history, seed=seed)
     out = {}
-    for name, (model, tok, spec) in students.items():
-        own = evaluation.outputs(evaluation.student_predictors(model, tok, spec, tasks), prepare_dir, "test", n_items=spec.n_items,
-                                 max_history=spec.history_window, seed=seed)
+    for name, v in students.items():
+        own = evaluation.outputs(evaluation.student_predictors(v.model, v.tokenizer, v.spec, tasks), prepare_dir, "test",
+                                 n_items=v.spec.n_items, max_history=v.spec.history_window, seed=seed)
         out[name] = evaluation.ratio_intervals(own, ref, resamples=resamples, seed=seed)
     return out
 
 
 def _later_stages(layout: RunLayout, fresh: dict[str, bool]) -> dict:
-    """{name: (model, tokenizer, spec, metrics, model folder)} of the tune stage's best trial
+    """{name: `Reported`} of the tune stage's best trial
     ("student_tuned", whether or not it beat the distill stage's student) and the compress stage's
     kept variant (loaded from the verified bundle), when those stages ran on this run's distill
     stage (`fresh`, from `RunLayout.current`). The kept variant is left out when it is the uncompressed winner itself."""
@@ -131,13 +144,13 @@ def _later_stages(layout: RunLayout, fresh: dict[str, bool]) -> dict:
     out = {}
     best = layout.tune.best
     if fresh["tune"] and storage.exists(best.metrics):
-        out["student_tuned"] = (*S.load(best.model), storage.read_json(best.metrics), best.model)
+        out["student_tuned"] = Reported(*S.load(best.model), storage.read_json(best.metrics), best.model)
     chosen = layout.compress.metrics
     if fresh["compress"]:
         metrics = storage.read_json(chosen)
         if metrics["variant"] != "student":
             b = bundle.load(layout.bundle)
-            out[metrics["variant"]] = (b.model, b.tokenizer, b.spec, metrics, layout.bundle)
+            out[metrics["variant"]] = Reported(b.model, b.tokenizer, b.spec, metrics, layout.bundle)
     return out
 
 
@@ -310,11 +323,12 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
         axes[1].plot([h["epoch"] + 1 for h in hist], [h["valid"][task][metric] for h in hist], marker="o",
                      label=f"{task} {metric}")
     axes[1].set_title("text classifiers: validation score")
-    axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:  # a run without sequence models or text tasks has none
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "teacher.png"), dpi=110)
     plt.close(fig)

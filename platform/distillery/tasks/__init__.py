@@ -1,22 +1,23 @@
 """The tasks of the multi-task student, one module each (`base.Task` says what a task holds), and
-the registry the stages loop over. A task's name is its config section (`tasks.<name>`), its
-examples' and labels' folder name and its key in every metrics dict.
+the registry the stages loop over. A task's name is its config section (`tasks.<name>`), its module
+here (which defines `TASK`, its `Task`), its examples' and labels' folder name and its key in every
+metrics dict.
 
-Adding a task: a module here with a `Task` subclass, its entry in `TASKS`, and its config section.
+Adding a task: a module `tasks/<name>.py` with a `Task` subclass and `TASK`, and its section in
+`config.TasksConfig` (ARCHITECTURE.md, "Adding a task").
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
 
+from ..config import TASK_NAMES
 from .base import LabelContext, Output, Task
-from .ctr import Ctr
-from .intent import Intent
-from .recommendation import Recommendation
 
-# in the order the stages print and report them
-TASKS: dict[str, Task] = {t.name: t for t in (Recommendation(), Ctr(), Intent())}
+# one module per config section, in the config's order: the order the stages print and report in
+TASKS: dict[str, Task] = {name: importlib.import_module(f"{__name__}.{name}").TASK for name in TASK_NAMES}
 
 # the metric that ranks each task's models (early stopping, the teacher's grids, sweeps, budgets)
 SCORE_METRIC: dict[str, str] = {name: t.score_metric for name, t in TASKS.items()}

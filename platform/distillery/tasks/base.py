@@ -38,6 +38,29 @@ BOOKKEEPING = (pa.field("example_id", pa.string()), pa.field("split", pa.string(
 
 
 @dataclass(frozen=True)
+class PrepareInputs:
+    """What a task's `prepare` builds its examples from: the validated log and reviews (lazy Ray
+    Datasets), the catalogue in vocabulary order (`items`, with `item_ids` its sorted ids), each
+    item's click count and whether the log has real impressions (non-clicks)."""
+    cfg: "RunConfig"
+    data: Any                     # config.DataConfig: the inputs read (the generated shop's paths for synthetic)
+    out: Any                      # layout.PrepareDir: where examples and vocabularies go
+    interactions: Any             # ray.data.Dataset
+    reviews: Any                  # ray.data.Dataset, or None without reviews
+    items: Any                    # pandas.DataFrame
+    item_ids: np.ndarray
+    clicks: Any                   # pandas.Series: clicks per item id
+    real_impressions: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A task's examples as `prepare` wrote them: rows per split, and what it reports of them."""
+    counts: dict[str, int]
+    info: dict
+
+
+@dataclass(frozen=True)
 class LabelContext:
     """What a task's `label` needs besides the teacher and the batch: the run's config, the teacher's
     tokenizer and spec, its item vectors (computed once per worker) and the device."""
@@ -62,6 +85,18 @@ class Task:
     reads_text: ClassVar[bool] = False           # inputs are texts: labelled in text-sized batches
     tuned: ClassVar[tuple[str, ...]] = ()        # `tune.space` fields that are this task's own knobs
     classifies: ClassVar[bool] = False           # answers with one of its classes (`labels`)
+
+    per_user: ClassVar[bool] = False             # examples come from the one pass over each user's clicks
+
+    # ---------------------------------------------------------------- examples
+    def prepare(self, inputs: PrepareInputs) -> Prepared:
+        """Write this task's examples under `inputs.out.examples(name, split)` (and its class names,
+        for a classifying task). Per-user tasks are built together instead (`tasks.user_examples`)."""
+        raise NotImplementedError
+
+    def left_out(self, info: dict) -> list[str]:
+        """Lines for prepare's report of what this task's examples left out (`Prepared.info`)."""
+        return []
 
     # ---------------------------------------------------------------- config and labels
     def settings(self, cfg: "RunConfig"):

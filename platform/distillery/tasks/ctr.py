@@ -21,6 +21,7 @@ class Ctr(Task):
     name = "ctr"
     score_metric = "auc"
     metrics = ("auc", "gauc", "logloss")
+    per_user = True
     teacher_inputs = ("history", "item", "slot")
     example_columns = ("example_id", "history", "item", "slot", "label")
     label_fields = (pa.field("logit", pa.float32()),)
@@ -83,3 +84,6 @@ class Ctr(Task):
 
     def baselines(self, prepare_dir: str, split: str, seed: int) -> dict[str, dict[str, float]]:
         return {"popularity": baselines.popularity_ctr(prepare_dir, self.name, split)}
+
+
+TASK = Ctr()

@@ -19,6 +19,7 @@ class Recommendation(Task):
     name = "recommendation"
     score_metric = "ndcg@10"
     metrics = ("hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100")
+    per_user = True
     teacher_inputs = ("history", "item")
     example_columns = ("example_id", "history", "item")
     tuned = ("rank_weight",)
@@ -87,3 +88,6 @@ class Recommendation(Task):
 
     def baselines(self, prepare_dir: str, split: str, seed: int) -> dict[str, dict[str, float]]:
         return {"popularity": baselines.popularity_ranking(prepare_dir, self.name, split, seed)}
+
+
+TASK = Recommendation()
