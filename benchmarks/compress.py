@@ -10,7 +10,7 @@ parameters, batch-1 p50, batch-256 throughput (timed interleaved in one process)
 validation and test change of every task, per variant. Writes benchmarks/results/compress_office.json
 and compress_office.png.
 
-Targets (issue 23), test split, against the float32 student the bundle came from:
+Targets, test split, against the float32 student the bundle came from:
 - the kept variant within 1% on every task;
 - the bundle's weights >= 4x smaller than the float32 student's and >= 10x smaller than the teacher's;
 - batch-1 p50 no slower and batch-256 throughput >= 1.3x;

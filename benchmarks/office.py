@@ -31,11 +31,15 @@ def parser(doc: str, *, work: str, work_help: str, out: str) -> argparse.Argumen
 
 
 def config(args: argparse.Namespace, run_dir: str | Path, *overrides: str) -> RunConfig | None:
-    """The run config for `args.data` in `run_dir`, or None (after saying why) when the data is absent."""
+    """The run config for `args.data` in `run_dir`, or None (after saying why) when the data is absent.
+    A folder with reviews.parquet passes it as data.reviews, and as the log too when it has no
+    interactions.parquet (the Magazine reviews: each review is an interaction)."""
     data = Path(args.data)
-    if not (data / "interactions.parquet").exists():
-        print(f"no Office data at {data}: pass --data or set DISTILLERY_SHARED_DATA")
+    log = data / "interactions.parquet" if (data / "interactions.parquet").exists() else data / "reviews.parquet"
+    if not log.exists() or not (data / "items.parquet").exists():
+        print(f"no data at {data} (items.parquet and interactions.parquet or reviews.parquet): pass --data or set "
+              "DISTILLERY_SHARED_DATA")
         return None
-    return load_config(args.config, [f"data.interactions={data / 'interactions.parquet'}",
-                                     f"data.items={data / 'items.parquet'}", f"run_dir={run_dir}",
-                                     *overrides, *args.overrides])
+    reviews = [f"data.reviews={data / 'reviews.parquet'}"] if (data / "reviews.parquet").exists() else []
+    return load_config(args.config, [f"data.interactions={log}", f"data.items={data / 'items.parquet'}", *reviews,
+                                     f"run_dir={run_dir}", *overrides, *args.overrides])

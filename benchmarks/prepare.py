@@ -10,7 +10,7 @@ read: this measures what that costs), and with the first strategy on Parquet thr
 Parquet reader: `tasks`, Ray Data's task-based reader that `sources.read_parquet` uses, and
 `actors`, Ray 2.60's default, which starts FooterReader actors for every read
 (RAY_DATA_USE_DATASOURCE_V2=1). Variants run interleaved, `--repeats` times, in one Ray session.
-Writes benchmarks/results/prepare.json and prepare.png. Target (issue 2): 1M interactions in
+Writes benchmarks/results/prepare.json and prepare.png. Target: 1M interactions in
 under 3 minutes on 2 cores.
 """
 from __future__ import annotations

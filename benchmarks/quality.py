@@ -11,7 +11,7 @@ and its splits are the same for every seed; the seed changes every model's initi
 order and dropout. Finished stages are kept, so an interrupted benchmark resumes. A seed whose
 numbers an earlier results file already holds (`--reuse`) is taken from it and not run again, when
 it was made with the same recipe (`recipe_hash`: the data, tasks, teacher, label, student and
-distill settings): the seeds of a benchmark that outlasts one machine's session add up.
+distill settings): the seeds of a benchmark that outlasts one machine add up.
 
 Writes benchmarks/results/quality_office.json: per seed, and for every model the mean, standard
 deviation and runs over seeds (`summary.<task>.<model>` = {mean, std, runs}), the issue's targets
@@ -19,10 +19,15 @@ checked (`targets`), and quality_office.png. Per seed, `student_over_teacher_int
 report's paired bootstrap interval of the KD student / teacher ratio on that seed's test split:
 what the split's size alone leaves uncertain, which more seeds do not shrink (the split is shared).
 
-Targets (issue 19), test split, means over seeds:
+The same benchmark runs review sentiment on the Amazon 2018 Magazine reviews:
+
+    python benchmarks/quality.py --data ../shared/data/amazon18_magazine_subscriptions \
+        --config configs/magazine.yaml --work runs/magazine --out benchmarks/results/quality_magazine.json
+
+Targets, test split, means over seeds (each where its task runs):
   teacher NDCG@10 >= 1.15 x the converged SASRec baseline, and above 0.0635;
-  teacher CTR AUC above every baseline; teacher intent macro-F1 >= TF-IDF + 0.02;
-  KD student >= 0.97 x teacher on NDCG@10, CTR AUC and intent macro-F1;
+  teacher CTR AUC above every baseline; teacher intent and sentiment macro-F1 >= TF-IDF + 0.02;
+  KD student >= 0.97 x teacher on every task's score metric;
   KD student above the no-KD student by more than one standard deviation on every task, and above
   the SASRec baseline on NDCG@10;
   the student >= 10x smaller and >= 20x faster at batch 1 than the teacher (report.json).
@@ -134,6 +139,9 @@ def summarize(per_seed: dict, tasks: list[str]) -> tuple[dict, dict]:
             mean("ctr", "teacher") > summary["ctr"][b]["mean"] for b in summary["ctr"] if b not in (*MODELS, "metric", "student_over_teacher"))
     if "intent" in summary:
         targets["teacher_f1_ge_tfidf_plus_0.02"] = mean("intent", "teacher") >= mean("intent", "tfidf_logreg") + 0.02
+    if "sentiment" in summary:
+        targets["teacher_sentiment_f1_ge_tfidf_plus_0.02"] = (mean("sentiment", "teacher")
+                                                              >= mean("sentiment", "tfidf_logreg") + 0.02)
     for t in summary:
         targets[f"student_ge_0.97_teacher_{t}"] = summary[t]["student_over_teacher"] >= 0.97
         gap = mean(t, "student") - mean(t, "student_no_kd")

@@ -28,7 +28,7 @@ with one item title) and concurrency level, `c` clients each send a request as s
 is answered, for `--seconds` after one second of warm-up, `--repeats` times; the median of each
 number is kept. Writes benchmarks/results/serve.json and serve.png.
 
-Targets (issue 21), /v1/ctr with 100 candidates at 8 clients: the default Serve path within 2x of
+Targets, /v1/ctr with 100 candidates at 8 clients: the default Serve path within 2x of
 bare uvicorn at p50 and 2.5x at p99, >= 3x the 90 req/s of the earlier default; the student
 through Serve >= 20x the teacher through Serve on /v1/intent; no failed request.
 """

@@ -174,7 +174,8 @@ def test_ratio_intervals_of_two_models_outputs_match_their_metrics():
     student, teacher = outputs(0.9), outputs(0.5)
     got = evaluation.ratio_intervals(student, teacher, resamples=200)
     ms, mt = evaluation.metrics_of(student), evaluation.metrics_of(teacher)
-    for t, m in SCORE_METRIC.items():
+    assert set(got) == {"recommendation", "ctr", "intent"}  # the tasks both outputs hold
+    for t, m in ((t, SCORE_METRIC[t]) for t in got):
         assert got[t]["metric"] == m and got[t]["ratio"] == pytest.approx(ms[t][m] / mt[t][m])
         assert got[t]["low"] < got[t]["ratio"] < got[t]["high"]
     assert got["ctr"]["units"] == 50 and got["intent"]["units"] == 80

@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray.data
 from ray.data.expressions import col
 
-from .. import storage, warmstart
+from .. import warmstart
 from ..data import examples as ex
 from ..data.tables import count_rows, write_frame
 from ..errors import DataError
@@ -74,17 +74,12 @@ class Intent(TextClassification):
                 f"min_class_count={task.min_class_count} ({len(unlabelled):,} texts have an item with no category). "
                 "Give items categories, lower tasks.intent.min_class_count or category_level, "
                 "or set tasks.intent.enabled=false")
-        counts = {}
-        for split in ex.SPLITS:
-            part = df[df["split"] == split]
-            write_frame(part, inputs.out.examples(self.name, split), ex.INTENT_SCHEMA)
-            counts[split] = int(len(part))
+        counts = self.write_examples(df, inputs.out, names)
         if task.transfer_variants:
             train = df.loc[df["split"] == "train", "text"].tolist()
             transfer = ex.transfer_examples(ex.transfer_texts(train, set(df["text"]), task.transfer_variants))
             write_frame(transfer, inputs.out.examples(self.name, ex.TRANSFER), ex.INTENT_SCHEMA)
             counts[ex.TRANSFER] = int(len(transfer))
-        storage.write_json(inputs.out.vocab(f"{self.name}_labels"), names)
         return Prepared(counts, {"classes": len(names), "merged_into_other": int((df["label_name"] == ex.OTHER).sum()),
                                  "left_out": {"no_category": len(unlabelled), "outside_classes": int(texts - len(df))}})
 

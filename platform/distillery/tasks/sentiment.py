@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .. import storage
 from ..data import examples as ex
-from ..data.tables import count_rows, write_frame
+from ..data.tables import count_rows
 from ..errors import DataError
 from .base import Prepared, PrepareInputs
 from .text import TextClassification
@@ -46,12 +45,7 @@ class Sentiment(TextClassification):
             raise DataError(f"tasks.sentiment: none of the {rows:,} reviews in {inputs.data.reviews or 'the data'} has "
                             "both a rating and a title or text: give reviews those columns, or set "
                             "tasks.sentiment.enabled=false")
-        counts = {}
-        for split in ex.SPLITS:
-            part = df[df["split"] == split]
-            write_frame(part, inputs.out.examples(self.name, split), ex.INTENT_SCHEMA)
-            counts[split] = int(len(part))
-        storage.write_json(inputs.out.vocab(f"{self.name}_labels"), list(CLASSES))
+        counts = self.write_examples(df, inputs.out, CLASSES)
         used = int(labelled["count"].sum()) if len(labelled) else 0
         return Prepared(counts, {"classes": {c: int((df["label_name"] == c).sum()) for c in CLASSES},
                                  "left_out": {"no_rating_or_text": int(rows - used)}})

@@ -16,7 +16,8 @@ import torch
 
 from .. import baselines, storage
 from .. import metrics as M
-from ..data.examples import read_split
+from ..data.examples import INTENT_SCHEMA, SPLITS, read_split
+from ..data.tables import write_frame
 from ..errors import StageError
 from ..layout import PrepareDir
 from ..lexical import text_features
@@ -49,6 +50,17 @@ class TextClassification(Task):
         """The class names, in class-id order, that the prepare stage wrote for this task."""
         path = PrepareDir(prepare_dir).vocab(f"{self.name}_labels")
         return tuple(storage.read_json(path)) if storage.exists(path) else ()
+
+    def write_examples(self, df, out, names: list[str]) -> dict[str, int]:
+        """Write a prepared task's examples (`data.examples.INTENT_SCHEMA` rows with a `split`) per split
+        and its class names; -> rows per split."""
+        counts = {}
+        for split in SPLITS:
+            part = df[df["split"] == split]
+            write_frame(part, out.examples(self.name, split), INTENT_SCHEMA)
+            counts[split] = int(len(part))
+        storage.write_json(out.vocab(f"{self.name}_labels"), list(names))
+        return counts
 
     def fingerprints(self, batch: pa.Table) -> pa.Array:
         return fingerprint.of_texts(self.name, batch.column("text").to_pylist())
