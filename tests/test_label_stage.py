@@ -214,7 +214,7 @@ def test_label_resumes_after_a_kill_on_two_workers_and_labels_each_example_once(
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_local")
 def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
-    """teacher.shard=fsdp on two CPU workers (gloo): the encoder is split between them, the workers
+    """teacher.shard=fsdp on two CPU workers (gloo): each text task's encoder is split between them, the workers
     run the sharded forwards in lockstep although their shards differ in size, and the logits are
     the unsharded model's."""
     from distillery.models.teacher import load_model
@@ -227,10 +227,11 @@ def test_fsdp_sharded_encoder_labels_like_the_whole_model(trained):
         "tasks": tasks, "teacher": cfg.teacher.model_copy(update={"shard": "fsdp"})})
     m = runner.run(cfg, ["label"], force=True)["label"]
     prepared = json.loads((run_dir / "prepare" / "manifest.json").read_text())["examples"]
-    assert m["examples"] == {"intent": prepared["intent"]}
+    assert m["examples"] == {t: prepared[t] for t in ("intent", "sentiment")}  # both text tasks, each encoder sharded
     model, tok, _ = load_model(str(run_dir / "teacher" / "model"))
-    ex = pq.read_table(run_dir / "prepare" / "examples" / "intent" / "train").slice(0, 32).to_pandas()
-    want = model.class_logits("intent", **text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
-                                             buckets=model.lexical_buckets)).detach().numpy()
-    got = _read(run_dir, "intent").to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
-    assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4)
+    for task in ("intent", "sentiment"):
+        ex = pq.read_table(run_dir / "prepare" / "examples" / task / "train").slice(0, 32).to_pandas()
+        want = model.class_logits(task, **text_inputs(tok, ex["text"].tolist(), max_length=cfg.teacher.max_length,
+                                                      buckets=model.lexical_buckets)).detach().numpy()
+        got = _read(run_dir, task).to_pandas().set_index("example_id").loc[ex["example_id"], "logits"]
+        assert np.allclose(np.stack(got.to_numpy()), want, atol=1e-4), task

@@ -155,7 +155,7 @@ def test_a_compact_8bit_bundle_loads_as_it_was_written_and_is_refused_when_alter
 
 
 def _intent_data(tok, n=24, seed=0):
-    """n intent examples with labels and teacher logits, as `distill.TASKS["intent"].tensors` makes them."""
+    """n intent examples with labels and teacher logits, as the intent task's `tensors` makes them."""
     g = torch.Generator().manual_seed(seed)
     texts = [QUERIES[i % 4] + f" {i}" for i in range(n)]
     ids, offsets = text_bag(tok, texts, max_length=16, buckets=BUCKETS)

@@ -76,7 +76,7 @@ def test_warm_start_flag_sets_the_override_and_a_bad_bundle_stops_before_any_sta
 def _content(run_dir: Path, task: str) -> pd.DataFrame:
     """example_id, split and a content key computed here, independently of label.fingerprints."""
     df = pq.read_table(run_dir / "prepare" / "examples" / task).to_pandas()
-    if task == "intent":
+    if "text" in df.columns:  # a text task: its text is all the teacher sees
         df["key"] = df["text"]
     else:
         slot = df["slot"].fillna(-1).astype(int) if task == "ctr" else -1
@@ -88,7 +88,7 @@ def _content(run_dir: Path, task: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def windows(tmp_path_factory, tiny_bert, ray_local):
     """An earlier run over window 1 (prepare, an untrained tiny teacher, labels, a bundle) and the
-    files of window 2: the same catalogue and the clicks of window 1 plus later ones."""
+    files of window 2: the same catalogue and the clicks and reviews of window 1 plus later ones."""
     from distillery import quant, shrink
     from distillery.config import SyntheticConfig
     from distillery.data import synthetic
@@ -102,9 +102,10 @@ def windows(tmp_path_factory, tiny_bert, ray_local):
 
     tmp = tmp_path_factory.mktemp("warm")
     tables = synthetic.generate(SyntheticConfig(users=80, items=60, sessions_per_user=8))
-    inter = tables["interactions"].to_pandas()
+    inter, reviews = tables["interactions"].to_pandas(), tables["reviews"].to_pandas()
     cut = np.quantile(inter["timestamp"], 0.85)
-    write_tables({"items": tables["items"], "reviews": tables["reviews"],
+    write_tables({"items": tables["items"],
+                  "reviews": pa.Table.from_pandas(reviews[reviews["timestamp"] < cut], preserve_index=False),
                   "interactions": pa.Table.from_pandas(inter[inter["timestamp"] < cut], preserve_index=False)},
                  str(tmp / "w1"))
     write_tables(tables, str(tmp / "w2"))

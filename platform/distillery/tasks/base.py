@@ -3,7 +3,9 @@ that the stages, the evaluation and the report need, so that they loop over the 
 of asking which task they hold.
 
 A task knows
-- its examples and labels: the columns the teacher reads (`teacher_inputs`) and those a training
+- its examples: how they are built from the validated data (`prepare`, or the shared per-user pass
+  for `per_user` tasks) and what was left out (`left_out`);
+- its labels: the columns the teacher reads (`teacher_inputs`) and those a training
   example needs (`example_columns`), the splits it labels and trains on, the teacher's label columns
   (`label_fields`, `label_schema`) and how the teacher makes them (`label`), and a fingerprint of what
   the teacher sees of an example (`fingerprints`);
@@ -12,7 +14,8 @@ A task knows
   its loss from a student and a batch (`forward`), and the loss module itself (`loss`);
 - its evaluation: per-example outputs on a split (`outputs`), their metrics (`metrics_of`), the metric
   over any subset of rows (`row_scorer`, for a bootstrap), the metric that ranks models
-  (`score_metric`), the report's columns (`metrics`) and the simple baselines (`baselines`).
+  (`score_metric`), the report's columns (`metrics`) and the simple baselines (`baselines`);
+- its latency probe: one request's payload and how a server answers a batch (`probe_request`, `probe`).
 """
 from __future__ import annotations
 
