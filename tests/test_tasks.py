@@ -139,3 +139,13 @@ def test_sentiment_is_a_text_classification_task_with_its_own_endpoint():
     assert not RunConfig().tasks.sentiment.enabled  # it needs reviews with ratings: on where the data has them
     with pytest.raises(ValueError, match="negative_max"):
         RunConfig.model_validate({"tasks": {"sentiment": {"negative_max": 4, "positive_min": 4}}})
+
+
+def test_sentiment_without_reviews_stops_and_names_the_setting():
+    from distillery.errors import DataError
+    from distillery.tasks.base import PrepareInputs
+
+    inputs = PrepareInputs(cfg=RunConfig(), data=RunConfig().data, out=None, interactions=None, reviews=None,
+                           items=None, item_ids=np.array([]), clicks=None, real_impressions=False)
+    with pytest.raises(DataError, match="set data.reviews=PATH, or tasks.sentiment.enabled=false"):
+        TASKS["sentiment"].prepare(inputs)

@@ -7,6 +7,7 @@ KeyError deep inside `build`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 
@@ -42,8 +43,6 @@ def _check(value, hint, where: str):
 
 def spec_hash(spec) -> int:
     """A spec's hash, from its JSON (a frozen dataclass holding a dict field has no hash of its own)."""
-    import json
-
     return hash(json.dumps(spec.to_json(), sort_keys=True))
 
 

@@ -246,7 +246,9 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20, api_key: str 
 
     async def model_tasks() -> list[str]:
         if not served:
-            served.extend((await backend.card())["tasks"])
+            tasks = (await backend.card())["tasks"]
+            if not served:  # another request may have filled it while this one awaited the card
+                served.extend(tasks)
         return served
 
     def text_route(task: str):
