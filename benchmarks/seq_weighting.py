@@ -32,8 +32,9 @@ from distillery.histories import pad_list_array  # noqa: E402
 from distillery.layout import RunLayout  # noqa: E402
 from distillery.models.seqrec import NextItemLoss, SequenceModel  # noqa: E402
 from distillery.models.teacher import SeqMember  # noqa: E402
-from distillery.stages.teacher import (MemberLoss, encode_items, evaluate_member, seq_spec,  # noqa: E402
-                                       sequence_batches, user_sequences)
+from distillery.losses import MemberLoss  # noqa: E402
+from distillery.teaching.item_text import encode_items  # noqa: E402
+from distillery.teaching.sequence import evaluate_member, seq_spec, sequence_batches, user_sequences  # noqa: E402
 
 VARIANTS = ("batch", "target", "random")
 
@@ -56,7 +57,7 @@ def train(cfg, prep: str, variant: str, seed: int, item_text: torch.Tensor | Non
     steps = math.ceil(len(seqs) / sc.batch_size)
     torch.manual_seed(loop.epoch_seed(seed, 0, 0, stream=1))
     member = SeqMember(SequenceModel(spec, item_text))
-    loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0})
+    loss = MemberLoss(member, NextItemLoss(), {"next_item": 1.0})
     optim = torch.optim.AdamW(member.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
 
     def batches(gen):

@@ -159,7 +159,7 @@ def tiny_config(tmp_path):
         return load_config(ROOT / "configs" / "demo.yaml", [
             f"run_dir={tmp_path / 'run'}", "data.synthetic.users=120", "data.synthetic.items=80",
             "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3",
-            *overrides,
+            "data.synthetic.review_rate=0.3", *overrides,
         ])
     return make
 
@@ -173,7 +173,8 @@ def prepared(tmp_path_factory, ray_local):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"run_dir={run_dir}", "data.synthetic.users=150", "data.synthetic.items=80",
-        "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3"])
+        "data.synthetic.sessions_per_user=10", "data.user_buckets=4", "tasks.intent.min_class_count=3",
+        "data.synthetic.review_rate=0.3"])
     manifest = runner.run(cfg, ["prepare"])["prepare"]
     return cfg, Path(run_dir), manifest
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from distillery.models.seqrec import NextItemLoss, SeqSpec, SequenceModel, whitening
-from distillery.stages.teacher import sequence_batches, user_sequences
+from distillery.teaching.sequence import sequence_batches, user_sequences
 
 
 def _model(**kw) -> SequenceModel:
@@ -118,7 +118,7 @@ def test_sequence_batches_cover_every_user_once_trimmed_to_their_longest():
 @pytest.mark.parametrize("per_target", [False, True])
 def test_per_target_weighting_gives_every_target_of_the_epoch_the_same_weight(per_target):
     from distillery.models.teacher import SeqMember
-    from distillery.stages.teacher import MemberLoss
+    from distillery.losses import MemberLoss
 
     # bucketed by length (jitter < 4): the short users and the long ones fall in separate batches
     lengths = [2, 2, 2, 2, 2, 2, 10, 10, 9, 10, 10, 10]
@@ -127,10 +127,10 @@ def test_per_target_weighting_gives_every_target_of_the_epoch_the_same_weight(pe
     for i, n in enumerate(lengths):
         seqs[i, 10 - n:] = torch.randint(2, 12, (n,), generator=gen)
     member = SeqMember(_model(max_history=10))
-    loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0})
+    loss = MemberLoss(member, NextItemLoss(), {"next_item": 1.0})
     batches = sequence_batches(seqs, None, 2, 4, torch.Generator().manual_seed(0), "cpu", per_target=per_target)
     with torch.no_grad():
-        epoch = sum(loss(b)["recommendation"] for b in batches)
+        epoch = sum(loss(b)["next_item"] for b in batches)
         # reference: cross entropy at every target of the epoch's batches, summed
         items, ce = member.item_vectors(), []
         for b in batches:

@@ -13,9 +13,6 @@ from distillery.tasks import TASKS, Task
 
 PKG = Path(__file__).resolve().parents[1] / "platform" / "distillery"
 
-# Modules that still name a task, each to be moved behind the task interface. The test below fails
-# when one of them no longer does, so that the list only shrinks.
-NOT_YET = {"stages/report.py", "stages/teacher.py"}
 
 
 def test_the_registry_is_the_configs_task_sections_in_order():
@@ -102,11 +99,9 @@ def _outside_tasks():
 
 def test_no_module_outside_tasks_and_the_config_names_a_task():
     named = {rel: _named_tasks(path) for rel, path in _outside_tasks()}
-    offenders = {rel: hits for rel, hits in named.items() if hits and rel not in NOT_YET}
+    offenders = {rel: hits for rel, hits in named.items() if hits}
     assert not offenders, ("these modules name a task; ask the task instead (`distillery.tasks`): "
                            + "; ".join(f"{rel} lines {[line for line, _ in hits]}" for rel, hits in offenders.items()))
-    cleaned = sorted(rel for rel in NOT_YET if not named.get(rel))
-    assert not cleaned, f"{cleaned} no longer name a task: take them off NOT_YET"
 
 
 def test_the_name_scanner_sees_comparisons_and_keys_but_not_docstrings(tmp_path):

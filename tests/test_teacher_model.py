@@ -98,7 +98,7 @@ def test_pad_list_array_matches_pad_histories_and_handles_nulls_and_slices():
 
 def test_text_augmentations_are_seeded_and_bounded():
     import numpy as np
-    from distillery.stages.teacher import add_typos, drop_words
+    from distillery.teaching.augment import add_typos, drop_words
 
     texts = ["wireless noise cancelling earbuds", "mips bike helmet", "pen", "a b"]
     rng = lambda: np.random.default_rng(7)  # noqa: E731
@@ -196,14 +196,14 @@ def _member():
 @pytest.mark.parametrize("trains_encoder", [False, True])
 def test_member_loss_lets_ctr_into_the_sequence_model_only_when_asked(trains_encoder):
     from distillery.models.seqrec import NextItemLoss
-    from distillery.stages.teacher import MemberLoss
+    from distillery.losses import MemberLoss
 
     member = _member()
-    loss = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 2.0}, trains_encoder)
+    loss = MemberLoss(member, NextItemLoss(), {"next_item": 1.0, "click": 2.0}, trains_encoder)
     batch = {"ctr_history": torch.tensor([[0, 3, 4], [5, 6, 7]]), "ctr_item": torch.tensor([8, 9]),
              "ctr_slot": torch.tensor([0, -1]), "ctr_label": torch.tensor([1.0, 0.0])}
     out = loss(batch)
-    assert set(out) == {"ctr", "total"} and torch.allclose(out["total"], 2.0 * out["ctr"])
+    assert set(out) == {"click", "total"} and torch.allclose(out["total"], 2.0 * out["click"])
     out["total"].backward()
     seq_grad = sum(p.grad.abs().sum() for p in member.seq.parameters() if p.grad is not None)
     assert all(p.grad is not None for p in member.ctr.mlp.parameters())
@@ -212,10 +212,48 @@ def test_member_loss_lets_ctr_into_the_sequence_model_only_when_asked(trains_enc
 
 def test_member_loss_of_a_batch_without_rows_is_a_zero_that_backpropagates():
     from distillery.models.seqrec import NextItemLoss
-    from distillery.stages.teacher import MemberLoss
+    from distillery.losses import MemberLoss
 
     member = _member()
-    out = MemberLoss(member, NextItemLoss(), {"recommendation": 1.0, "ctr": 1.0})({})
+    out = MemberLoss(member, NextItemLoss(), {"next_item": 1.0, "click": 1.0})({})
     assert out["total"].item() == 0.0
     out["total"].backward()  # the plain int 0 that sum() of nothing gives could not
     assert all(p.grad is None or not p.grad.any() for p in member.parameters())
+
+
+def test_member_loss_names_the_terms_when_given_a_weight_it_has_no_term_for():
+    from distillery.models.seqrec import NextItemLoss
+    from distillery.losses import MemberLoss
+
+    with pytest.raises(ValueError, match=r"unknown terms \['recommendation'\].*next_item"):
+        MemberLoss(_member(), NextItemLoss(), {"recommendation": 1.0})
+
+
+def test_the_sequence_models_learn_each_task_by_its_target():
+    from distillery.config import RunConfig
+    from distillery.teaching.sequence import SequenceTasks, history_window
+
+    both = SequenceTasks.of(["intent", "ctr", "recommendation"])
+    assert (both.next_item, both.click, both.names) == ("recommendation", "ctr", ["recommendation", "ctr"])
+    assert both.scored_by() == "recommendation" and SequenceTasks.of(["ctr"]).scored_by() == "ctr"
+    assert not SequenceTasks.of(["intent", "sentiment"])
+    cfg = RunConfig.model_validate({"tasks": {"recommendation": {"max_history": 7}, "ctr": {"max_history": 11}}})
+    assert history_window(cfg) == 11
+    assert both.weights(cfg) == {"next_item": cfg.tasks.recommendation.weight, "click": cfg.tasks.ctr.weight}
+
+
+def test_the_teacher_is_one_implementation_of_the_interface_the_stages_call():
+    from distillery.models.teacher import Teacher, TeacherModel
+
+    assert isinstance(Teacher({}, [_member()], max_history=5), TeacherModel)
+
+    class ScoresOnly:  # an external scorer that cannot classify texts is not a teacher
+        max_history = 5
+
+        def item_vectors(self): ...
+
+        def rec_scores(self, history, items=None): ...
+
+        def ctr_logits(self, history, item, slot, items=None): ...
+
+    assert not isinstance(ScoresOnly(), TeacherModel)

@@ -11,7 +11,10 @@ from conftest import ROOT, checkpoint_part
 from distillery import runner
 from distillery.tasks import SCORE_METRIC
 from distillery.models.teacher import load_model
-from distillery.stages.teacher import choose_dropouts, choose_members, evaluate, member_name
+from distillery.models.seqrec import SeqSpec
+from distillery.stages.teacher import evaluate
+from distillery.teaching.grid import Best, SequencePart, Trained, choose_dropouts, choose_members, member_name
+from distillery.teaching.sequence import SequenceTasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
@@ -87,7 +90,7 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
         "sasrec": cfg.teacher.sasrec.model_copy(update={"dims": [16], "dropouts": [0.1, 0.5]})})})
     m = runner.run(cfg, ["teacher"])["teacher"]
     out = capsys.readouterr().out
-    assert "SASRec baseline chosen on validation NDCG@10" in out
+    assert "SASRec baseline chosen on validation ndcg@10" in out
     metrics = json.loads((run_dir / "teacher" / "metrics.json").read_text())
     for task, names in METRIC_NAMES.items():
         assert names <= set(metrics["test"][task]) and names <= set(metrics["valid"][task])
@@ -122,15 +125,17 @@ def test_teacher_stage_trains_the_sequence_teacher_the_sasrec_grid_and_the_encod
 
 def test_the_teacher_keeps_per_width_the_dropout_best_on_validation_and_every_seed_of_it():
     def row(dim, p, seed, score):
-        return {"name": member_name(dim, p, seed, 2), "spec": {"dim": dim, "dropout": p}, "seed_index": seed,
-                "score": score}
+        spec = SeqSpec(n_items=10, dim=dim, layers=1, heads=1, dropout=p, max_history=5)
+        part = SequencePart(member_name(dim, p, seed, 2), "unused", spec, SequenceTasks(next_item="recommendation"),
+                            ctr_head=True, seed=seed, seed_index=seed)
+        return Trained(part, Best({}, score, 1, 1))
 
     # the grid: one seed per (width, dropout); the second seeds exist only at the chosen dropouts
     grid = [row(64, 0.3, 0, 0.10), row(64, 0.5, 0, 0.07), row(128, 0.3, 0, 0.05), row(128, 0.5, 0, 0.06),
             row(128, 0.5, 1, 0.01), row(64, 0.3, 1, 0.02)]
     assert choose_dropouts(grid) == {64: 0.3, 128: 0.5}
     # a weak second seed does not move the choice, and is still a member (in width, then seed order)
-    assert [r["name"] for r in choose_members(grid)] == ["teacher-d64-p0.3-s0", "teacher-d64-p0.3-s1",
+    assert [r.name for r in choose_members(grid)] == ["teacher-d64-p0.3-s0", "teacher-d64-p0.3-s1",
                                                          "teacher-d128-p0.5-s0", "teacher-d128-p0.5-s1"]
     assert member_name(64, 0.3, 0, 1) == "teacher-d64-p0.3"
 

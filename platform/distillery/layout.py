@@ -125,7 +125,7 @@ class TeacherDir:
         return _join(self.root, "ray_train")
 
     def member(self, name: str) -> PartDir:
-        """A sequence model of the teacher's grid (`stages.teacher.member_name`)."""
+        """A sequence model of the teacher's grid (`teaching.grid.member_name`)."""
         return PartDir(_join(self.root, "members", name))
 
     def sasrec(self, name: str) -> PartDir:

@@ -1,4 +1,6 @@
-"""Distillation losses, one small module per kind of task (each task module in `tasks/` picks its own).
+"""The training losses: the distillation losses, one small module per kind of task (each task module
+in `tasks/` picks its own), and the teacher's own (`MemberLoss` for its sequence models,
+`ClassifierLoss` for its text classifiers).
 
 Each mixes a hard-label loss with a soft one against the teacher at temperature T, weighted by
 `alpha` (a): (1 - a) * hard + a * T^2 * soft. The T^2 keeps the soft term's gradient on the
@@ -7,9 +9,15 @@ alpha = 0 is the no-distillation baseline: the soft term is then not computed at
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .models.seqrec import NextItemLoss
+    from .models.teacher import SeqMember
 
 
 class _KD(nn.Module):
@@ -133,3 +141,67 @@ class RecommendationKD(_KD):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank_weight={self.rank_weight}, rank_k={self.rank_k}"
 
+
+
+# ------------------------------------------------------------------------------ the teacher's losses
+class MemberLoss(nn.Module):
+    """One step's losses of a teacher sequence model (what DDP synchronizes): forward(batch) ->
+    {"next_item": [], "click": [], "total": []}, each term present when the batch has its rows.
+
+    next_item: `next_item` (cross entropy, full or sampled softmax) at every position of
+      batch["sequences"] [B, L] (left-padded item ids; position i predicts i + 1), times
+      batch["sequence_weight"] (a float, the batch's targets over the epoch's mean; 1 without it);
+    click: BCE of the click head on batch["ctr_history"] [C, H], batch["ctr_item"] [C],
+      batch["ctr_slot"] [C] (-1: unknown) against batch["ctr_label"] [C] in {0, 1};
+    total = sum_k weights[k] * term_k. With `ctr_trains_encoder` False the click loss stops at the
+    head's inputs (user state, candidate vector): on Office, letting it into the sequence model cost
+    validation NDCG@10.
+    """
+
+    TERMS = ("next_item", "click")
+
+    def __init__(self, member: "SeqMember", next_item: "NextItemLoss", weights: dict[str, float],
+                 ctr_trains_encoder: bool = False):
+        super().__init__()
+        unknown = set(weights) - set(self.TERMS)
+        if unknown:
+            raise ValueError(f"weights of unknown terms {sorted(unknown)}; the terms are {self.TERMS}")
+        self.member, self.next_item, self.weights = member, next_item, weights
+        self.ctr_trains_encoder = ctr_trains_encoder
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        items = self.member.item_vectors()
+        out = {}
+        if "sequences" in batch:
+            seqs = batch["sequences"]
+            states = self.member.seq.states(seqs[:, :-1], items)
+            out["next_item"] = self.next_item(states, seqs[:, 1:], items, batch.get("generator")) \
+                * batch.get("sequence_weight", 1.0)
+        if "ctr_history" in batch:
+            if self.member.ctr is not None and not self.ctr_trains_encoder:
+                user = self.member.seq.user_vectors(batch["ctr_history"], items).detach()
+                logits = self.member.ctr(user, items[batch["ctr_item"]].detach(), batch["ctr_item"], batch["ctr_slot"])
+            else:
+                logits = self.member.ctr_logits(batch["ctr_history"], batch["ctr_item"], batch["ctr_slot"], items)
+            out["click"] = F.binary_cross_entropy_with_logits(logits, batch["ctr_label"])
+        # started from a zero tied to the weights: a batch with no rows (a shard smaller than the
+        # epoch's steps) still has a loss to backpropagate and to synchronize
+        out["total"] = sum((self.weights[k] * v for k, v in out.items()), items.sum() * 0.0)
+        return out
+
+
+class ClassifierLoss(nn.Module):
+    """Cross entropy of a text classifier: forward(batch) -> {"cross_entropy": [], "total": []}.
+
+    batch: the classifier's text inputs (input_ids, attention_mask [B, T]; bag_ids, bag_offsets for
+    its lexical bag) and "label" [B] class ids."""
+
+    INPUTS = ("input_ids", "attention_mask", "bag_ids", "bag_offsets")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        loss = F.cross_entropy(self.model(**{k: batch[k] for k in self.INPUTS if k in batch}), batch["label"])
+        return {"cross_entropy": loss, "total": loss}

@@ -27,6 +27,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -197,8 +198,26 @@ def ensemble_scores(scores: list[torch.Tensor]) -> torch.Tensor:
     return scores[0] if len(scores) == 1 else torch.stack(scores).mean(0)
 
 
+@runtime_checkable
+class TeacherModel(Protocol):
+    """What the stages ask of a teacher (labelling through `Task.label`, evaluation through
+    `Task.predictor`, the report), whatever it is inside: `Teacher` below, or another class with
+    these methods (a cross-encoder, a client of an external scorer). `items` is whatever
+    `item_vectors()` returned, computed once per batch loop; `text_inputs` are `text_inputs`'s."""
+    max_history: int
+
+    def item_vectors(self) -> Any: ...
+
+    def rec_scores(self, history: torch.Tensor, items: Any = None) -> torch.Tensor: ...  # [B, L] -> [B, V]
+
+    def ctr_logits(self, history: torch.Tensor, item: torch.Tensor, slot: torch.Tensor,
+                   items: Any = None) -> torch.Tensor: ...  # [B, L], [B], [B] -> [B]
+
+    def class_logits(self, task: str, *args, **text_inputs) -> torch.Tensor: ...  # -> [B, classes of task]
+
+
 class Teacher(nn.Module):
-    """Every task behind one interface (what labeling, evaluation and the report call):
+    """Every task behind one interface (`TeacherModel`) (what labeling, evaluation and the report call):
     `item_vectors()`, `rec_scores(history, items)`, `ctr_logits(history, item, slot, items)`,
     `class_logits(task, **text_inputs)`. `items` is whatever `item_vectors()` returned: one
     [V, D_m] per member. Without a text classification task the pretrained encoder is kept as

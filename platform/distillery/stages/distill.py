@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from .. import evaluation, loop, storage, trainstate, warmstart
+from .. import evaluation, loop, storage, trainstate, training, warmstart
 from ..config import RunConfig
 from ..data.examples import vocab_size
 from ..errors import StageError
@@ -107,20 +107,47 @@ def optimizer(student: torch.nn.Module, dc) -> torch.optim.AdamW:
                               {"params": text, "weight_decay": 0.0, "lr": dc.lr * dc.text_lr_scale}], lr=dc.lr)
 
 
-def _initial_student(config: dict, cfg: RunConfig, run: StudentRun, announce: bool):
+@dataclass(frozen=True)
+class StudentRun:
+    """One student a distillation Train run trains: `variant` (student or student_no_kd) into
+    `out_dir`; `name` in progress lines and checkpoints; `init` a bundle whose weights it starts from."""
+    variant: str
+    out_dir: str
+    name: str
+    init: str | None = None
+
+
+@dataclass
+class StudentJobs:
+    """What `train_loop` trains in one Train run (`runs`, one after another), and what its workers
+    share: the run's config (JSON; a Tune trial's own), the student's spec, the batch plan, the
+    teacher's validation metrics (students are scored relative to them) and each loss's context."""
+    config: dict
+    runs: list[StudentRun]
+    prepare_dir: str
+    tokenizer_dir: str               # the teacher's model folder: its tokenizer and item vectors
+    spec: StudentSpec
+    tasks: list[str]
+    shares: dict[str, int]
+    steps: int
+    teacher_valid: dict
+    loss_context: dict
+
+
+def _initial_student(jobs: StudentJobs, cfg: RunConfig, run: StudentRun, announce: bool):
     """(student, tokenizer) a worker starts from: a warm start's weights, the teacher's projected
     vectors (the KD student) or random ones (the no-KD baseline). A restored checkpoint overrides it."""
     from transformers import AutoTokenizer
 
-    with storage.local_copy(config["tokenizer_dir"]) as local:
+    with storage.local_copy(jobs.tokenizer_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local)
-    student = S.build_for_run(config["spec"], config["prepare_dir"], tokenizer)
+    student = S.build_for_run(jobs.spec, jobs.prepare_dir, tokenizer)
     if run.init:
         student.load_state_dict(warmstart.initial_state(run.init))
         if announce:
             say(f"[distill] {run.name}: starting from the weights of {run.init}")
     elif run.variant == "student" and cfg.student.init_from_teacher:
-        S.init_from_teacher(student, teacher_vectors(config["tokenizer_dir"]))
+        S.init_from_teacher(student, teacher_vectors(jobs.tokenizer_dir))
     return student, tokenizer
 
 
@@ -137,85 +164,52 @@ def _shard_tensors(tasks: list[str], variant: str, spec: StudentSpec) -> dict:
     return data
 
 
-@dataclass(frozen=True)
-class StudentRun:
-    """One student a distillation Train run trains: `variant` (student or student_no_kd) into
-    `out_dir`; `name` in progress lines and checkpoints; `init` a bundle whose weights it starts from."""
-    variant: str
-    out_dir: str
-    name: str
-    init: str | None = None
-
-
 def train_loop(config: dict) -> None:
-    """Ray Train worker function: the students of `config["runs"]`, one after another (the stage's
-    two variants share one Train run, which costs ~10 s to start on a small machine). A run whose
-    history is written is skipped, so a restarted Train run goes on with the student it was
-    training, from that student's own last checkpoint."""
-    cfg = RunConfig.model_validate(config["cfg"])
+    """Ray Train worker function: the students of `config["jobs"]` (a `StudentJobs`), one after
+    another (the stage's two variants share one Train run, which costs ~10 s to start on a small
+    machine). A run whose history is written is skipped, so a restarted Train run goes on with the
+    student it was training, from that student's own last checkpoint."""
+    jobs: StudentJobs = config["jobs"]
+    cfg = RunConfig.model_validate(jobs.config)
     set_threads(cfg.distill.cpus_per_worker)
-    for run in config["runs"]:
+    worker = training.RayWorker()
+    for run in jobs.runs:
         # every rank reads the same folders and reports each epoch, so the ranks skip alike
         if not storage.exists(StudentDir(run.out_dir).history):
-            _train_student(cfg, config, run)
+            training.run(student_job(jobs, cfg, run, worker, _shard_tensors(jobs.tasks, run.variant, jobs.spec)),
+                         worker)
 
 
-def _train_student(cfg: RunConfig, config: dict, run: StudentRun) -> None:
-    """`loop.fit` for one student; rank 0 saves its best validation's model and its history."""
-    import ray.train
-    import ray.train.torch
-
-    dc, variant, out_dir, name = cfg.distill, run.variant, run.out_dir, run.name
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
-    device = ray.train.torch.get_device()
-    tasks, spec, prepare_dir = config["tasks"], config["spec"], config["prepare_dir"]
-
-    student, tokenizer = _initial_student(config, cfg, run, announce=rank == 0)
-    student.to(device)  # before the optimizer: a restored optimizer state follows its parameters' device
-    optim = optimizer(student, dc)
-    shares, steps = config["shares"], config["steps"]
-    total = steps * dc.epochs
-    sched = trainstate.warmup_linear(optim, total, dc.warmup_ratio)
-    state = trainstate.restore(student, optim, sched, part=name)
-    if state and rank == 0:
-        say(f"[distill] {name}: resuming at epoch {state['epoch'] + 1} from the last checkpoint")
-    loss_fn = DistillLoss(student, cfg, tasks, kd=variant == "student", loss_context=config["loss_context"])
-    model = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else loss_fn
-    data = _shard_tensors(tasks, variant, spec)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    batches = mixed_batches(data, shares, steps, device)
+def student_job(jobs: StudentJobs, cfg: RunConfig, run: StudentRun, worker: training.Worker,
+                data: dict) -> training.Job:
+    """The training job of one student on `worker` (`data`: its shard of each task's tensors); its
+    best validation's model goes to `run.out_dir`."""
+    dc, spec, tasks, device = cfg.distill, jobs.spec, jobs.tasks, worker.device
+    torch.manual_seed(cfg.seed + worker.rank)
+    student, tokenizer = _initial_student(jobs, cfg, run, announce=worker.rank == 0)
 
     def validate():
-        valid = evaluation.evaluate(evaluation.student_predictors(student, tokenizer, spec, tasks, device), prepare_dir, "valid",
-                                    n_items=spec.n_items, max_history=spec.history_window, seed=cfg.seed)
-        return teacher_relative_score(valid, config["teacher_valid"]), valid
+        valid = evaluation.evaluate(evaluation.student_predictors(student, tokenizer, spec, tasks, device),
+                                    jobs.prepare_dir, "valid", n_items=spec.n_items, max_history=spec.history_window,
+                                    seed=cfg.seed)
+        return teacher_relative_score(valid, jobs.teacher_valid), valid
 
-    def on_validated(st: dict, improved: bool) -> None:
-        if rank == 0 and improved:
-            S.save(student, tokenizer, spec, StudentDir(out_dir).model)
-        valid = st["history"][-1]["valid"]
-        trainstate.report_epoch(student, optim, sched, {**st, "part": name},
-                                {"epoch": st["epoch"], "valid_score": st["history"][-1]["score"],
-                                 **{f"{t}_{m}": valid[t][m] for t, m in SCORE_METRIC.items() if t in valid}}, rank)
+    def describe(entry: dict) -> str:
+        v = entry["valid"]
+        return "  ".join([*(f"{t}:{m}={v[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in v),
+                          f"score={entry['score']:.4f} (of the teacher)"])
 
-    def log(epoch: int, entry: dict, improved: bool) -> None:
-        if rank == 0:
-            v = entry["valid"]
-            line = "  ".join(f"{t}:{m}={v[t][m]:.4f}" for t, m in SCORE_METRIC.items() if t in v)
-            say(f"[distill] {name} epoch {epoch + 1}/{dc.epochs}  loss={entry['loss'].get('total', 0):.4f}  "
-                f"{line}  score={entry['score']:.4f} (of the teacher){'  *best' if improved else ''}  "
-                f"({entry['seconds']}s, {steps} steps)")
-
-    plan = loop.Plan(epochs=dc.epochs, patience=dc.patience, clip=1.0, clip_per_group=False, seed=cfg.seed, rank=rank)
-    state = loop.fit(model, optim, sched, plan, batches=batches, loss=model, validate=validate,
-                     on_validated=on_validated, state=state, autocast=autocast, log=log)
-    if rank == 0:
-        if state["bad_epochs"] >= dc.patience:
-            say(f"[distill] {name}: early stop, no better validation score in {state['bad_epochs']} epoch(s)")
-        storage.write_json(StudentDir(out_dir).history, state["history"])
+    return training.Job(
+        name=run.name, stage="distill", model=student,
+        loss=DistillLoss(student, cfg, tasks, kd=run.variant == "student", loss_context=jobs.loss_context),
+        optimizer=lambda m: optimizer(m, dc),
+        schedule=lambda optim: trainstate.warmup_linear(optim, jobs.steps * dc.epochs, dc.warmup_ratio),
+        plan=loop.Plan(epochs=dc.epochs, patience=dc.patience, clip=1.0, clip_per_group=False, seed=cfg.seed),
+        batches=mixed_batches(data, jobs.shares, jobs.steps, device), validate=validate,
+        save=lambda: S.save(student, tokenizer, spec, StudentDir(run.out_dir).model),
+        history=StudentDir(run.out_dir).history, describe=describe,
+        metrics=lambda valid: {f"{t}_{m}": valid[t][m] for t, m in SCORE_METRIC.items() if t in valid},
+        detail=f"{jobs.steps} steps")
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -322,23 +316,10 @@ def trainer(inp: Inputs, cfg: RunConfig, runs: list[StudentRun], datasets: dict,
     """The TorchTrainer of one distillation Train run that trains `runs` in turn (`cfg` may differ
     from `inp.cfg` in loss and optimizer settings and the student's width, as a Tune trial's does).
     Re-created with the same run_name and storage_path, it resumes from its last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchTrainer
-
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "runs": list(runs), "prepare_dir": inp.prepare_dir,
-                           "tokenizer_dir": inp.teacher_dir, "spec": spec or inp.spec, "tasks": inp.tasks,
-                           "shares": inp.shares, "steps": inp.steps, "teacher_valid": inp.teacher_metrics["valid"],
-                           "loss_context": inp.loss_context},
-        datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu,
-                                     resources_per_worker={"CPU": cfg.distill.cpus_per_worker}),
-        run_config=TrainRunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
-                                  failure_config=FailureConfig(max_failures=cfg.distill.max_failures),
-                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
+    jobs = StudentJobs(cfg.model_dump(mode="json"), list(runs), inp.prepare_dir, inp.teacher_dir, spec or inp.spec,
+                       inp.tasks, inp.shares, inp.steps, inp.teacher_metrics["valid"], inp.loss_context)
+    return training.torch_trainer(train_loop, {"jobs": jobs}, datasets, cfg.distill, name=run_name,
+                                  storage_path=storage_path, callbacks=callbacks)
 
 
 def finish(inp: Inputs, out_dir: str, spec: StudentSpec | None = None) -> dict:
@@ -374,9 +355,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         else:  # the no-KD baseline always starts from scratch: it is the "without a teacher" reference
             todo.append(StudentRun(variant, vdir.root, variant, src.bundle if src and variant == "student" else None))
     if todo:
-        result = trainer(inp, cfg, todo, datasets, run_name="distill", storage_path=out.ray_train).fit()
-        if result.error:
-            raise result.error
+        training.fit(trainer(inp, cfg, todo, datasets, run_name="distill", storage_path=out.ray_train))
     for run in todo:
         summary[run.variant] = finish(inp, run.out_dir)
     storage.remove(out.ray_train)

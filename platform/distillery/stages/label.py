@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .. import storage
+from .. import storage, training
 from ..config import RunConfig, stable_hash
 from ..data.examples import ALL_SPLITS
 from ..data.sources import read_parquet
@@ -284,10 +284,6 @@ def _ids(folder: str) -> pa.Array:
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    from ray.train import FailureConfig, ScalingConfig
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchTrainer
-
     layout, out = RunLayout(cfg.run_dir), LabelDir(out_dir)
     model_dir = layout.teacher.model
     if not storage.exists(storage.join(model_dir, "model.safetensors")):
@@ -313,23 +309,13 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     for t in datasets:
         if TASKS[t].reads_text and tokenize_in(lc) == "data":  # streamed: tokenized while the workers label
             datasets[t] = _tokenized(datasets[t], model_dir, cfg)
-    trainer = TorchTrainer(
-        label_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir,
-                           "tasks": tasks},
-        datasets=datasets,
-        dataset_config=exact_split(),
-        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
-                                     resources_per_worker={"CPU": lc.cpus_per_worker}),
-        run_config=TrainRunConfig(name="label", storage_path=out.ray_train,
-                                  failure_config=FailureConfig(max_failures=lc.max_failures)),
-    )
+    trainer = training.torch_trainer(
+        label_loop, {"cfg": cfg.model_dump(mode="json"), "out_dir": out_dir, "model_dir": model_dir, "tasks": tasks},
+        datasets, lc, name="label", storage_path=out.ray_train, keep_checkpoints=None, dataset_config=exact_split())
     storage.remove(out.timings)  # an interrupted attempt's timings are not this run's
     start = time.perf_counter()
     if sum(todo.values()):
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        training.fit(trainer)
     took = time.perf_counter() - start
     counts = verify(cfg, out_dir, tasks)
     seconds = _labeling_seconds(out_dir)

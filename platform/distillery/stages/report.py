@@ -33,6 +33,7 @@ from ..models import student as S
 from ..models.teacher import load_model
 from ..progress import say
 from ..tasks import SCORE_METRIC, TASKS
+from ..teaching.sequence import SequenceTasks
 
 @dataclass(frozen=True)
 class Reported:
@@ -292,6 +293,15 @@ def write_plots(report: dict, histories: dict, folder: str) -> list[str]:
     return ["tasks.png", "size_latency.png", "training.png"]
 
 
+def _sequence_metric(histories: dict[str, list]) -> str:
+    """The metric a sequence model's history scores (`SequenceTasks.scored_by`'s)."""
+    for hist in histories.values():
+        if hist:
+            task = SequenceTasks.of(hist[0]["valid"]).scored_by()
+            return TASKS[task].score_metric
+    return "score"
+
+
 def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     """teacher.png: validation NDCG@10 against epochs of every sequence model of the teacher's grid
     and of the SASRec baseline's (the chosen ones solid), and each text classifier's validation
@@ -313,11 +323,11 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, hist) in enumerate(seq.items()):
-        vals = [(h["epoch"] + 1, h["valid"]["recommendation"]["ndcg@10"]) for h in hist if "recommendation" in h["valid"]]
+        vals = [(h["epoch"] + 1, h["score"]) for h in hist]
         if vals:
             style = "-" if name in chosen else ":"
             axes[0].plot(*zip(*vals), style, marker=".", color=f"C{i}", label=name)
-    axes[0].set_title("sequence models: validation NDCG@10")
+    axes[0].set_title(f"sequence models: validation {_sequence_metric(seq)}")
     for task, hist in text.items():
         metric = TASKS[task].score_metric
         axes[1].plot([h["epoch"] + 1 for h in hist], [h["valid"][task][metric] for h in hist], marker="o",

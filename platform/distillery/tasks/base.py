@@ -15,6 +15,8 @@ A task knows
 - its evaluation: per-example outputs on a split (`outputs`), their metrics (`metrics_of`), the metric
   over any subset of rows (`row_scorer`, for a bootstrap), the metric that ranks models
   (`score_metric`), the report's columns (`metrics`) and the simple baselines (`baselines`);
+- which part of the teacher learns it: the sequence models (`sequence_target`) or a text classifier
+  of its own (`classifies`);
 - its latency probe: one request's payload and how a server answers a batch (`probe_request`, `probe`).
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..data.examples import SPLITS
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+    from ..models.teacher import TeacherModel
 
 
 Predictor = Callable[..., np.ndarray]  # a model's answers to one batch of a task's inputs (numpy)
@@ -90,6 +93,9 @@ class Task:
     classifies: ClassVar[bool] = False           # answers with one of its classes (`labels`)
 
     per_user: ClassVar[bool] = False             # examples come from the one pass over each user's clicks
+    # what the teacher's sequence models learn for this task: "next_item" (the next click of a
+    # user's sequence) or "click" (a candidate's click head); None: the task has a teacher of its own
+    sequence_target: ClassVar[str | None] = None
 
     # ---------------------------------------------------------------- examples
     def prepare(self, inputs: PrepareInputs) -> Prepared:
@@ -120,7 +126,7 @@ class Task:
         example that a new window of data repeats keeps its fingerprint."""
         raise NotImplementedError
 
-    def label(self, teacher, batch: pa.Table, ctx: LabelContext) -> dict[str, pa.Array]:
+    def label(self, teacher: "TeacherModel", batch: pa.Table, ctx: LabelContext) -> dict[str, pa.Array]:
         """The teacher's label columns (`label_fields`) of one batch of examples."""
         raise NotImplementedError
 

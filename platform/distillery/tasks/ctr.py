@@ -22,6 +22,7 @@ class Ctr(Task):
     score_metric = "auc"
     metrics = ("auc", "gauc", "logloss")
     per_user = True
+    sequence_target = "click"
     teacher_inputs = ("history", "item", "slot")
     example_columns = ("example_id", "history", "item", "slot", "label")
     label_fields = (pa.field("logit", pa.float32()),)

@@ -20,6 +20,7 @@ class Recommendation(Task):
     score_metric = "ndcg@10"
     metrics = ("hr@10", "ndcg@10", "mrr", "hr@10_sampled100", "ndcg@10_sampled100")
     per_user = True
+    sequence_target = "next_item"
     teacher_inputs = ("history", "item")
     example_columns = ("example_id", "history", "item")
     tuned = ("rank_weight",)
