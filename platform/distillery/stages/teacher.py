@@ -28,7 +28,7 @@ from ..models.seqrec import SeqSpec
 from ..models.teacher import Teacher, TeacherSpec, build, build_member, load_backbone, load_model, load_weights, save_model
 from ..progress import say
 from ..tasks import TASKS, baselines, mean_metric
-from ..teaching.grid import Best, choose_members
+from ..teaching.grid import Best, Trained, choose_members
 from ..teaching.item_text import item_text_embeddings
 from ..teaching.runs import train_models
 from ..teaching.sequence import SequenceTasks, evaluate_member, history_window, seq_spec
@@ -75,7 +75,7 @@ def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec:
                            spec.max_history, seed)
 
 
-def assemble(cfg: RunConfig, out: TeacherDir, backbone, tspec: TeacherSpec, text, members: list) -> Teacher:
+def assemble(cfg: RunConfig, out: TeacherDir, backbone, tspec: TeacherSpec, text, members: list[Trained]) -> Teacher:
     """The teacher from its trained parts: every text classifier and the chosen sequence members."""
     model = build(backbone, tspec, text, ctr_head=SequenceTasks.of(cfg.tasks.enabled()).click is not None)
     state = model.state_dict()
