@@ -13,7 +13,8 @@ from distillery.tasks import SCORE_METRIC
 from distillery.models.teacher import load_model
 from distillery.models.seqrec import SeqSpec
 from distillery.stages.teacher import evaluate
-from distillery.teaching.grid import Best, SequencePart, Trained, choose_dropouts, choose_members, member_name
+from distillery.teaching.grid import SequencePart, Trained, choose_dropouts, choose_members, member_name
+from distillery.training import Best
 from distillery.teaching.sequence import SequenceTasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]

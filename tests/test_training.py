@@ -100,3 +100,11 @@ def test_the_classifier_loss_is_cross_entropy_of_the_model_on_its_text_inputs():
     out = ClassifierLoss(Toy())(batch)
     ref = torch.nn.functional.cross_entropy(torch.tensor([[1.0, 2, 0], [0, 3, 1]]), torch.tensor([1, 2]))
     assert set(out) == {"cross_entropy", "total"} and torch.allclose(out["total"], ref)
+
+
+def test_best_is_the_highest_scoring_epoch_of_a_history_and_counts_the_epochs_run():
+    history = [{"epoch": e, "score": s, "valid": {"toy": {"acc": s}}} for e, s in enumerate([0.1, 0.5, 0.3, 0.5])]
+    best = training.Best.of(history)
+    # the first of equal scores: a later tie is no new best
+    assert (best.score, best.best_epoch, best.epochs_run, best.valid) == (0.5, 2, 4, {"toy": {"acc": 0.5}})
+    assert best.to_json() == {"valid": {"toy": {"acc": 0.5}}, "score": 0.5, "best_epoch": 2, "epochs_run": 4}

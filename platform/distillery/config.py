@@ -115,7 +115,18 @@ class CtrTask(_TaskBase):
     )
 
 
-class IntentTask(_TaskBase):
+class _TextTaskBase(_TaskBase):
+    """A text classification task's section: its texts are split by a hash of the text."""
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
+
+    @model_validator(mode="after")
+    def _check_splits(self):
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
+        return self
+
+
+class IntentTask(_TextTaskBase):
     temperature: float = Field(1.4, gt=0, description="distillation temperature T_t" + SWEPT)
     alpha: float = Field(0.41, ge=0, le=1, description="soft/hard mix a_t (0 = hard labels only)" + SWEPT)
     category_level: int = Field(2, ge=1, description="category path depth used as the intent label")
@@ -124,7 +135,6 @@ class IntentTask(_TaskBase):
         default_factory=lambda: ["queries", "item_titles", "review_titles"],
         description="where intent texts come from (each used when the data has it)",
     )
-    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
     transfer_variants: int = Field(4, ge=0, le=64, description="transfer texts made per train text (random word "
                                    "subsets and spans of it, none equal to any intent text of any split), labelled "
                                    "by the teacher only: the KD student learns from them, the no-KD one cannot")
@@ -136,26 +146,21 @@ class IntentTask(_TaskBase):
 
     @model_validator(mode="after")
     def _check(self) -> "IntentTask":
-        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
-            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
         if not self.sources:
             raise ValueError("sources must name at least one of queries, item_titles, review_titles")
         return self
 
 
-class SentimentTask(_TaskBase):
+class SentimentTask(_TextTaskBase):
     enabled: bool = Field(False, description="review sentiment from each review's title and text (needs reviews with "
                                              "ratings: data.reviews, or the generated shop's)")
     negative_max: float = Field(2.0, description="ratings at most this are negative (1-2 of 5 stars)")
     positive_min: float = Field(4.0, description="ratings at least this are positive (4-5 of 5); neutral between")
-    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test")
 
     @model_validator(mode="after")
     def _check(self) -> "SentimentTask":
         if self.negative_max >= self.positive_min:
             raise ValueError(f"negative_max ({self.negative_max}) must be below positive_min ({self.positive_min})")
-        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
-            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
         return self
 
 
@@ -259,16 +264,18 @@ class TeacherConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it")
-    epochs: int = Field(10, ge=1, description="most epochs of the encoder's fine-tuning (intent)")
-    patience: int = Field(2, ge=1, description="intent: epochs without a better validation macro-F1 before stopping")
-    intent_batch_size: int = Field(32, ge=1, description="texts per step through the encoder")
+    epochs: int = Field(10, ge=1, description="most epochs of each text classifier's fine-tuning")
+    patience: int = Field(2, ge=1, description="text classifiers: epochs without a better validation score "
+                                                  "(the task's score metric) before stopping")
+    intent_batch_size: int = Field(32, ge=1, description="texts per step through a text classifier's encoder "
+                                                            "(every text task)")
     lr: float = Field(1e-4, gt=0, description="encoder learning rate (AdamW)")
-    head_lr: float = Field(1e-3, gt=0, description="learning rate of the intent head")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of a text classifier's head")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup share of the encoder's steps")
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per text")
     lexical_dim: int = Field(0, ge=0, description="width of the learned bag of hashed words and 3-5 character "
-                                                   "n-grams beside the encoder in the intent head (0 = the "
+                                                   "n-grams beside the encoder in a text classifier's head (0 = the "
                                                    "encoder alone)")
     lexical_buckets: int = Field(1 << 16, ge=1024, description="hash buckets of that bag (rows of its table)")
     lexical_lr: float = Field(3e-3, gt=0, description="learning rate of that bag")

@@ -99,6 +99,43 @@ class Job:
     detail: str = ""                                 # the progress line's last words, e.g. "120 steps"
 
 
+@dataclass(frozen=True)
+class Best:
+    """A finished job's best validation, from its history: metrics, score, the epoch that reached it
+    (1-based) and how many epochs ran."""
+    valid: dict
+    score: float
+    best_epoch: int
+    epochs_run: int
+
+    @classmethod
+    def of(cls, history: list[dict]) -> "Best":
+        best = max(history, key=lambda h: h["score"])
+        return cls(best["valid"], best["score"], best["epoch"] + 1, history[-1]["epoch"] + 1)
+
+    @classmethod
+    def read(cls, path: str) -> "Best":
+        """The best of the history written at `path` (a job's `history`)."""
+        return cls.of(storage.read_json(path))
+
+    def to_json(self) -> dict:
+        return {"valid": self.valid, "score": self.score, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
+
+
+def read_shard(name: str, sort_by: str | None = None):
+    """This Ray Train worker's whole shard of the dataset `name` as one pyarrow table (None when the
+    shard is empty). With `sort_by`, in that column's order: Ray Data hands a shard's blocks over
+    in whichever order its reads finish, and the trainers draw their batches by position."""
+    import pyarrow as pa
+    import ray.train
+
+    parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="pyarrow"))
+    if not parts:
+        return None
+    table = pa.concat_tables(parts)
+    return table.sort_by(sort_by) if sort_by else table
+
+
 def autocast(device: torch.device):
     """bf16 autocast on a GPU; none on a CPU (every CPU figure in the docs was measured in fp32)."""
     if device.type == "cuda":

@@ -176,7 +176,7 @@ def review_words(rating: int, noun: str, attr: str, title: str, rng: np.random.G
     good, bad = REVIEW_MIX[said]
     notes = ([REVIEW_NOTES["good"][i] for i in rng.choice(len(REVIEW_NOTES["good"]), good, replace=False)]
              + [REVIEW_NOTES["bad"][i] for i in rng.choice(len(REVIEW_NOTES["bad"]), bad, replace=False)])
-    notes = [n for n in notes if rng.random() < 0.8] + ([REVIEW_NOTES["flat"][rng.integers(4)]] if rng.random() < 0.3 else [])
+    notes = [n for n in notes if rng.random() < 0.8] + ([REVIEW_NOTES["flat"][rng.integers(len(REVIEW_NOTES["flat"]))]] if rng.random() < 0.3 else [])
     rng.shuffle(notes)
     text = " ".join([REVIEW_TEXT[said]] + notes).format(n=noun, a=attr)
     return title, text

@@ -31,16 +31,14 @@ def write_frame(df: pd.DataFrame, path: str, schema: pa.Schema) -> None:
               path, schema)
 
 
-def count_rows(ds: ray.data.Dataset, keys: list[str], where=None) -> pd.DataFrame:
+def count_rows(ds: ray.data.Dataset, keys: list[str]) -> pd.DataFrame:
     """Row counts per key: counted per block in parallel, summed on the driver.
 
     The results are small (one row per item / user / class), so this beats a hash-shuffle groupby.
     """
     def per_block(df: pd.DataFrame) -> pd.DataFrame:
-        if where is not None:
-            df = df[where(df)]
         return df.groupby(keys, dropna=False).size().reset_index(name="count")
-    parts = ds.select_columns(keys + (["clicked"] if where is not None else [])).map_batches(per_block, batch_format="pandas")
+    parts = ds.select_columns(keys).map_batches(per_block, batch_format="pandas")
     df = parts.to_pandas()
     if df.empty:
         return pd.DataFrame(columns=keys + ["count"])

@@ -153,13 +153,12 @@ def _initial_student(jobs: StudentJobs, cfg: RunConfig, run: StudentRun, announc
 
 def _shard_tensors(tasks: list[str], variant: str, spec: StudentSpec) -> dict:
     """This worker's shard of each task's train rows (`Task.training_rows` of the variant) as tensors;
-    None for a task whose shard is empty."""
-    import ray.train
-
+    None for a task whose shard is empty. The tables come from memory (`ray.data.from_arrow`), so
+    a shard keeps their order."""
     data = {}
     for t in tasks:
-        parts = list(ray.train.get_dataset_shard(t).iter_batches(batch_size=None, batch_format="pyarrow"))
-        table = TASKS[t].training_rows(pa.concat_tables(parts), kd=variant == "student") if parts else None
+        table = training.read_shard(t)
+        table = TASKS[t].training_rows(table, kd=variant == "student") if table is not None else None
         data[t] = TASKS[t].tensors(table, spec) if table is not None and table.num_rows else None
     return data
 
@@ -326,12 +325,11 @@ def finish(inp: Inputs, out_dir: str, spec: StudentSpec | None = None) -> dict:
     """metrics.json of a trained run in `out_dir` (its best epoch's validation, test metrics)."""
     spec = spec or inp.spec
     model, tok, _ = S.load(StudentDir(out_dir).model)
-    history = storage.read_json(StudentDir(out_dir).history)
-    best = max(history, key=lambda h: h["score"])
+    best = training.Best.read(StudentDir(out_dir).history)
     test = evaluation.evaluate(evaluation.student_predictors(model, tok, spec, inp.tasks), inp.prepare_dir, "test",
                                n_items=spec.n_items, max_history=spec.history_window, seed=inp.cfg.seed)
-    metrics = {"valid": best["valid"], "test": test, "valid_score": best["score"], "best_epoch": best["epoch"] + 1,
-               "epochs_run": len(history), "params": sum(p.numel() for p in model.parameters())}
+    metrics = {"valid": best.valid, "test": test, "valid_score": best.score, "best_epoch": best.best_epoch,
+               "epochs_run": best.epochs_run, "params": sum(p.numel() for p in model.parameters())}
     storage.write_json(StudentDir(out_dir).metrics, metrics)
     return metrics
 

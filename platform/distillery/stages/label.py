@@ -162,8 +162,7 @@ def label_loop(config: dict) -> None:
     if sharded:
         _fsdp_backbone(model, device)
     model.to(device).eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
+    autocast = training.autocast(device)
     with torch.no_grad(), autocast:
         items = model.item_vectors()  # from the item text embeddings saved with the teacher: computed once
     attempt = uuid.uuid4().hex[:8]  # a restarted worker never overwrites a finished part

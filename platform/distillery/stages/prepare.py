@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+from ray.data.expressions import col
 
 from .. import storage, warmstart
 from ..config import DataConfig, RunConfig, stable_hash
@@ -208,7 +209,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     if n_inter == 0:
         raise DataError(f"no valid interaction left in {data_cfg.interactions}; see {out.rejects}")
 
-    pop = count_rows(inter, ["item_id"], where=lambda df: df["clicked"] == 1)
+    pop = count_rows(inter.filter(expr=col("clicked") == 1), ["item_id"])
     clicks = pd.Series(pop["count"].to_numpy(), index=pop["item_id"]).reindex(items["item_id"]).fillna(0).astype(int)
     real_impressions = n_inter > int(clicks.sum())
     # one pass over the log gives the users and each one's clicks

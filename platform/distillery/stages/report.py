@@ -297,8 +297,7 @@ def _sequence_metric(histories: dict[str, list]) -> str:
     """The metric a sequence model's history scores (`SequenceTasks.scored_by`'s)."""
     for hist in histories.values():
         if hist:
-            task = SequenceTasks.of(hist[0]["valid"]).scored_by()
-            return TASKS[task].score_metric
+            return SequenceTasks.of(hist[0]["valid"]).score_metric
     return "score"
 
 
@@ -336,7 +335,6 @@ def teacher_plot(teacher_dir: str, folder: str) -> list[str]:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    for ax in axes:
         if ax.get_legend_handles_labels()[0]:  # a run without sequence models or text tasks has none
             ax.legend(fontsize=7)
     fig.tight_layout()

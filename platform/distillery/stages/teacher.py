@@ -28,7 +28,8 @@ from ..models.seqrec import SeqSpec
 from ..models.teacher import Teacher, TeacherSpec, build, build_member, load_backbone, load_model, load_weights, save_model
 from ..progress import say
 from ..tasks import TASKS, baselines, mean_metric
-from ..teaching.grid import Best, Trained, choose_members
+from ..teaching.grid import Trained, choose_members
+from ..training import Best
 from ..teaching.item_text import item_text_embeddings
 from ..teaching.runs import train_models
 from ..teaching.sequence import SequenceTasks, evaluate_member, history_window, seq_spec
@@ -75,9 +76,9 @@ def sasrec_test(teacher_dir: str, metrics: dict, prepare_dir: str, tasks, tspec:
                            spec.max_history, seed)
 
 
-def assemble(cfg: RunConfig, out: TeacherDir, backbone, tspec: TeacherSpec, text, members: list[Trained]) -> Teacher:
+def assemble(out: TeacherDir, backbone, tspec: TeacherSpec, text, members: list[Trained]) -> Teacher:
     """The teacher from its trained parts: every text classifier and the chosen sequence members."""
-    model = build(backbone, tspec, text, ctr_head=SequenceTasks.of(cfg.tasks.enabled()).click is not None)
+    model = build(backbone, tspec, text, ctr_head=SequenceTasks.of(tspec.tasks).click is not None)
     state = model.state_dict()
     for task in tspec.classes:
         state.update({f"classifiers.{task}.{k}": v for k, v in load_weights(out.classifier(task).weights).items()})
@@ -96,11 +97,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     seq_tasks = SequenceTasks.of(tasks)
     uses_text = bool(seq_tasks) and cfg.teacher.sequence.item_text
     text = item_text_embeddings(cfg, out_dir) if uses_text else None
-    tspec = teacher_spec(cfg, prepare_dir, hidden if uses_text else 0)
-    trained = train_models(cfg, out_dir, 0 if text is None else text.shape[1], tspec)
+    text_dim = hidden if uses_text else 0
+    tspec = teacher_spec(cfg, prepare_dir, text_dim)
+    trained = train_models(cfg, out_dir, text_dim, tspec)
     members = choose_members(trained.teacher)
     tspec = dataclasses.replace(tspec, sequences=tuple(r.part.spec for r in members))
-    model = assemble(cfg, out, backbone, tspec, text, members)
+    model = assemble(out, backbone, tspec, text, members)
     save_model(model, tokenizer, tspec, out.model)
 
     valid = evaluate(model, tokenizer, prepare_dir, "valid", tasks, cfg.teacher.max_length, seed=cfg.seed)
@@ -114,7 +116,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         for t, m in sasrec_test(out_dir, report, prepare_dir, tasks, tspec, cfg.seed).items():
             base.setdefault(t, {})["sasrec"] = m
     if tspec.classes:
-        report["text_epochs"] = {t: Best.read(out.classifier(t).root).to_json() for t in tspec.classes}
+        report["text_epochs"] = {t: Best.read(out.classifier(t).history).to_json() for t in tspec.classes}
     if len(model.members) > 1:  # what the ensemble buys: each member alone on the same test split
         report["members_test"] = [evaluate_member(m, prepare_dir, "test", seq_tasks.names, tspec.n_items,
                                                   tspec.max_history, cfg.seed) for m in model.members]
@@ -180,8 +182,8 @@ def print_metrics(report: dict) -> None:
         print(f"[teacher] sequence teacher: members {', '.join(report['teacher_members'])}, the seeds of the "
               f"dropout best on validation per width (grid: {grid(report['teacher_grid'])})")
     if report.get("sasrec_grid"):
-        task = SequenceTasks.of(report["sasrec_grid"][0]["valid"]).scored_by()
-        print(f"[teacher] SASRec baseline chosen on validation {TASKS[task].score_metric}: {report['sasrec_chosen']} "
+        metric = SequenceTasks.of(report["sasrec_grid"][0]["valid"]).score_metric
+        print(f"[teacher] SASRec baseline chosen on validation {metric}: {report['sasrec_chosen']} "
               f"(grid: {grid(report['sasrec_grid'])})")
 
 

@@ -21,9 +21,8 @@ from ..data import examples as ex
 from ..data.tables import count_rows, write_frame
 from ..errors import DataError
 from .base import Prepared, PrepareInputs
-from .text import TextClassification
+from .text import PAIR_SCHEMA, TextClassification
 
-PAIR_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string())])
 LEFT_OUT = {
     "no_category": "their item has no category (no label to learn)",
     "outside_classes": "their label is not one of the warm-started run's classes",
@@ -41,7 +40,7 @@ class Intent(TextClassification):
     def prepare(self, inputs: PrepareInputs) -> Prepared:
         task, inter, reviews, items = self.settings(inputs.cfg), inputs.interactions, inputs.reviews, inputs.items
         labels = np.array([ex.category_at(c, task.category_level) for c in items["category"]], dtype=object)
-        kw = dict(item_ids=items["item_id"].to_numpy(dtype=object), item_labels=labels)
+        kw = dict(item_ids=inputs.item_ids, item_labels=labels)
         pairs = []
         if "queries" in task.sources and "query" in inter.columns():
             pairs.append(inter.filter(expr=(col("clicked") == 1) & col("query").is_not_null())

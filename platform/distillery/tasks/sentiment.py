@@ -16,10 +16,9 @@ from ..data import examples as ex
 from ..data.tables import count_rows
 from ..errors import DataError
 from .base import Prepared, PrepareInputs
-from .text import TextClassification
+from .text import PAIR_SCHEMA, TextClassification
 
 CLASSES = ("negative", "neutral", "positive")
-PAIR_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string())])
 
 
 class Sentiment(TextClassification):

@@ -27,6 +27,8 @@ from ..models.teacher import text_inputs
 from . import fingerprint
 from .base import LabelContext, Output, Task, column_tensor, fixed_list, stacked
 
+PAIR_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.string())])  # a task's (text, class name) pairs
+
 
 class TextClassification(Task):
     """A text classification task; subclasses set `name` and write their examples in `prepare`."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import storage
+from ..training import Best
 from ..config import RunConfig
 from ..layout import PartDir, TeacherDir
 from ..models.seqrec import SeqSpec
@@ -27,29 +28,12 @@ class SequencePart:
 
     @property
     def finished(self) -> bool:
-        return storage.exists(PartDir(self.out_dir).history)
+        return finished(self.out_dir)
 
 
-@dataclass(frozen=True)
-class Best:
-    """A trained model's best validation, from its history: metrics, score, the epoch that reached
-    it (1-based) and how many epochs ran."""
-    valid: dict
-    score: float
-    best_epoch: int
-    epochs_run: int
-
-    @classmethod
-    def of(cls, history: list[dict]) -> "Best":
-        best = max(history, key=lambda h: h["score"])
-        return cls(best["valid"], best["score"], best["epoch"] + 1, history[-1]["epoch"] + 1)
-
-    @classmethod
-    def read(cls, out_dir: str) -> "Best":
-        return cls.of(storage.read_json(PartDir(out_dir).history))
-
-    def to_json(self) -> dict:
-        return {"valid": self.valid, "score": self.score, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
+def finished(out_dir: str) -> bool:
+    """Whether the part trained into `out_dir` is done: its history is written last."""
+    return storage.exists(PartDir(out_dir).history)
 
 
 @dataclass(frozen=True)
@@ -60,7 +44,7 @@ class Trained:
 
     @classmethod
     def read(cls, part: SequencePart) -> "Trained":
-        return cls(part, Best.read(part.out_dir))
+        return cls(part, Best.read(PartDir(part.out_dir).history))
 
     @property
     def name(self) -> str:

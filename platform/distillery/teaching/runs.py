@@ -6,17 +6,17 @@ written is kept, so a re-run goes on with the one it was training, from its last
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .. import storage, training
+from .. import training
 from ..config import RunConfig
 from ..data.examples import read_split
 from ..data.sources import read_parquet
-from ..layout import PartDir, PrepareDir, RunLayout, TeacherDir
-from ..models.teacher import TeacherSpec, set_threads
+from ..layout import PrepareDir, RunLayout, TeacherDir
+from ..models.teacher import TeacherSpec, load_weights, set_threads
 from ..progress import say
 from . import sequence, text
-from .grid import SequencePart, Trained, choose_dropouts, grid_parts, sasrec_parts, seed_parts
+from .grid import SequencePart, Trained, choose_dropouts, finished, grid_parts, sasrec_parts, seed_parts
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class TextPart:
     out_dir: str
     steps: int
 
+    @property
+    def finished(self) -> bool:
+        return finished(self.out_dir)
+
 
 @dataclass
 class TeacherRun:
@@ -34,10 +38,10 @@ class TeacherRun:
     prepare_dir: str
     teacher_spec: TeacherSpec
     item_text: str               # the frozen encoder's item embeddings (`item_text.item_text_embeddings`)
-    parts: list[SequencePart] = field(default_factory=list)
-    text: list[TextPart] = field(default_factory=list)
-    steps: int = 1               # an epoch's batches per worker of every sequence model
-    popularity: list[float] = field(default_factory=list)
+    parts: list[SequencePart]
+    text: list[TextPart]
+    steps: int                   # an epoch's batches per worker of every sequence model
+    popularity: list[float] | None  # the sampled softmax's proposal, when a part samples
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,14 @@ def teacher_loop(config: dict) -> None:
         tasks = sequence.SequenceTasks.of(t for part in run.parts for t in part.tasks.names)
         longest = max(part.spec.max_history for part in run.parts)
         seqs, ctr = sequence.shards(tasks, longest + 1, sequence.click_history(cfg, tasks))
+        item_text = load_weights(run.item_text)["item_text"] if any(p.spec.text_dim for p in run.parts) else None
         for part in run.parts:
             if not part.finished:
                 training.run(sequence.job(cfg, part, run.teacher_spec, worker, prepare_dir=run.prepare_dir,
-                                          item_text=run.item_text, proposal=run.popularity, steps=run.steps,
+                                          item_text=item_text, proposal=run.popularity, steps=run.steps,
                                           seqs=seqs, ctr=ctr), worker)
     for part in run.text:
-        if not storage.exists(PartDir(part.out_dir).history):
+        if not part.finished:
             training.run(text.job(cfg, part.task, len(run.teacher_spec.classes[part.task]), part.out_dir, worker,
                                   prepare_dir=run.prepare_dir, steps=part.steps, df=text.shard(part.task)), worker)
 
@@ -87,7 +92,8 @@ def train_models(cfg: RunConfig, out_dir: str, text_dim: int, tspec: TeacherSpec
 
 
 def _finished(name: str, out_dir: str) -> bool:
-    if storage.exists(PartDir(out_dir).history):
+    """`finished`, said when it is."""
+    if finished(out_dir):
         say(f"[teacher] {name}: already trained, kept")
         return True
     return False
@@ -99,7 +105,8 @@ def _train(cfg: RunConfig, out: TeacherDir, tasks: sequence.SequenceTasks, tspec
     classifiers not finished either."""
     import ray
 
-    prepare_dir = RunLayout(cfg.run_dir).prepare.root
+    layout = RunLayout(cfg.run_dir)
+    prepare_dir = layout.prepare.root
     todo = [part for part in parts if not _finished(part.name, part.out_dir)]
     datasets, steps, workers = {}, 1, cfg.teacher.num_workers
     if todo and tasks.next_item:
@@ -119,7 +126,8 @@ def _train(cfg: RunConfig, out: TeacherDir, tasks: sequence.SequenceTasks, tspec
                                        max(1, math.ceil(datasets[task].count() / workers / cfg.teacher.intent_batch_size))))
     if not (todo or text_parts):
         return
+    sampled = any(sequence.samples(cfg, part.spec) for part in todo)
     run = TeacherRun(cfg.model_dump(mode="json"), prepare_dir, tspec, out.item_text, todo, text_parts, steps,
-                     sequence.popularity(prepare_dir, tspec.n_items))
+                     sequence.popularity(prepare_dir, tspec.n_items) if sampled else None)
     training.fit(training.torch_trainer(teacher_loop, {"run": run}, datasets, cfg.teacher, name=name,
-                                        storage_path=RunLayout(cfg.run_dir).teacher.ray_train))
+                                        storage_path=layout.teacher.ray_train))

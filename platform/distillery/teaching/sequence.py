@@ -20,7 +20,7 @@ from ..histories import pad_list_array
 from ..layout import PartDir
 from ..losses import MemberLoss
 from ..models.seqrec import NextItemLoss, SeqSpec
-from ..models.teacher import SeqMember, TeacherSpec, build_member, load_weights, save_weights
+from ..models.teacher import SeqMember, TeacherSpec, build_member, save_weights
 from ..tasks import TASKS
 
 NEXT_ITEM, CLICK = MemberLoss.TERMS
@@ -52,9 +52,12 @@ class SequenceTasks:
         """The task whose score ranks the models: the next item's, else the click's."""
         return self.next_item or self.click
 
+    @property
+    def score_metric(self) -> str:
+        return TASKS[self.scored_by()].score_metric
+
     def score(self, valid: dict) -> float:
-        task = self.scored_by()
-        return valid[task][TASKS[task].score_metric]
+        return valid[self.scored_by()][self.score_metric]
 
     def weights(self, cfg: RunConfig) -> dict[str, float]:
         """`MemberLoss`'s term weights: each task's `weight`."""
@@ -150,18 +153,10 @@ def sequence_batches(seqs: torch.Tensor, ctr: dict | None, steps: int, ctr_batch
 
 def shards(tasks: SequenceTasks, sequence_length: int, ctr_history: int) -> tuple:
     """This Train worker's (padded train sequences [N, sequence_length] or None, click tensors or None)."""
-    import ray.train
-
-    def shard(name, key):
-        parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="pyarrow"))
-        # in a fixed order: Ray Data hands a shard's blocks over in whichever order its reads finish,
-        # and an epoch's batches are drawn by position
-        return pa.concat_tables(parts).sort_by(key) if parts else None
-
     seqs = ctr = None
-    if tasks.next_item and (t := shard(SEQUENCES, "user_id")) is not None:
+    if tasks.next_item and (t := training.read_shard(SEQUENCES, sort_by="user_id")) is not None:
         seqs = pad_list_array(t.column("sequence"), sequence_length)
-    if tasks.click and (t := shard(IMPRESSIONS, "example_id")) is not None:
+    if tasks.click and (t := training.read_shard(IMPRESSIONS, sort_by="example_id")) is not None:
         ctr = {"history": pad_list_array(t.column("history"), ctr_history),
                "item": torch.from_numpy(t.column("item").to_numpy().astype(np.int64)),
                "slot": torch.from_numpy(pc.fill_null(t.column("slot"), -1).to_numpy().astype(np.int64)),
@@ -170,18 +165,24 @@ def shards(tasks: SequenceTasks, sequence_length: int, ctr_history: int) -> tupl
 
 
 # ------------------------------------------------------------------------------ the training job
+def samples(cfg: RunConfig, spec: SeqSpec) -> bool:
+    """Whether a model of this shape trains with a sampled softmax (`sampled_softmax_above`)."""
+    return spec.n_items - 2 > cfg.teacher.sequence.sampled_softmax_above
+
+
 def job(cfg: RunConfig, part, teacher_spec: TeacherSpec, worker: training.Worker, *, prepare_dir: str,
-        item_text: str, proposal: list[float], steps: int, seqs: torch.Tensor | None, ctr: dict | None) -> training.Job:
+        item_text: torch.Tensor | None, proposal: list[float] | None, steps: int, seqs: torch.Tensor | None,
+        ctr: dict | None) -> training.Job:
     """The training job of one sequence model (`grid.SequencePart`) on `worker`: `seqs` and `ctr`
-    are the worker's shards (`shards`), `item_text` the frozen encoder's item embeddings' file,
-    `proposal` the sampled softmax's (`popularity`), `steps` an epoch's batches."""
+    are the worker's shards (`shards`), `item_text` the frozen encoder's item embeddings (None
+    without them), `proposal` the sampled softmax's (`popularity`), `steps` an epoch's batches."""
     sc, spec, tasks = cfg.teacher.sequence, part.spec, part.tasks
     torch.manual_seed(loop.epoch_seed(part.seed, 0, 0, stream=1))  # same initial weights on every rank
-    text = load_weights(item_text)["item_text"] if spec.text_dim else None
+    text = item_text if spec.text_dim else None
     member = build_member(spec, teacher_spec, text, ctr_head=part.ctr_head and tasks.click is not None)
     seqs = None if seqs is None or not tasks.next_item else seqs[:, -(spec.max_history + 1):]
     ctr = ctr if tasks.click else None
-    sampled = spec.n_items - 2 > sc.sampled_softmax_above
+    sampled = samples(cfg, spec)
     next_item = NextItemLoss(sc.negatives if sampled else 0,
                              torch.tensor(proposal, dtype=torch.float32) if sampled else None)
     # a click head alone must train the encoder under it

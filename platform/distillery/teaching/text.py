@@ -49,13 +49,8 @@ def batches(df: pd.DataFrame, tokenizer, tc, steps: int, device) -> Callable:
 
 def shard(task: str) -> pd.DataFrame:
     """This Train worker's shard of `task`'s train examples (text, label), in example id order."""
-    import ray.train
-
-    parts = list(ray.train.get_dataset_shard(task).iter_batches(batch_size=None, batch_format="pandas"))
-    if not parts:
-        return pd.DataFrame({"text": [], "label": []})
-    # in a fixed order: Ray Data hands a shard's blocks over in whichever order its reads finish
-    return pd.concat(parts, ignore_index=True).sort_values("example_id", kind="stable", ignore_index=True)
+    table = training.read_shard(task, sort_by="example_id")
+    return table.to_pandas() if table is not None else pd.DataFrame({"text": [], "label": []})
 
 
 def job(cfg: RunConfig, task: str, n_classes: int, out_dir: str, worker: training.Worker, *, prepare_dir: str,
